@@ -1,0 +1,114 @@
+"""Append-only, hash-chained audit ledger (`audit.jsonl`) and its verifier."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .files import canonical_json
+
+GENESIS = "0" * 64
+
+
+def _digest(prev: str, body: dict[str, Any]) -> str:
+    return hashlib.sha256(prev.encode() + canonical_json(body)).hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    # Concurrent jobs (sites training in parallel, local rules) append to one ledger.
+    lock = path.with_name(path.name + ".lock")
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _tail(path: Path) -> tuple[int, str, int]:
+    """Return (next seq, hash of last line, byte length of the complete part of the file)."""
+    if not path.exists():
+        return 0, GENESIS, 0
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1  # a line without its newline was torn by a crash
+    lines = data[:complete].splitlines()
+    if not lines:
+        return 0, GENESIS, complete
+    last = json.loads(lines[-1])
+    return last["seq"] + 1, last["hash"], complete
+
+
+class AuditLog:
+    """The ledger of one run. Every event names what happened; each line hashes the previous one."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(self.path):
+            seq, prev, complete = _tail(self.path)
+            with open(self.path, "r+b" if self.path.exists() else "wb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                if size != complete:
+                    # Drop a torn, never-committed line, and say so in the ledger itself.
+                    fh.truncate(complete)
+                    fh.seek(complete)
+                    repair = {"seq": seq, "time": time.time(), "event": "ledger.repaired",
+                              "dropped_bytes": size - complete, "prev": prev}
+                    repair["hash"] = _digest(prev, repair)
+                    fh.write(json.dumps(repair, sort_keys=True).encode() + b"\n")
+                    seq, prev = seq + 1, repair["hash"]
+                body = {"seq": seq, "time": time.time(), "event": event, **fields, "prev": prev}
+                body["hash"] = _digest(prev, body)
+                fh.write(json.dumps(body, sort_keys=True, allow_nan=False).encode() + b"\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        return body
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class LedgerCheck:
+    ok: bool
+    lines: int
+    bad_line: int | None = None  # 1-based line number of the first problem
+    reason: str = ""
+
+
+def verify_ledger(path: str | os.PathLike) -> LedgerCheck:
+    """Check sequence numbers and the hash chain; report the first line that breaks them."""
+    path = Path(path)
+    if not path.exists():
+        return LedgerCheck(False, 0, None, f"{path} does not exist")
+    prev, expected_seq, n = GENESIS, 0, 0
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not raw:
+            continue
+        try:
+            body = json.loads(raw)
+            assert isinstance(body, dict)
+        except (ValueError, AssertionError):
+            return LedgerCheck(False, n, n, "not a JSON object")
+        claimed = body.pop("hash", None)
+        if body.get("seq") != expected_seq:
+            return LedgerCheck(False, n, n, f"sequence number {body.get('seq')!r}, expected {expected_seq} (a line was removed, inserted or moved)")
+        if body.get("prev") != prev:
+            return LedgerCheck(False, n, n, "does not chain to the previous line")
+        if claimed != _digest(prev, body):
+            return LedgerCheck(False, n, n, "content does not match its hash (edited)")
+        prev, expected_seq = claimed, expected_seq + 1
+    return LedgerCheck(True, expected_seq)

@@ -1,0 +1,232 @@
+"""Turn the config dataclasses into a JSON-Schema and Markdown docs; validate and load configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import jsonschema
+import yaml
+
+from .config import Config
+
+class ConfigError(ValueError):
+    """The configuration is wrong; the message names every offending key and what is allowed."""
+
+
+def _is_dataclass(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_schema(tp: Any) -> dict[str, Any]:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return {"enum": list(args)}
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        assert len(inner) == 1, tp
+        sub = _type_schema(inner[0])
+        return {"anyOf": [sub, {"type": "null"}]}
+    if origin is list:
+        return {"type": "array", "items": _type_schema(args[0])}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": _type_schema(args[1]),
+                "propertyNames": {"pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}}
+    if _is_dataclass(tp):
+        return dataclass_schema(tp)
+    return {bool: {"type": "boolean"}, int: {"type": "integer"}, float: {"type": "number"},
+            str: {"type": "string"}}[tp]
+
+
+def dataclass_schema(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    props, required = {}, []
+    for f in dataclasses.fields(cls):
+        sub = _type_schema(hints[f.name])
+        constraints = f.metadata.get("schema", {})
+        if constraints:
+            # Constraints apply to the value, not to the null alternative.
+            target = sub["anyOf"][0] if "anyOf" in sub else sub
+            target.update(constraints)
+        sub["description"] = f.metadata.get("doc", "")
+        props[f.name] = sub
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            required.append(f.name)
+    schema = {"type": "object", "description": (cls.__doc__ or "").strip(), "properties": props,
+              "additionalProperties": False}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def config_schema() -> dict[str, Any]:
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "fedhpc config.yaml",
+            **dataclass_schema(Config)}
+
+
+def _dotted(path: typing.Iterable[Any]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _describe(err: jsonschema.ValidationError) -> str:
+    where = _dotted(err.absolute_path)
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed))
+        keys = ", ".join(f"{where}.{k}" if err.absolute_path else k for k in extra)
+        return f"unknown key {keys}; allowed keys here: {', '.join(allowed)}"
+    if err.validator == "enum":
+        return f"{where}: {err.instance!r} is not allowed; allowed values: {', '.join(map(str, err.validator_value))}"
+    if err.validator == "anyOf":
+        # Report the non-null branch, which says what a value must look like.
+        sub = [e for e in err.context if e.validator != "type" or e.validator_value != "null"]
+        if sub:
+            return _describe(sub[0])
+    if err.validator == "required":
+        return f"{where}: {err.message}"
+    return f"{where}: {err.message}"
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name])
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if value is None:
+        return None
+    if origin in (Union, types.UnionType):
+        return _convert(next(a for a in args if a is not type(None)), value)
+    if origin is list:
+        return [_convert(args[0], v) for v in value]
+    if origin is dict:
+        return {k: _convert(args[1], v) for k, v in value.items()}
+    if _is_dataclass(tp):
+        return _build(tp, value)
+    if tp is float:
+        return float(value)
+    return value
+
+
+def _semantic_problems(cfg: Config) -> list[str]:
+    problems = []
+    sites = set(cfg.sites)
+    domains: dict[str, str] = {}
+    synth_domains = cfg.data.synth.domains if cfg.data.synth else []
+    for i, d in enumerate(synth_domains):
+        if d.site is not None and d.site not in sites:
+            problems.append(f"data.synth.domains[{i}].site: {d.site!r} is not a site; sites: {', '.join(sorted(sites))}")
+        if d.name in domains:
+            problems.append(f"data.synth.domains[{i}].name: domain {d.name!r} is defined twice")
+        domains[d.name] = "synth"
+    names = set()
+    for i, s in enumerate(cfg.data.sources):
+        if s.site is not None and s.site not in sites:
+            problems.append(f"data.sources[{i}].site: {s.site!r} is not a site; sites: {', '.join(sorted(sites))}")
+        if s.name in names:
+            problems.append(f"data.sources[{i}].name: source {s.name!r} is defined twice")
+        names.add(s.name)
+    if not synth_domains and not cfg.data.sources:
+        problems.append("data: no data; set data.synth or data.sources")
+    if cfg.data.tokenizer.kind == "pretrained" and not cfg.data.tokenizer.path:
+        problems.append("data.tokenizer.path: required when data.tokenizer.kind is 'pretrained'")
+    if cfg.model.d_model % cfg.model.n_head:
+        problems.append(f"model.n_head: {cfg.model.n_head} does not divide model.d_model ({cfg.model.d_model})")
+    return problems
+
+
+def validate(raw: Any, origin: str = "config", schema_file: str | Path | None = None) -> Config:
+    """Validate a parsed config against the schema and the cross-key rules; return it typed.
+
+    `schema_file` (the workflow's `schemas/config.schema.json`) is used when given; it is
+    generated from the same dataclasses, and a test keeps the two identical.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+    schema = json.loads(Path(schema_file).read_text()) if schema_file else config_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(raw), key=lambda e: [str(p) for p in e.absolute_path])
+    if errors:
+        raise ConfigError(f"{origin}: invalid configuration:\n" + "\n".join(f"  - {_describe(e)}" for e in errors))
+    cfg = _build(Config, raw)
+    problems = _semantic_problems(cfg)
+    if problems:
+        raise ConfigError(f"{origin}: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+    return cfg
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot parse ({exc})") from None
+    return validate(raw, str(path))
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin in (Union, types.UnionType):
+        return _type_name(next(a for a in args if a is not type(None))) + " or null"
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"map of name → {_type_name(args[1])}"
+    if _is_dataclass(tp):
+        return f"[{tp.__name__}](#{tp.__name__.lower()})"
+    return tp.__name__
+
+
+def markdown_docs() -> str:
+    """docs/configuration.md, generated so it can never drift from the code."""
+    out = ["# Configuration reference", "",
+           "Generated from `src/fedhpc/config.py` by `fedhpc config docs`; do not edit by hand.",
+           "Unknown keys, wrong types and values outside the allowed set stop the run before any",
+           "work, with a message naming the key and what is allowed.", ""]
+    seen: list[type] = []
+
+    def visit(cls: type) -> None:
+        if cls in seen:
+            return
+        seen.append(cls)
+        for tp in typing.get_type_hints(cls).values():
+            for cand in (tp, *typing.get_args(tp)):
+                for c in (cand, *typing.get_args(cand)):
+                    if _is_dataclass(c):
+                        visit(c)
+
+    visit(Config)
+    for cls in seen:
+        hints = typing.get_type_hints(cls)
+        out += [f"## {cls.__name__}", "", (cls.__doc__ or "").strip(), "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = f"`{json.dumps(f.default)}`"
+            elif f.default_factory is not dataclasses.MISSING:
+                made = f.default_factory()
+                default = "see below" if _is_dataclass(type(made)) else f"`{json.dumps(made)}`"
+            else:
+                default = "required"
+            limits = ", ".join(f"{k} {v}" for k, v in f.metadata.get("schema", {}).items() if k != "pattern")
+            doc = f.metadata.get("doc", "") + (f" ({limits})" if limits else "")
+            out.append(f"| `{f.name}` | {_type_name(hints[f.name])} | {default} | {doc} |")
+        out.append("")
+    return "\n".join(out)

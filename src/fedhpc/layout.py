@@ -1,0 +1,143 @@
+"""The round directory layout (the blackboard): every path any stage reads or writes."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_ROUND = re.compile(r"^r(\d{4})$")
+
+
+def round_name(r: int) -> str:
+    return f"r{r:04d}"
+
+
+def round_index(name: str) -> int:
+    m = _ROUND.match(name)
+    if not m:
+        raise ValueError(f"not a round directory name: {name!r} (expected r0000 ... r9999)")
+    return int(m.group(1))
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths inside `results/<run>/`. Stages never call each other; they meet here."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, root: str | os.PathLike) -> "RunLayout":
+        return cls(Path(root))
+
+    # run level
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.root / "mlflow"
+
+    # data
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def corpus_dir(self) -> Path:
+        return self.data / "corpus"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.data / "tokenizer.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.data / "manifest.json"
+
+    @property
+    def manifest_sig(self) -> Path:
+        return self.data / "manifest.sig"
+
+    def shard(self, shard_id: str) -> Path:
+        return self.data / "shards" / f"{shard_id}.zarr"
+
+    def heldout(self, domain: str) -> Path:
+        return self.data / "heldout" / f"{domain}.zarr"
+
+    # site-private state that is never published
+    def site_state(self, site: str) -> Path:
+        return self.root / "site-state" / site
+
+    # rounds
+    def round_dir(self, r: int) -> Path:
+        return self.root / "rounds" / round_name(r)
+
+    def global_model(self, r: int) -> Path:
+        return self.round_dir(r) / "global" / "model.safetensors"
+
+    def global_meta(self, r: int) -> Path:
+        return self.round_dir(r) / "global" / "model.json"
+
+    def global_eval(self, r: int) -> Path:
+        return self.round_dir(r) / "global" / "eval.json"
+
+    def plan(self, r: int) -> Path:
+        return self.round_dir(r) / "plan.json"
+
+    def site_dir(self, r: int, site: str) -> Path:
+        return self.round_dir(r) / "sites" / site
+
+    def update(self, r: int, site: str) -> Path:
+        return self.site_dir(r, site) / "update.safetensors"
+
+    def receipt(self, r: int, site: str) -> Path:
+        return self.site_dir(r, site) / "receipt.json"
+
+    def metrics(self, r: int, site: str) -> Path:
+        return self.site_dir(r, site) / "metrics.jsonl"
+
+    def arrivals(self, r: int) -> Path:
+        return self.round_dir(r) / "arrivals.json"
+
+    def verdict(self, r: int, site: str) -> Path:
+        return self.round_dir(r) / "verdicts" / f"{site}.json"
+
+    def verdicts(self, r: int) -> Path:
+        return self.round_dir(r) / "verdicts.json"
+
+    def candidate(self, r: int) -> Path:
+        return self.round_dir(r) / "candidate" / "model.safetensors"
+
+    def candidate_eval(self, r: int) -> Path:
+        return self.round_dir(r) / "candidate" / "eval.json"
+
+    def aggregate_record(self, r: int) -> Path:
+        return self.round_dir(r) / "aggregate.json"
+
+    def tracked(self, r: int) -> Path:
+        return self.round_dir(r) / "tracked.json"
+
+    def rounds_present(self) -> list[int]:
+        base = self.root / "rounds"
+        if not base.is_dir():
+            return []
+        return sorted(round_index(p.name) for p in base.iterdir() if _ROUND.match(p.name))
