@@ -99,3 +99,8 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         fh.write(json.dumps(record, sort_keys=True) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN/Inf; a diverged number is recorded as null and treated as failed."""
+    return x if isinstance(x, (int, float)) and x == x and abs(x) != float("inf") else None

@@ -1,0 +1,32 @@
+# `make demo` runs a whole federation on the embedded default; `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= config.yaml
+PROFILE ?= profiles/local
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: demo test lint status clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build of torch first, so nothing pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/snakemake --profile $(PROFILE) --configfile $(CONFIG)
+	@$(BIN)/fedhpc status results/$$($(BIN)/python -c "import yaml;print(yaml.safe_load(open('$(CONFIG)'))['run'])")
+	@echo "Report: results/$$($(BIN)/python -c "import yaml;print(yaml.safe_load(open('$(CONFIG)'))['run'])")/report/index.html"
+
+test: $(BIN)/.installed
+	$(BIN)/pytest -q
+
+lint: $(BIN)/.installed
+	$(BIN)/snakemake --lint
+	$(BIN)/snakefmt --check workflow rules
+
+clean:
+	rm -rf results .snakemake

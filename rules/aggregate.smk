@@ -1,0 +1,17 @@
+# Streaming aggregation of the accepted updates into the round's candidate model.
+
+
+rule aggregate:
+    input:
+        f"{RUN}/rounds/r{{r}}/verdicts.json",
+    output:
+        model=f"{RUN}/rounds/r{{r}}/candidate/model.safetensors",
+        record=f"{RUN}/rounds/r{{r}}/aggregate.json",
+    log:
+        f"{RUN}/logs/aggregate/r{{r}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/aggregate/r{{r}}.tsv"
+    params:
+        cfg=CONFIG_JSON,
+    shell:
+        "{FEDHPC} aggregate --config {params.cfg} --round {wildcards.r} > {log} 2>&1"

@@ -1,0 +1,55 @@
+# Identities, the demo corpus, tokenisation and sharding, and the initial global model.
+
+
+rule keys:
+    output:
+        key_files(),
+    log:
+        f"{RUN}/logs/keys.log",
+    params:
+        cfg=CONFIG_JSON,
+    localrule: True
+    shell:
+        "{FEDHPC} keys ensure --config {params.cfg} > {log} 2>&1"
+
+
+rule synth:
+    output:
+        f"{RUN}/data/corpus/corpus.json",
+    log:
+        f"{RUN}/logs/synth.log",
+    params:
+        cfg=CONFIG_JSON,
+    shell:
+        "{FEDHPC} synth --config {params.cfg} > {log} 2>&1"
+
+
+rule shard:
+    input:
+        corpus_inputs,
+        key_files(),
+    output:
+        manifest=f"{RUN}/data/manifest.json",
+        signature=f"{RUN}/data/manifest.sig",
+        tokenizer=f"{RUN}/data/tokenizer.json",
+    log:
+        f"{RUN}/logs/shard.log",
+    params:
+        cfg=CONFIG_JSON,
+    shell:
+        "{FEDHPC} shard --config {params.cfg} > {log} 2>&1"
+
+
+rule init:
+    input:
+        f"{RUN}/data/manifest.json",
+    output:
+        model=f"{RUN}/rounds/r0000/global/model.safetensors",
+        meta=f"{RUN}/rounds/r0000/global/model.json",
+    log:
+        f"{RUN}/logs/init.log",
+    params:
+        cfg=CONFIG_JSON,
+    localrule: True
+    shell:
+        "{FEDHPC} init --config {params.cfg} > {log} 2>&1"

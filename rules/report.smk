@@ -1,0 +1,30 @@
+# Tracking in MLflow, and the run's summary and HTML report.
+
+
+rule track:
+    input:
+        track_inputs,
+    output:
+        f"{RUN}/rounds/r{{r}}/tracked.json",
+    log:
+        f"{RUN}/logs/track/r{{r}}.log",
+    params:
+        cfg=CONFIG_JSON,
+    localrule: True
+    shell:
+        "{FEDHPC} track --config {params.cfg} --round {wildcards.r} > {log} 2>&1"
+
+
+rule report:
+    input:
+        report_inputs(),
+    output:
+        summary=f"{RUN}/summary.json",
+        html=f"{RUN}/report/index.html",
+    log:
+        f"{RUN}/logs/report.log",
+    params:
+        cfg=CONFIG_JSON,
+    localrule: True
+    shell:
+        "{FEDHPC} report --config {params.cfg} > {log} 2>&1"

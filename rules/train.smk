@@ -1,0 +1,23 @@
+# Local training: one job per site and round. Its update and receipt are published to the
+# round directory; the declared output is only the job's status record, because the
+# coordinator's gather step reads the blackboard instead of depending on these jobs.
+
+
+rule train:
+    input:
+        plan=f"{RUN}/rounds/r{{r}}/plan.json",
+        model=f"{RUN}/rounds/r{{r}}/global/model.safetensors",
+    output:
+        f"{RUN}/rounds/r{{r}}/sites/{{site}}/status.json",
+    log:
+        f"{RUN}/logs/train/r{{r}}-{{site}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/train/r{{r}}-{{site}}.tsv"
+    params:
+        cfg=CONFIG_JSON,
+    threads: 2
+    # Ahead of the round's gather job, which polls and must not take the cores first.
+    priority: 10
+    shell:
+        "{FEDHPC} train --config {params.cfg} --round {wildcards.r} --site {wildcards.site}"
+        " --threads {threads} --status {output} > {log} 2>&1"

@@ -1,0 +1,28 @@
+# Close the round on what has arrived by the deadline, then verify every arrived update.
+
+
+rule gather:
+    input:
+        f"{RUN}/rounds/r{{r}}/plan.json",
+    output:
+        f"{RUN}/rounds/r{{r}}/arrivals.json",
+    log:
+        f"{RUN}/logs/gather/r{{r}}.log",
+    params:
+        cfg=CONFIG_JSON,
+    localrule: True
+    shell:
+        "{FEDHPC} gather --config {params.cfg} --round {wildcards.r} > {log} 2>&1"
+
+
+rule verify:
+    input:
+        f"{RUN}/rounds/r{{r}}/arrivals.json",
+    output:
+        f"{RUN}/rounds/r{{r}}/verdicts.json",
+    log:
+        f"{RUN}/logs/verify/r{{r}}.log",
+    params:
+        cfg=CONFIG_JSON,
+    shell:
+        "{FEDHPC} verify --config {params.cfg} --round {wildcards.r} > {log} 2>&1"

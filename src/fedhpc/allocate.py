@@ -1,0 +1,114 @@
+"""Round planning: which site trains which shards, by residency, throughput and epoch."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import SiteConfig
+
+SHARED = "*shared*"  # pool of shards that any site may train
+
+
+@dataclass(frozen=True)
+class Shard:
+    id: str
+    tokens: int
+    residency: str | None  # owning site, or None when unpinned
+
+
+def stable_seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+def _epoch_order(pool: str, ids: list[str], epoch: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(stable_seed(seed, pool, epoch))
+    return [ids[i] for i in rng.permutation(len(ids))]
+
+
+def make_plan(r: int, shards: list[Shard], sites: dict[str, SiteConfig], tokens_per_round: int,
+              seed: int, prev_state: dict | None = None, requeue: list[str] | None = None) -> dict:
+    """Assign shards to sites for round `r`. Pure: the same arguments give the same plan.
+
+    Every pool (each site's pinned shards, and the shared shards) is walked in a seeded
+    per-epoch order, taking a slice proportional to the pool's size each round, so a whole
+    epoch covers every shard exactly once and all pools finish their epoch together.
+    Pinned shards go to their owner only. Shared shards are then placed, largest first, on
+    the site that would finish earliest (load / throughput), which balances finish times.
+    `requeue` holds shards of the previous round that produced no accepted update; they are
+    taken first.
+    """
+    by_id = {s.id: s for s in shards}
+    pools: dict[str, list[str]] = {}
+    for s in shards:
+        pools.setdefault(s.residency or SHARED, []).append(s.id)
+    total = sum(s.tokens for s in shards)
+    state = {p: dict(v) for p, v in (prev_state or {}).items()}
+    notes: list[str] = []
+
+    taken: dict[str, list[str]] = {p: [] for p in pools}
+    for sid in requeue or []:
+        if sid in by_id:
+            taken[by_id[sid].residency or SHARED].append(sid)
+    for pool, ids in sorted(pools.items()):
+        if pool != SHARED and pool not in sites:
+            notes.append(f"shards pinned to {pool!r} are not trained: {pool!r} is not a site of this federation")
+            continue
+        st = state.setdefault(pool, {"epoch": 0, "position": 0, "debt": 0.0})
+        pool_tokens = sum(by_id[i].tokens for i in ids)
+        quota = tokens_per_round * pool_tokens / total + st["debt"]
+        got = sum(by_id[i].tokens for i in taken[pool])
+        order = _epoch_order(pool, ids, st["epoch"], seed)
+        # Take whole shards while that brings us closer to the quota.
+        while got + by_id[order[st["position"]]].tokens / 2 <= quota:
+            sid = order[st["position"]]
+            if sid not in taken[pool]:
+                taken[pool].append(sid)
+                got += by_id[sid].tokens
+            st["position"] += 1
+            if st["position"] == len(order):
+                st["epoch"] += 1
+                st["position"] = 0
+                order = _epoch_order(pool, ids, st["epoch"], seed)
+                if len(taken[pool]) == len(ids):
+                    break  # the quota exceeds the pool: every shard once this round is the most we do
+        st["debt"] = quota - got
+
+    names = sorted(sites)
+    load = {n: 0 for n in names}
+    assigned: dict[str, list[str]] = {n: [] for n in names}
+    pinned_tokens = {n: 0 for n in names}
+    for pool, ids in taken.items():
+        if pool == SHARED or pool not in sites:
+            continue
+        assigned[pool].extend(ids)
+        pinned_tokens[pool] = sum(by_id[i].tokens for i in ids)
+        load[pool] += pinned_tokens[pool]
+    for sid in sorted(taken.get(SHARED, []), key=lambda i: (-by_id[i].tokens, i)):
+        tok = by_id[sid].tokens
+        best = min(names, key=lambda n: ((load[n] + tok) / sites[n].throughput, sites[n].energy_weight, n))
+        assigned[best].append(sid)
+        load[best] += tok
+
+    thr_total = sum(sites[n].throughput for n in names)
+    round_tokens = sum(load.values())
+    plan_sites = {}
+    for n in names:
+        share = sites[n].throughput / thr_total
+        reason = f"throughput {sites[n].throughput:g} of {thr_total:g} → target {share:.0%} of {round_tokens} tokens"
+        if pinned_tokens[n] > share * round_tokens * 1.05:
+            reason += f"; its pinned data ({pinned_tokens[n]} tokens) exceeds that share, so it sets the round's pace"
+        plan_sites[n] = {
+            "shards": assigned[n],
+            "tokens": load[n],
+            "pinned_tokens": pinned_tokens[n],
+            "shared_tokens": load[n] - pinned_tokens[n],
+            "throughput": sites[n].throughput,
+            "energy_weight": sites[n].energy_weight,
+            "expected_time": load[n] / sites[n].throughput,
+            "reason": reason,
+        }
+    return {"round": r, "tokens": round_tokens, "sites": plan_sites,
+            "participants": [n for n in names if assigned[n]], "state": state, "notes": notes}

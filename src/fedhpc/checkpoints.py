@@ -1,0 +1,58 @@
+"""Global checkpoints: create, publish (coordinator-signed) and load with hash and signature checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .audit import AuditLog
+from .config import Config
+from .files import read_json, sha256_file, write_json
+from .layout import RunLayout
+from .model import GPT, exported_state
+from .signing import COORDINATOR, TrustStore, sign_document, verify_document
+from .tensorfile import save_state
+
+
+class CheckpointError(ValueError):
+    """A global checkpoint is missing, unsigned, or does not match its recorded hash."""
+
+
+def build_model(cfg: Config, vocab_size: int) -> GPT:
+    return GPT(cfg.model, vocab_size)
+
+
+def publish_global(layout: RunLayout, trust: TrustStore, r: int, model_file: Path, fields: dict[str, Any]) -> dict:
+    """Sign and write `rounds/r/global/model.json` for a model file already in place."""
+    meta = {"round": r, "sha256": sha256_file(model_file), **fields}
+    meta = sign_document(meta, COORDINATOR, trust.private_key(COORDINATOR))
+    write_json(layout.global_meta(r), meta)
+    return meta
+
+
+def init_global(cfg: Config, layout: RunLayout, trust: TrustStore, vocab_size: int) -> dict:
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, vocab_size)
+    save_state(layout.global_model(0), exported_state(model), {"run": cfg.run, "round": "0"})
+    meta = publish_global(layout, trust, 0, layout.global_model(0), {
+        "run": cfg.run, "source": "init", "parent_sha256": None, "vocab_size": vocab_size,
+        "model": dataclasses.asdict(cfg.model), "parameters": sum(p.numel() for p in model.parameters()),
+    })
+    AuditLog(layout.audit).append("global.published", round=0, sha256=meta["sha256"], source="init")
+    return meta
+
+
+def load_global_meta(layout: RunLayout, trust: TrustStore, r: int, check_hash: bool = True) -> dict:
+    path = layout.global_meta(r)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no global model for round {r}")
+    meta = read_json(path)
+    verify_document(meta, trust, COORDINATOR, str(path))
+    if meta.get("round") != r:
+        raise CheckpointError(f"{path}: says round {meta.get('round')}, expected {r}")
+    if check_hash and sha256_file(layout.global_model(r)) != meta["sha256"]:
+        raise CheckpointError(f"{layout.global_model(r)}: content does not match the sha256 in {path}")
+    return meta

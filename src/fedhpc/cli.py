@@ -1,0 +1,295 @@
+"""The `fedhpc` command: one verb per workflow stage, plus status, audit and config tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .config_schema import ConfigError, config_schema, load, markdown_docs
+from .layout import RunLayout
+from .signing import TrustStore
+
+
+@dataclass
+class Ctx:
+    cfg: Config
+    layout: RunLayout
+    trust: TrustStore
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.output_dir) / cfg.run
+
+
+def context(config_path: str) -> Ctx:
+    cfg = load(config_path)
+    layout = RunLayout.of(run_dir(cfg))
+    return Ctx(cfg, layout, TrustStore(cfg.trust.keys_dir or layout.keys_dir))
+
+
+def cmd_config(a: argparse.Namespace) -> int:
+    if a.action == "check":
+        cfg = load(a.file)
+        print(f"{a.file}: valid; run {cfg.run!r}, {len(cfg.sites)} sites, {cfg.rounds.count} rounds")
+        return 0
+    text = json.dumps(config_schema(), indent=2) + "\n" if a.action == "schema" else markdown_docs()
+    if a.write:
+        Path(a.write).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_keys(a: argparse.Namespace) -> int:
+    from .signing import COORDINATOR, create_keypair
+
+    if a.action == "init":
+        path = create_keypair(a.dir, a.site)
+        print(f"created {path} (private, mode 600) and {path.with_suffix('.pub')} (share this one)")
+        return 0
+    ctx = context(a.config)
+    names = [COORDINATOR, *sorted(ctx.cfg.sites)]
+    for name in names:
+        if not (ctx.trust.keys_dir / f"{name}.pub").exists():
+            if not ctx.cfg.trust.generate_missing:
+                raise SystemExit(f"no key for {name!r} in {ctx.trust.keys_dir} and trust.generate_missing is false; "
+                                 f"create it with `fedhpc keys init --site {name} --dir {ctx.trust.keys_dir}`")
+            create_keypair(ctx.trust.keys_dir, name)
+            print(f"created identity {name!r} in {ctx.trust.keys_dir}")
+    return 0
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from .synth import generate_corpus
+
+    ctx = context(a.config)
+    if ctx.cfg.data.synth is None:
+        raise SystemExit(f"{a.config}: data.synth is not set; nothing to generate")
+    corpus = generate_corpus(ctx.cfg.data.synth, ctx.cfg.seed, Path(a.out) if a.out else ctx.layout.corpus_dir)
+    for name, d in corpus["domains"].items():
+        print(f"{name}: {d['bytes']} bytes, {d['documents']} documents, entropy rate {d['entropy_rate_bits_per_byte']:.3f} bits/byte")
+    return 0
+
+
+def cmd_shard(a: argparse.Namespace) -> int:
+    from .files import read_json
+    from .shards import build_shards
+    from .signing import COORDINATOR
+    from .synth import domain_sources
+    from .tokenizer import build_tokenizer
+    from .ingest import iter_documents
+
+    ctx = context(a.config)
+    cfg, layout = ctx.cfg, ctx.layout
+    sources = list(cfg.data.sources)
+    entropy: dict[str, float | None] = {s.domain: None for s in sources}
+    if cfg.data.synth is not None:
+        corpus = read_json(layout.corpus_dir / "corpus.json")
+        sources = domain_sources(corpus, layout.corpus_dir) + sources
+        entropy.update({n: d["entropy_rate_nats_per_byte"] for n, d in corpus["domains"].items()})
+
+    def texts():
+        for s in sources:
+            if s.format != "hdf5":
+                yield from (d for d in iter_documents(s) if isinstance(d, str))
+
+    tok = build_tokenizer(cfg.data.tokenizer, texts())
+    manifest = build_shards(sources, cfg.data, tok, layout, cfg.seed, ctx.trust.private_key(COORDINATOR), entropy)
+    from .audit import AuditLog
+
+    AuditLog(layout.audit).append("data.sharded", shards=len(manifest["shards"]),
+                                  tokens=sum(s["tokens"] for s in manifest["shards"]),
+                                  heldout=[h["domain"] for h in manifest["heldout"]])
+    return 0
+
+
+def cmd_init(a: argparse.Namespace) -> int:
+    from .checkpoints import init_global
+    from .shards import load_manifest
+
+    ctx = context(a.config)
+    vocab = load_manifest(ctx.layout, ctx.trust)["tokenizer"]["vocab_size"]
+    meta = init_global(ctx.cfg, ctx.layout, ctx.trust, vocab)
+    print(f"initial global model: {meta['parameters']:,} parameters, sha256 {meta['sha256'][:16]}")
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from .plan import plan_round
+
+    ctx = context(a.config)
+    plan = plan_round(ctx.cfg, ctx.layout, ctx.trust, a.round)
+    for site, e in plan["sites"].items():
+        print(f"round {a.round}: {site}: {len(e['shards'])} shards, {e['tokens']} tokens ({e['reason']})")
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .train import run_train_job
+
+    ctx = context(a.config)
+    status = run_train_job(ctx.cfg, ctx.layout, ctx.trust, a.round, a.site, a.threads, Path(a.status))
+    print(json.dumps(status))
+    return 0
+
+
+def cmd_gather(a: argparse.Namespace) -> int:
+    from .gather import gather
+
+    ctx = context(a.config)
+    rec = gather(ctx.cfg, ctx.layout, ctx.trust, a.round)
+    print(f"round {a.round}: arrived {', '.join(rec['arrived']) or 'none'}; missing {', '.join(rec['missing']) or 'none'}")
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from .checkpoints import load_global_meta
+    from .verify import verify_round
+
+    ctx = context(a.config)
+    base = load_global_meta(ctx.layout, ctx.trust, a.round)
+    s = verify_round(ctx.cfg, ctx.layout, ctx.trust, a.round, base)
+    print(f"round {a.round}: accepted {', '.join(s['accepted']) or 'none'}")
+    for site, why in s["rejected"].items():
+        print(f"round {a.round}: REJECTED {site}: {'; '.join(why)}")
+    return 0
+
+
+def cmd_aggregate(a: argparse.Namespace) -> int:
+    from .aggregate import aggregate_round
+    from .checkpoints import load_global_meta
+
+    ctx = context(a.config)
+    rec = aggregate_round(ctx.cfg, ctx.layout, a.round, load_global_meta(ctx.layout, ctx.trust, a.round))
+    print(f"round {a.round}: weights {json.dumps(rec['weights'])} in {rec['seconds']:.2f} s")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .checkpoints import load_global_meta
+    from .evaluate import write_eval
+
+    ctx = context(a.config)
+    base = load_global_meta(ctx.layout, ctx.trust, a.round)
+    if a.which == "global":
+        model, out = ctx.layout.global_model(a.round), ctx.layout.global_eval(a.round)
+    else:
+        model, out = ctx.layout.candidate(a.round), ctx.layout.candidate_eval(a.round)
+    res = write_eval(ctx.cfg, ctx.layout, ctx.trust, model, base["vocab_size"], out, a.threads)
+    print(f"round {a.round} {a.which}: held-out loss {res['loss']}")
+    return 0
+
+
+def cmd_promote(a: argparse.Namespace) -> int:
+    from .checkpoints import load_global_meta
+    from .promote import promote_round
+
+    ctx = context(a.config)
+    meta = promote_round(ctx.cfg, ctx.layout, ctx.trust, a.round, load_global_meta(ctx.layout, ctx.trust, a.round))
+    print(f"round {a.round + 1} global from {meta['source']}: {meta['reason']}")
+    return 0
+
+
+def cmd_track(a: argparse.Namespace) -> int:
+    from .tracking import track_round
+
+    ctx = context(a.config)
+    rec = track_round(ctx.cfg, ctx.layout, a.round)
+    print(f"round {a.round}: MLflow model version {rec['model_version']} at {rec['tracking_uri']}")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report import write_report
+
+    ctx = context(a.config)
+    summary = write_report(ctx.cfg, ctx.layout)
+    if ctx.cfg.tracking.mlflow:
+        from .tracking import finish
+
+        finish(ctx.cfg, ctx.layout, summary, ctx.layout.report_dir / "index.html")
+    print(f"held-out loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}; "
+          f"report: {ctx.layout.report_dir / 'index.html'}")
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from .status import format_table, round_states
+
+    print(format_table(round_states(RunLayout.of(a.run_dir))))
+    return 0
+
+
+def cmd_audit(a: argparse.Namespace) -> int:
+    from .audit import verify_ledger
+
+    check = verify_ledger(Path(a.run_dir) / "audit.jsonl")
+    if check.ok:
+        print(f"{a.run_dir}/audit.jsonl: intact, {check.lines} events")
+        return 0
+    print(f"{a.run_dir}/audit.jsonl: BROKEN at line {check.bad_line}: {check.reason}", file=sys.stderr)
+    return 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedhpc", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    def verb(name: str, fn, help: str, config: bool = True, round: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        if config:
+            sp.add_argument("--config", default="config.yaml", help="config file (YAML or JSON)")
+        if round:
+            sp.add_argument("--round", type=int, required=True)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    c = verb("config", cmd_config, "check a config, or print its schema or reference docs", config=False)
+    c.add_argument("action", choices=["check", "schema", "docs"])
+    c.add_argument("file", nargs="?", default="config.yaml")
+    c.add_argument("--write", metavar="PATH", help="write schema/docs to PATH instead of stdout")
+    k = verb("keys", cmd_keys, "create identities: `init --site NAME`, or `ensure` every key the config needs")
+    k.add_argument("action", choices=["init", "ensure"])
+    k.add_argument("--site", default="coordinator")
+    k.add_argument("--dir", default="keys")
+    s = verb("synth", cmd_synth, "generate the synthetic multi-domain corpus")
+    s.add_argument("--out", help="output directory (default: <run>/data/corpus)")
+    verb("shard", cmd_shard, "tokenize sources, pack shards, write the signed manifest")
+    verb("init", cmd_init, "create the initial global model")
+    verb("plan", cmd_plan, "assign shards to sites for a round", round=True)
+    t = verb("train", cmd_train, "run one site's local round", round=True)
+    t.add_argument("--site", required=True)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--status", required=True, help="where to write the job's status record")
+    verb("gather", cmd_gather, "wait for updates until all arrive or the deadline", round=True)
+    verb("verify", cmd_verify, "verify every arrived update", round=True)
+    verb("aggregate", cmd_aggregate, "aggregate accepted updates into the candidate model", round=True)
+    e = verb("evaluate", cmd_evaluate, "held-out evaluation of a round's global or candidate model", round=True)
+    e.add_argument("--which", choices=["global", "candidate"], required=True)
+    e.add_argument("--threads", type=int, default=1)
+    verb("promote", cmd_promote, "gate the candidate: next global model, or roll back", round=True)
+    verb("track", cmd_track, "log a finished round to MLflow", round=True)
+    verb("report", cmd_report, "write summary.json and report/index.html")
+    st = verb("status", cmd_status, "print rounds × sites and their states", config=False)
+    st.add_argument("run_dir")
+    au = verb("audit", cmd_audit, "verify the audit ledger of a run", config=False)
+    au.add_argument("action", choices=["verify"])
+    au.add_argument("run_dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

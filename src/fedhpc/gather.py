@@ -1,0 +1,67 @@
+"""Close a round: wait on the round directory until every planned site published, or the deadline."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from .audit import AuditLog
+from .config import Config
+from .files import read_json, write_json
+from .layout import RunLayout
+from .signing import TrustStore
+from .train import load_plan
+
+
+class QuorumError(RuntimeError):
+    """The deadline passed before enough sites published an update."""
+
+
+def arrived_sites(layout: RunLayout, r: int, planned: list[str]) -> list[str]:
+    arrived = []
+    for site in planned:
+        try:
+            read_json(layout.receipt(r, site))
+            arrived.append(site)
+        except (FileNotFoundError, ValueError):
+            pass  # not there yet, or not parseable yet: not an arrival
+    return arrived
+
+
+def gather(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, poll_seconds: float = 1.0,
+           now: float | None = None) -> dict:
+    """Block until all planned sites arrived or the deadline passes; write arrivals.json.
+
+    The deadline counts from the plan's creation, so a restarted coordinator does not
+    grant a fresh one. Aggregation depends on this file, not on the sites' jobs, which is
+    what lets a round finish without a site whose job died.
+    """
+    plan = load_plan(layout, trust, r)
+    planned = plan["participants"]
+    deadline = plan["created"] + cfg.rounds.deadline_minutes * 60
+    need = max(1, math.ceil(cfg.rounds.quorum * len(planned) - 1e-9)) if planned else 0
+    t0 = time.time()
+    last_report = 0.0
+    while True:
+        arrived = arrived_sites(layout, r, planned)
+        clock = now if now is not None else time.time()
+        if len(arrived) == len(planned) or clock >= deadline:
+            break
+        if clock - last_report >= 60:
+            print(f"round {r}: {len(arrived)}/{len(planned)} updates in, waiting for "
+                  f"{', '.join(s for s in planned if s not in arrived)}; deadline in {deadline - clock:.0f} s", flush=True)
+            last_report = clock
+        time.sleep(poll_seconds)
+    missing = [s for s in planned if s not in arrived]
+    audit = AuditLog(layout.audit)
+    if len(arrived) < need:
+        audit.append("round.no_quorum", round=r, arrived=arrived, missing=missing, needed=need)
+        raise QuorumError(f"round {r}: deadline passed with {len(arrived)} of {len(planned)} planned updates "
+                          f"({', '.join(arrived) or 'none'}); quorum needs {need}. Missing: {', '.join(missing)}")
+    for site in missing:
+        audit.append("site.dropped", round=r, site=site, reason="no update by the deadline")
+    record = {"round": r, "planned": planned, "arrived": arrived, "missing": missing, "quorum": need,
+              "waited_seconds": time.time() - t0, "deadline": deadline, "closed_at": time.time()}
+    write_json(layout.arrivals(r), record)
+    audit.append("round.gathered", round=r, arrived=arrived, missing=missing)
+    return record

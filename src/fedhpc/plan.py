@@ -1,0 +1,43 @@
+"""Write a round's signed plan.json from the manifest, the sites and the previous round."""
+
+from __future__ import annotations
+
+import time
+
+from .allocate import Shard, make_plan
+from .audit import AuditLog
+from .config import Config
+from .files import read_json, write_json
+from .layout import RunLayout
+from .shards import load_manifest
+from .signing import COORDINATOR, TrustStore, sign_document
+from .sites import batch_shape
+
+
+def missed_shards(layout: RunLayout, r: int) -> list[str]:
+    """Shards planned in round r whose site produced no accepted update."""
+    if r < 0 or not layout.verdicts(r).exists():
+        return []
+    plan = read_json(layout.plan(r))
+    accepted = set(read_json(layout.verdicts(r))["accepted"])
+    return [sid for site, e in sorted(plan["sites"].items()) if site not in accepted for sid in e["shards"]]
+
+
+def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dict:
+    manifest = load_manifest(layout, trust)
+    shards = [Shard(s["id"], s["tokens"], s["residency"]) for s in manifest["shards"]]
+    prev = read_json(layout.plan(r - 1))["state"] if r > 0 else None
+    requeue = missed_shards(layout, r - 1)
+    plan = make_plan(r, shards, cfg.sites, cfg.rounds.tokens_per_round, cfg.seed, prev, requeue)
+    vocab = manifest["tokenizer"]["vocab_size"]
+    for name, entry in plan["sites"].items():
+        shape = batch_shape(name, cfg.sites[name], cfg.model, vocab, cfg.training.batch_tokens,
+                            cfg.training.max_micro_batch, devices=max(1, cfg.sites[name].gpus))
+        entry["micro_batch"] = shape.micro_batch
+        entry["grad_accum_planned"] = shape.grad_accum
+    plan.update(run=cfg.run, created=time.time(), requeued=requeue)
+    plan = sign_document(plan, COORDINATOR, trust.private_key(COORDINATOR))
+    write_json(layout.plan(r), plan)
+    AuditLog(layout.audit).append("round.planned", round=r, participants=plan["participants"], tokens=plan["tokens"],
+                                  assignment={s: e["shards"] for s, e in plan["sites"].items()}, requeued=requeue)
+    return plan

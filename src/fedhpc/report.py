@@ -1,0 +1,124 @@
+"""The run's results: summary.json for programs and report/index.html (plots inline) for people."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+
+from .audit import AuditLog, verify_ledger
+from .config import Config
+from .files import read_json, write_bytes, write_json
+from .layout import RunLayout
+from .status import format_table, round_states
+
+
+def build_summary(cfg: Config, layout: RunLayout) -> dict:
+    rounds = [r for r in range(cfg.rounds.count) if layout.global_meta(r + 1).exists()]
+    last = rounds[-1] + 1 if rounds else 0
+    first_eval, final_eval = read_json(layout.global_eval(0)), read_json(layout.global_eval(last))
+    excluded, history = [], []
+    for r in rounds:
+        agg = read_json(layout.aggregate_record(r))
+        excluded += [{"round": r, "site": s, "reasons": why} for s, why in sorted(agg["excluded"].items())]
+        meta = read_json(layout.global_meta(r + 1))
+        history.append({"round": r, "eval_loss": read_json(layout.global_eval(r + 1))["loss"],
+                        "candidate_loss": read_json(layout.candidate_eval(r))["loss"], "source": meta["source"],
+                        "weights": agg["weights"], "missing": agg["missing"], "excluded": sorted(agg["excluded"])})
+    events = AuditLog(layout.audit).events()
+    ledger = verify_ledger(layout.audit)
+    return {
+        "run": cfg.run, "rounds_completed": len(rounds), "rounds_planned": cfg.rounds.count,
+        "sites": sorted(cfg.sites), "initial_eval_loss": first_eval["loss"], "final_eval_loss": final_eval["loss"],
+        "entropy_floor": final_eval["entropy_floor"], "final_gap_to_floor": final_eval["gap_to_floor"],
+        "final_eval_by_domain": {d: v["loss"] for d, v in final_eval["domains"].items()},
+        "excluded_updates": excluded, "rollbacks": [h["round"] for h in history if h["source"] == "rollback"],
+        "global_model_sha256": read_json(layout.global_meta(last))["sha256"],
+        "global_model": str(layout.global_model(last)),
+        "wall_seconds": (time.time() - events[0]["time"]) if events else 0.0,
+        "audit": {"events": len(events), "intact": ledger.ok, "head": events[-1]["hash"] if events else None},
+        "history": history,
+    }
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(cfg: Config, layout: RunLayout, summary: dict) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for site in sorted(cfg.sites):
+        xs, ys = [], []
+        for r in range(summary["rounds_completed"]):
+            path = layout.metrics(r, site)
+            for line in path.read_text().splitlines() if path.exists() else []:
+                rec = json.loads(line)
+                xs.append(rec["progress"] * cfg.rounds.count)
+                ys.append(rec["loss"])
+        if xs:
+            ax.plot(xs, ys, label=site, lw=1.2)
+    ax.set(xlabel="round", ylabel="training loss (nats/token)", title="Local training loss per site")
+    ax.legend()
+    out.append(("Training loss per site", _png(fig)))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    xs = list(range(summary["rounds_completed"] + 1))
+    evals = [read_json(layout.global_eval(r)) for r in xs]
+    ax.plot(xs, [e["loss"] for e in evals], "o-", color="black", label="overall")
+    for dom in evals[0]["domains"]:
+        ax.plot(xs, [e["domains"].get(dom, {}).get("loss") for e in evals], ".--", lw=1, label=dom)
+    if summary["entropy_floor"] is not None:
+        ax.axhline(summary["entropy_floor"], color="red", lw=1, label="entropy floor")
+    ax.set(xlabel="global model after round", ylabel="held-out loss (nats/token)", title="Held-out loss per round")
+    ax.legend(fontsize=8)
+    out.append(("Held-out loss against the entropy floor", _png(fig)))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    bottom = [0.0] * len(summary["history"])
+    for site in sorted(cfg.sites):
+        ws = [h["weights"].get(site, 0.0) for h in summary["history"]]
+        ax.bar([h["round"] for h in summary["history"]], ws, bottom=bottom, label=site)
+        bottom = [b + w for b, w in zip(bottom, ws)]
+    ax.set(xlabel="round", ylabel="weight", title="Aggregation weights")
+    ax.legend(fontsize=8)
+    out.append(("Aggregation weights", _png(fig)))
+    plt.close(fig)
+    return out
+
+
+def write_report(cfg: Config, layout: RunLayout) -> dict:
+    summary = build_summary(cfg, layout)
+    esc = html.escape
+    floor = summary["entropy_floor"]
+    rows = "".join(
+        f"<tr><td>r{h['round']:04d}</td><td>{h['eval_loss']:.4f}</td><td>{h['source']}</td>"
+        f"<td>{esc(', '.join(h['excluded']) or '—')}</td><td>{esc(', '.join(h['missing']) or '—')}</td></tr>"
+        for h in summary["history"] if h["eval_loss"] is not None)
+    plots = "".join(f"<h2>{esc(t)}</h2><img alt='{esc(t)}' src='data:image/png;base64,{b}'>" for t, b in _plots(cfg, layout, summary))
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedhpc · {esc(cfg.run)}</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}}td,th{{padding:.2em .8em;text-align:left}}
+pre{{background:#f4f4f4;padding:1em}}img{{max-width:100%}}</style></head><body>
+<h1>Federation <code>{esc(cfg.run)}</code></h1>
+<p>{summary['rounds_completed']} of {summary['rounds_planned']} rounds, sites {esc(', '.join(summary['sites']))}.
+Held-out loss {summary['initial_eval_loss']:.4f} → <b>{summary['final_eval_loss']:.4f}</b> nats/token
+{'' if floor is None else f'(entropy floor {floor:.4f}, gap {summary["final_gap_to_floor"]:.4f})'}.
+Final global model <code>{summary['global_model_sha256'][:16]}…</code>; audit ledger
+{'intact' if summary['audit']['intact'] else '<b>BROKEN</b>'} ({summary['audit']['events']} events).</p>
+<h2>Rounds × sites</h2><pre>{esc(format_table(round_states(layout)))}</pre>
+<table><tr><th>round</th><th>held-out loss</th><th>global from</th><th>excluded</th><th>missing</th></tr>{rows}</table>
+{plots}</body></html>"""
+    write_bytes(layout.report_dir / "index.html", doc.encode())
+    write_json(layout.summary, summary)
+    return summary

@@ -1,0 +1,111 @@
+"""Verification of every published update before it may reach the aggregate."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import torch
+
+from .audit import AuditLog
+from .config import Config, VerificationConfig
+from .files import read_json, sha256_file, write_json
+from .layout import RunLayout
+from .signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
+from .tensorfile import TensorFileError, open_tensors, read_specs
+
+
+def check_update(layout: RunLayout, trust: TrustStore, run: str, r: int, site: str, base: dict,
+                 v: VerificationConfig) -> dict:
+    """Checks one site's update on its own. Returns {"reasons": [...], "flags": [...], ...stats}."""
+    out: dict = {"site": site, "reasons": [], "flags": []}
+    path = layout.receipt(r, site)
+    try:
+        receipt = read_json(path)
+        verify_document(receipt, trust, site, f"receipt of {site}")
+    except (ValueError, SignatureError) as exc:
+        out["reasons"].append(f"receipt: {exc}")
+        return out
+    for key, want in (("run", run), ("round", r), ("site", site)):
+        if receipt.get(key) != want:
+            out["reasons"].append(f"receipt is for {key} {receipt.get(key)!r}, expected {want!r} (replayed or misplaced)")
+    if receipt.get("base_sha256") != base["sha256"]:
+        out["reasons"].append("update was trained on a different global model (stale or wrong base)")
+    if out["reasons"]:
+        return out
+    update = layout.update(r, site)
+    if not update.exists():
+        out["reasons"].append("update.safetensors is missing")
+        return out
+    if sha256_file(update) != receipt.get("update_sha256"):
+        out["reasons"].append("update.safetensors does not match the sha256 in its receipt (corrupt or tampered)")
+        return out
+    try:
+        got, want = read_specs(update), read_specs(layout.global_model(r))
+    except TensorFileError as exc:
+        out["reasons"].append(str(exc))
+        return out
+    if got != want:
+        diff = sorted(set(got) ^ set(want))[:3] + [f"{k}: {got[k]} vs global {want[k]}" for k in sorted(set(got) & set(want)) if got[k] != want[k]][:3]
+        out["reasons"].append(f"tensor names/shapes/dtypes differ from the global model: {'; '.join(map(str, diff))}")
+        return out
+    sq = 0.0
+    with open_tensors(update) as tensors:
+        for name in tensors:
+            t = tensors[name].to(torch.float64)
+            if not torch.isfinite(t).all():
+                out["reasons"].append(f"tensor {name} has NaN or Inf values")
+                return out
+            sq += float((t * t).sum())
+    out["norm"] = math.sqrt(sq)
+    out["steps"] = int(receipt.get("steps", 0))
+    out["tokens"] = int(receipt.get("tokens", 0))
+    if v.max_update_norm is not None and out["norm"] > v.max_update_norm:
+        out["reasons"].append(f"update norm {out['norm']:.4g} exceeds verification.max_update_norm {v.max_update_norm:g}")
+    before, after = receipt.get("loss_before"), receipt.get("loss_after")
+    out.update(loss_before=before, loss_after=after)
+    if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (before, after)):
+        out["reasons"].append(f"receipt reports non-finite local losses ({before}, {after})")
+    elif after > before * v.divergence_ratio:
+        out["reasons"].append(f"diverged: local held-out loss rose from {before:.4f} to {after:.4f}")
+    elif after >= before:
+        msg = f"underfitting: local held-out loss did not improve ({before:.4f} → {after:.4f})"
+        (out["reasons"] if v.reject_underfit else out["flags"]).append(msg)
+    return out
+
+
+def outlier_scores(stats: dict[str, float], min_scale: float) -> dict[str, float]:
+    """Robust z-score of each value: distance to the median over max(1.4826·MAD, min_scale)."""
+    med = statistics.median(stats.values())
+    mad = statistics.median(abs(x - med) for x in stats.values())
+    scale = max(1.4826 * mad, min_scale)
+    return {k: abs(x - med) / scale for k, x in stats.items()}
+
+
+def verify_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, base: dict) -> dict:
+    arrivals = read_json(layout.arrivals(r))
+    v = cfg.verification
+    checks = {s: check_update(layout, trust, cfg.run, r, s, base, v) for s in arrivals["arrived"]}
+    passing = {s: c for s, c in checks.items() if not c["reasons"]}
+    # Norm per sqrt(step): sites that take more steps legitimately move further.
+    stat = {s: math.log(max(c["norm"], 1e-30) / math.sqrt(max(c["steps"], 1))) for s, c in passing.items()}
+    if len(stat) >= 3:
+        for s, z in outlier_scores(stat, v.min_log_scale).items():
+            checks[s]["outlier_z"] = z
+            if z > v.outlier_z:
+                checks[s]["reasons"].append(f"outlier: update norm {checks[s]['norm']:.4g} is {z:.1f} robust deviations from the other sites")
+    else:
+        for s in stat:
+            checks[s]["flags"].append(f"outlier screen skipped: {len(stat)} updates (needs 3)")
+    audit = AuditLog(layout.audit)
+    summary = {"round": r, "accepted": [], "rejected": {}}
+    for site, c in sorted(checks.items()):
+        verdict = {"round": r, "site": site, "accepted": not c["reasons"], **c}
+        write_json(layout.verdict(r, site), sign_document(verdict, COORDINATOR, trust.private_key(COORDINATOR)))
+        audit.append("update.verdict", round=r, site=site, accepted=verdict["accepted"], reasons=c["reasons"], flags=c["flags"])
+        if verdict["accepted"]:
+            summary["accepted"].append(site)
+        else:
+            summary["rejected"][site] = c["reasons"]
+    write_json(layout.verdicts(r), summary)
+    return summary
