@@ -11,7 +11,9 @@ rule aggregate:
         f"{RUN}/logs/aggregate/r{{r}}.log",
     benchmark:
         f"{RUN}/benchmarks/aggregate/r{{r}}.tsv"
+    conda:
+        "../envs/fedhpc.yaml"
     params:
         cfg=CONFIG_JSON,
     shell:
-        "{FEDHPC} aggregate --config {params.cfg} --round {wildcards.r} > {log} 2>&1"
+        "fedhpc aggregate --config {params.cfg} --round {wildcards.r} > {log} 2>&1"

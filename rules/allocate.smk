@@ -8,8 +8,10 @@ rule plan:
         f"{RUN}/rounds/r{{r}}/plan.json",
     log:
         f"{RUN}/logs/plan/r{{r}}.log",
+    localrule: True
+    conda:
+        "../envs/fedhpc.yaml"
     params:
         cfg=CONFIG_JSON,
-    localrule: True
     shell:
-        "{FEDHPC} plan --config {params.cfg} --round {wildcards.r} > {log} 2>&1"
+        "fedhpc plan --config {params.cfg} --round {wildcards.r} > {log} 2>&1"

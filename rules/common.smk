@@ -1,5 +1,6 @@
 # Config validation, the run directory, and the input functions every stage uses.
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -7,7 +8,6 @@ from pathlib import Path
 from fedhpc.config_schema import ConfigError, as_dict, validate
 from fedhpc.files import write_json
 from fedhpc.layout import round_name
-
 
 try:
     CFG = validate(config, "config", f"{workflow.basedir}/schemas/config.schema.json")
@@ -24,8 +24,12 @@ CONFIG_JSON = f"{RUN}/config.json"
 _snapshot = json.dumps(config, indent=2, sort_keys=True) + "\n"
 if not Path(CONFIG_JSON).exists() or Path(CONFIG_JSON).read_text() != _snapshot:
     write_json(CONFIG_JSON, config)
-# Jobs call the `fedhpc` command; fall back to this interpreter when it is not on PATH.
-FEDHPC = "fedhpc" if shutil.which("fedhpc") else f"{sys.executable} -m fedhpc"
+# Jobs call the `fedhpc` command: make the one installed beside this Snakemake findable
+# even when its virtual environment is not activated.
+if shutil.which("fedhpc") is None:
+    os.environ["PATH"] = (
+        f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
 
 
 wildcard_constraints:
@@ -46,7 +50,10 @@ def corpus_inputs(wildcards):
 
 
 def global_of(wildcards):
-    return [f"{rdir(wildcards.r)}/global/model.safetensors", f"{rdir(wildcards.r)}/global/model.json"]
+    return [
+        f"{rdir(wildcards.r)}/global/model.safetensors",
+        f"{rdir(wildcards.r)}/global/model.json",
+    ]
 
 
 def plan_inputs(wildcards):

@@ -6,11 +6,13 @@ rule keys:
         key_files(),
     log:
         f"{RUN}/logs/keys.log",
+    localrule: True
+    conda:
+        "../envs/fedhpc.yaml"
     params:
         cfg=CONFIG_JSON,
-    localrule: True
     shell:
-        "{FEDHPC} keys ensure --config {params.cfg} > {log} 2>&1"
+        "fedhpc keys ensure --config {params.cfg} > {log} 2>&1"
 
 
 rule synth:
@@ -18,10 +20,12 @@ rule synth:
         f"{RUN}/data/corpus/corpus.json",
     log:
         f"{RUN}/logs/synth.log",
+    conda:
+        "../envs/fedhpc.yaml"
     params:
         cfg=CONFIG_JSON,
     shell:
-        "{FEDHPC} synth --config {params.cfg} > {log} 2>&1"
+        "fedhpc synth --config {params.cfg} > {log} 2>&1"
 
 
 rule shard:
@@ -34,10 +38,12 @@ rule shard:
         tokenizer=f"{RUN}/data/tokenizer.json",
     log:
         f"{RUN}/logs/shard.log",
+    conda:
+        "../envs/fedhpc.yaml"
     params:
         cfg=CONFIG_JSON,
     shell:
-        "{FEDHPC} shard --config {params.cfg} > {log} 2>&1"
+        "fedhpc shard --config {params.cfg} > {log} 2>&1"
 
 
 rule init:
@@ -48,8 +54,10 @@ rule init:
         meta=f"{RUN}/rounds/r0000/global/model.json",
     log:
         f"{RUN}/logs/init.log",
+    localrule: True
+    conda:
+        "../envs/fedhpc.yaml"
     params:
         cfg=CONFIG_JSON,
-    localrule: True
     shell:
-        "{FEDHPC} init --config {params.cfg} > {log} 2>&1"
+        "fedhpc init --config {params.cfg} > {log} 2>&1"

@@ -8,11 +8,13 @@ rule evaluate_initial:
         f"{RUN}/rounds/r0000/global/eval.json",
     log:
         f"{RUN}/logs/evaluate/r0000-global.log",
+    conda:
+        "../envs/fedhpc.yaml"
+    threads: 2
     params:
         cfg=CONFIG_JSON,
-    threads: 2
     shell:
-        "{FEDHPC} evaluate --config {params.cfg} --round 0 --which global --threads {threads} > {log} 2>&1"
+        "fedhpc evaluate --config {params.cfg} --round 0 --which global --threads {threads} > {log} 2>&1"
 
 
 rule evaluate:
@@ -22,11 +24,13 @@ rule evaluate:
         f"{RUN}/rounds/r{{r}}/candidate/eval.json",
     log:
         f"{RUN}/logs/evaluate/r{{r}}-candidate.log",
+    conda:
+        "../envs/fedhpc.yaml"
+    threads: 2
     params:
         cfg=CONFIG_JSON,
-    threads: 2
     shell:
-        "{FEDHPC} evaluate --config {params.cfg} --round {wildcards.r} --which candidate --threads {threads} > {log} 2>&1"
+        "fedhpc evaluate --config {params.cfg} --round {wildcards.r} --which candidate --threads {threads} > {log} 2>&1"
 
 
 rule promote:
@@ -38,11 +42,13 @@ rule promote:
         eval=f"{RUN}/rounds/r{{nxt}}/global/eval.json",
     log:
         f"{RUN}/logs/promote/r{{nxt}}.log",
-    params:
-        cfg=CONFIG_JSON,
-        prev=previous_round,
     wildcard_constraints:
         nxt=r"(?!0000)\d{4}",
     localrule: True
+    conda:
+        "../envs/fedhpc.yaml"
+    params:
+        cfg=CONFIG_JSON,
+        prev=previous_round,
     shell:
-        "{FEDHPC} promote --config {params.cfg} --round {params.prev} > {log} 2>&1"
+        "fedhpc promote --config {params.cfg} --round {params.prev} > {log} 2>&1"

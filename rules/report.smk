@@ -8,11 +8,13 @@ rule track:
         f"{RUN}/rounds/r{{r}}/tracked.json",
     log:
         f"{RUN}/logs/track/r{{r}}.log",
+    localrule: True
+    conda:
+        "../envs/fedhpc.yaml"
     params:
         cfg=CONFIG_JSON,
-    localrule: True
     shell:
-        "{FEDHPC} track --config {params.cfg} --round {wildcards.r} > {log} 2>&1"
+        "fedhpc track --config {params.cfg} --round {wildcards.r} > {log} 2>&1"
 
 
 rule report:
@@ -23,8 +25,10 @@ rule report:
         html=f"{RUN}/report/index.html",
     log:
         f"{RUN}/logs/report.log",
+    localrule: True
+    conda:
+        "../envs/fedhpc.yaml"
     params:
         cfg=CONFIG_JSON,
-    localrule: True
     shell:
-        "{FEDHPC} report --config {params.cfg} > {log} 2>&1"
+        "fedhpc report --config {params.cfg} > {log} 2>&1"

@@ -13,11 +13,13 @@ rule train:
         f"{RUN}/logs/train/r{{r}}-{{site}}.log",
     benchmark:
         f"{RUN}/benchmarks/train/r{{r}}-{{site}}.tsv"
-    params:
-        cfg=CONFIG_JSON,
-    threads: 2
     # Ahead of the round's gather job, which polls and must not take the cores first.
     priority: 10
+    conda:
+        "../envs/fedhpc.yaml"
+    threads: 2
+    params:
+        cfg=CONFIG_JSON,
     shell:
-        "{FEDHPC} train --config {params.cfg} --round {wildcards.r} --site {wildcards.site}"
+        "fedhpc train --config {params.cfg} --round {wildcards.r} --site {wildcards.site}"
         " --threads {threads} --status {output} > {log} 2>&1"

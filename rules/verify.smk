@@ -8,11 +8,13 @@ rule gather:
         f"{RUN}/rounds/r{{r}}/arrivals.json",
     log:
         f"{RUN}/logs/gather/r{{r}}.log",
+    localrule: True
+    conda:
+        "../envs/fedhpc.yaml"
     params:
         cfg=CONFIG_JSON,
-    localrule: True
     shell:
-        "{FEDHPC} gather --config {params.cfg} --round {wildcards.r} > {log} 2>&1"
+        "fedhpc gather --config {params.cfg} --round {wildcards.r} > {log} 2>&1"
 
 
 rule verify:
@@ -22,7 +24,9 @@ rule verify:
         f"{RUN}/rounds/r{{r}}/verdicts.json",
     log:
         f"{RUN}/logs/verify/r{{r}}.log",
+    conda:
+        "../envs/fedhpc.yaml"
     params:
         cfg=CONFIG_JSON,
     shell:
-        "{FEDHPC} verify --config {params.cfg} --round {wildcards.r} > {log} 2>&1"
+        "fedhpc verify --config {params.cfg} --round {wildcards.r} > {log} 2>&1"

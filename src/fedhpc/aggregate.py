@@ -13,6 +13,10 @@ from .strategies import fedavg, site_weights
 from .tensorfile import open_tensors, read_specs, write_tensors
 
 
+class AggregationError(RuntimeError):
+    """The inputs of aggregation are not the ones verification accepted."""
+
+
 def aggregate_round(cfg: Config, layout: RunLayout, r: int, base: dict) -> dict:
     """FedAvg of the accepted updates onto global r → rounds/r/candidate/model.safetensors.
 
@@ -22,6 +26,10 @@ def aggregate_round(cfg: Config, layout: RunLayout, r: int, base: dict) -> dict:
     t0 = time.perf_counter()
     verdicts = read_json(layout.verdicts(r))
     accepted = sorted(verdicts["accepted"])
+    for s in accepted:
+        # The file must still be the one that was verified: nothing may swap it in between.
+        if sha256_file(layout.update(r, s)) != verdicts["update_sha256"][s]:
+            raise AggregationError(f"{layout.update(r, s)} changed after verification; refusing to aggregate round {r}")
     receipts = {s: read_json(layout.receipt(r, s)) for s in accepted}
     weights = site_weights(receipts, cfg.strategy.weighting)
     specs = read_specs(layout.global_model(r))

@@ -44,36 +44,43 @@ def make_plan(r: int, shards: list[Shard], sites: dict[str, SiteConfig], tokens_
     pools: dict[str, list[str]] = {}
     for s in shards:
         pools.setdefault(s.residency or SHARED, []).append(s.id)
-    total = sum(s.tokens for s in shards)
-    state = {p: dict(v) for p, v in (prev_state or {}).items()}
-    notes: list[str] = []
+    notes = [f"shards pinned to {p!r} are not trained: {p!r} is not a site of this federation"
+             for p in sorted(pools) if p != SHARED and p not in sites]
+    pools = {p: ids for p, ids in pools.items() if p == SHARED or p in sites}
+    total = sum(by_id[i].tokens for ids in pools.values() for i in ids)
+    state = {p: {**v, "carry": list(v.get("carry", []))} for p, v in (prev_state or {}).items()}
 
     taken: dict[str, list[str]] = {p: [] for p in pools}
     for sid in requeue or []:
-        if sid in by_id:
+        if sid in by_id and (by_id[sid].residency or SHARED) in pools:
             taken[by_id[sid].residency or SHARED].append(sid)
     for pool, ids in sorted(pools.items()):
-        if pool != SHARED and pool not in sites:
-            notes.append(f"shards pinned to {pool!r} are not trained: {pool!r} is not a site of this federation")
-            continue
-        st = state.setdefault(pool, {"epoch": 0, "position": 0, "debt": 0.0})
-        pool_tokens = sum(by_id[i].tokens for i in ids)
-        quota = tokens_per_round * pool_tokens / total + st["debt"]
+        st = state.setdefault(pool, {"epoch": 0, "position": 0, "debt": 0.0, "carry": []})
+        quota = tokens_per_round * sum(by_id[i].tokens for i in ids) / total + st["debt"]
         got = sum(by_id[i].tokens for i in taken[pool])
-        order = _epoch_order(pool, ids, st["epoch"], seed)
-        # Take whole shards while that brings us closer to the quota.
-        while got + by_id[order[st["position"]]].tokens / 2 <= quota:
-            sid = order[st["position"]]
-            if sid not in taken[pool]:
+        # Shards deferred last round (they were already in that round when a new epoch began).
+        carry, st["carry"] = st["carry"], []
+        for sid in carry:
+            if sid in taken[pool]:
+                st["carry"].append(sid)
+            else:
                 taken[pool].append(sid)
                 got += by_id[sid].tokens
+        order = _epoch_order(pool, ids, st["epoch"], seed)
+        walked = 0
+        # Take whole shards while that brings us closer to the quota; at most one pass per round.
+        while walked < len(ids) and got + by_id[order[st["position"]]].tokens / 2 <= quota:
+            sid = order[st["position"]]
+            if sid in taken[pool]:
+                st["carry"].append(sid)  # keep its place in this epoch: take it next round
+            else:
+                taken[pool].append(sid)
+                got += by_id[sid].tokens
+            walked += 1
             st["position"] += 1
             if st["position"] == len(order):
-                st["epoch"] += 1
-                st["position"] = 0
+                st["epoch"], st["position"] = st["epoch"] + 1, 0
                 order = _epoch_order(pool, ids, st["epoch"], seed)
-                if len(taken[pool]) == len(ids):
-                    break  # the quota exceeds the pool: every shard once this round is the most we do
         st["debt"] = quota - got
 
     names = sorted(sites)

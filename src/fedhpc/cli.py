@@ -217,6 +217,13 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(a: argparse.Namespace) -> int:
+    from .launch import run
+
+    run(a.profile, a.configfile, a.directory, a.snakemake_args)
+    return 0  # not reached: run() execs Snakemake
+
+
 def cmd_status(a: argparse.Namespace) -> int:
     from .status import format_table, round_states
 
@@ -274,6 +281,11 @@ def parser() -> argparse.ArgumentParser:
     verb("promote", cmd_promote, "gate the candidate: next global model, or roll back", round=True)
     verb("track", cmd_track, "log a finished round to MLflow", round=True)
     verb("report", cmd_report, "write summary.json and report/index.html")
+    rn = verb("run", cmd_run, "run the workflow (rerun the same command to resume after any crash)", config=False)
+    rn.add_argument("--profile", default="profiles/local", help="Snakemake profile (default: profiles/local)")
+    rn.add_argument("--configfile", help="config file (default: the workflow's config.yaml)")
+    rn.add_argument("--directory", default=".", help="working directory (default: .)")
+    rn.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="further arguments, passed to snakemake")
     st = verb("status", cmd_status, "print rounds × sites and their states", config=False)
     st.add_argument("run_dir")
     au = verb("audit", cmd_audit, "verify the audit ledger of a run", config=False)

@@ -190,7 +190,7 @@ class Config:
     run: str = opt("demo", "Run name; results go to `<output_dir>/<run>/`.", pattern=NAME_PATTERN)
     seed: int = opt(1234, "Seed of every random choice (initial weights, data order, allocation).", minimum=0)
     output_dir: str = opt("results", "Parent directory of run directories.")
-    sites: dict[str, SiteConfig] = opt({}, "The sites, by name.", minProperties=1)
+    sites: dict[str, SiteConfig] = opt(MISSING, "The sites, by name.", minProperties=1)
     data: DataConfig = opt(DataConfig, "Data.")
     model: ModelConfig = opt(ModelConfig, "Model.")
     training: TrainingConfig = opt(TrainingConfig, "Local training.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from .signing import TrustStore
 
 def gate(baseline_loss: float | None, candidate_loss: float | None, max_regression: float) -> tuple[bool, str]:
     """Accept the candidate unless its held-out loss is missing/non-finite or regressed too far."""
-    if candidate_loss is None:
+    if candidate_loss is None or not math.isfinite(candidate_loss):
         return False, "candidate's held-out loss is not finite"
     if baseline_loss is not None and candidate_loss > baseline_loss * (1 + max_regression):
         return False, (f"held-out loss regressed from {baseline_loss:.4f} to {candidate_loss:.4f} "

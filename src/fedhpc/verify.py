@@ -40,6 +40,7 @@ def check_update(layout: RunLayout, trust: TrustStore, run: str, r: int, site: s
     if sha256_file(update) != receipt.get("update_sha256"):
         out["reasons"].append("update.safetensors does not match the sha256 in its receipt (corrupt or tampered)")
         return out
+    out["update_sha256"] = receipt["update_sha256"]
     try:
         got, want = read_specs(update), read_specs(layout.global_model(r))
     except TensorFileError as exc:
@@ -98,13 +99,14 @@ def verify_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, base
         for s in stat:
             checks[s]["flags"].append(f"outlier screen skipped: {len(stat)} updates (needs 3)")
     audit = AuditLog(layout.audit)
-    summary = {"round": r, "accepted": [], "rejected": {}}
+    summary = {"round": r, "accepted": [], "rejected": {}, "update_sha256": {}}
     for site, c in sorted(checks.items()):
         verdict = {"round": r, "site": site, "accepted": not c["reasons"], **c}
         write_json(layout.verdict(r, site), sign_document(verdict, COORDINATOR, trust.private_key(COORDINATOR)))
         audit.append("update.verdict", round=r, site=site, accepted=verdict["accepted"], reasons=c["reasons"], flags=c["flags"])
         if verdict["accepted"]:
             summary["accepted"].append(site)
+            summary["update_sha256"][site] = c["update_sha256"]
         else:
             summary["rejected"][site] = c["reasons"]
     write_json(layout.verdicts(r), summary)

@@ -1,0 +1,97 @@
+"""End to end: the Snakemake workflow runs a small federation on this machine, for real."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from fedhpc.audit import verify_ledger
+from tests.workflow_util import BIN, env, events, run_workflow, summary
+
+pytestmark = pytest.mark.e2e
+
+
+def test_summary_reports_a_federation_that_learned(finished):
+    tmp, cfg, run = finished
+    s = summary(tmp, cfg)
+    assert s["run"] == "tiny" and s["rounds_completed"] == 2 and s["sites"] == ["a100", "laptop", "lumi"]
+    assert s["final_eval_loss"] < 0.8 * s["initial_eval_loss"]
+    assert s["entropy_floor"] is not None and 0 < s["entropy_floor"] < s["final_eval_loss"]
+    assert s["excluded_updates"] == []
+    assert len(s["global_model_sha256"]) == 64 and s["wall_seconds"] > 0
+    final = run / "rounds" / "r0002" / "global"
+    assert json.loads((final / "model.json").read_text())["sha256"] == s["global_model_sha256"]
+
+
+def test_every_site_trained_every_round_and_was_verified(finished):
+    _, cfg, run = finished
+    for r in ("r0000", "r0001"):
+        plan = json.loads((run / "rounds" / r / "plan.json").read_text())
+        assert sorted(plan["participants"]) == sorted(cfg["sites"])
+        for site in cfg["sites"]:
+            status = json.loads((run / "rounds" / r / "sites" / site / "status.json").read_text())
+            assert status["state"] == "published"
+            receipt = json.loads((run / "rounds" / r / "sites" / site / "receipt.json").read_text())
+            assert receipt["signature"]["signer"] == site and receipt["steps"] > 0
+            assert (run / "rounds" / r / "sites" / site / "metrics.jsonl").read_text().count("\n") >= 1
+            verdict = json.loads((run / "rounds" / r / "verdicts" / f"{site}.json").read_text())
+            assert verdict["accepted"], verdict
+        agg = json.loads((run / "rounds" / r / "aggregate.json").read_text())
+        assert abs(sum(agg["weights"].values()) - 1) < 1e-9 and set(agg["weights"]) == set(cfg["sites"])
+
+
+def test_pinned_shards_stayed_with_their_owner(finished):
+    _, cfg, run = finished
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    owner = {s["id"]: s["residency"] for s in manifest["shards"]}
+    for r in ("r0000", "r0001"):
+        plan = json.loads((run / "rounds" / r / "plan.json").read_text())
+        for site, entry in plan["sites"].items():
+            assert all(owner[sid] in (None, site) for sid in entry["shards"])
+
+
+def test_audit_ledger_is_intact_and_tells_the_story(finished):
+    _, _, run = finished
+    assert verify_ledger(run / "audit.jsonl").ok
+    kinds = Counter(e["event"] for e in events(run))
+    assert kinds["round.planned"] == 2 and kinds["update.published"] == 6 and kinds["update.verdict"] == 6
+    assert kinds["round.aggregated"] == 2 and kinds["global.published"] == 3  # init + 2 rounds
+    out = subprocess.run([str(BIN / "fedhpc"), "audit", "verify", str(run)], capture_output=True, text=True, env=env())
+    assert out.returncode == 0 and "intact" in out.stdout
+
+
+def test_status_and_report_are_readable(finished):
+    _, _, run = finished
+    out = subprocess.run([str(BIN / "fedhpc"), "status", str(run)], capture_output=True, text=True, env=env())
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:4] == ["round", "a100", "laptop", "lumi"]
+    assert lines[2].startswith("r0000") and lines[2].count("accepted") == 3 and "done" in lines[2]
+    html = (run / "report" / "index.html").read_text()
+    assert html.count("<img") == 3 and "data:image/png;base64," in html and "http" not in html.replace("https://", "")
+
+
+def test_mlflow_has_parent_child_runs_and_model_versions(finished):
+    from mlflow.tracking import MlflowClient
+
+    _, cfg, run = finished
+    client = MlflowClient(f"sqlite:///{run / 'mlflow' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("fedhpc")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [x for x in runs if x.data.tags.get("fedhpc.kind") == "federation"]
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 2 * len(cfg["sites"])
+    assert any(m.startswith("loss") for m in children[0].data.metrics)
+    assert "eval_loss" in parents[0].data.metrics
+    versions = client.search_model_versions("name = 'fedhpc-tiny'")
+    assert sorted(int(v.tags["fedhpc.round"]) for v in versions) == [1, 2]
+
+
+def test_second_invocation_has_nothing_to_do(finished):
+    tmp, _, _ = finished
+    proc = run_workflow(tmp, "--dry-run")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
