@@ -10,7 +10,11 @@ from fedhpc.files import write_json
 from fedhpc.layout import round_name
 
 try:
-    CFG = validate(config, "config", f"{workflow.basedir}/schemas/config.schema.json")
+    CFG = validate(
+        config,
+        " + ".join(map(str, workflow.configfiles)) or "config",
+        f"{workflow.basedir}/schemas/config.schema.json",
+    )
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 

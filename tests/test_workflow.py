@@ -95,3 +95,18 @@ def test_second_invocation_has_nothing_to_do(finished):
     tmp, _, _ = finished
     proc = run_workflow(tmp, "--dry-run")
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_a_wrong_config_stops_the_workflow_before_any_work(tmp_path):
+    from tests.workflow_util import snakemake_cmd, tiny_config, write_config
+
+    cfg = tiny_config(tmp_path)
+    cfg["training"]["lr_schdule"] = 0.1
+    cfg["sites"]["lumi"]["accelerator"] = "tpu"
+    write_config(tmp_path, cfg)
+    proc = subprocess.run(snakemake_cmd(tmp_path), capture_output=True, text=True, env=env(), timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "config.yaml" in out and "unknown key training.lr_schdule" in out and "allowed keys here:" in out
+    assert "sites.lumi.accelerator: 'tpu' is not allowed; allowed values: rocm, cuda, cpu" in out
+    assert not (tmp_path / "results").exists()

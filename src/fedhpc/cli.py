@@ -220,7 +220,8 @@ def cmd_report(a: argparse.Namespace) -> int:
 def cmd_run(a: argparse.Namespace) -> int:
     from .launch import run
 
-    run(a.profile, a.configfile, a.directory, a.snakemake_args)
+    extra = a.snakemake_args[1:] if a.snakemake_args[:1] == ["--"] else a.snakemake_args
+    run(a.profile, a.configfile, a.directory, extra)
     return 0  # not reached: run() execs Snakemake
 
 
