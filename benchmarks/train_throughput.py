@@ -32,7 +32,7 @@ def bare_loop(model, opt, windows, shape, t, steps) -> float:
     for step in range(steps):
         for micro in range(shape.grad_accum):
             start = (step * shape.grad_accum + micro) * shape.micro_batch
-            batch = windows[order[start:start + shape.micro_batch]]
+            batch = windows[order[start : start + shape.micro_batch]]
             _, loss = model(batch[:, :-1], batch[:, 1:])
             (loss / shape.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -44,8 +44,17 @@ def bare_loop(model, opt, windows, shape, t, steps) -> float:
 def ours(model, opt, windows, shape, t, metrics: Path) -> float:
     """fedhpc's loop with everything a site does per step: schedule, metrics file, system probe."""
     probe = SystemProbe()
-    res = local_round(model, opt, windows, shape, t, torch.device("cpu"), lambda f: 0.5 + f / 8,
-                      torch.Generator().manual_seed(0), lambda rec: append_jsonl(metrics, {**rec, **probe.sample()}))
+    res = local_round(
+        model,
+        opt,
+        windows,
+        shape,
+        t,
+        torch.device("cpu"),
+        lambda f: 0.5 + f / 8,
+        torch.Generator().manual_seed(0),
+        lambda rec: append_jsonl(metrics, {**rec, **probe.sample()}),
+    )
     return res.tokens / res.seconds
 
 
@@ -65,18 +74,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(a.repeats):
             # Alternate the order so drift in machine speed hits both loops alike.
-            for name in (("bare", "fedhpc") if i % 2 == 0 else ("fedhpc", "bare")):
+            for name in ("bare", "fedhpc") if i % 2 == 0 else ("fedhpc", "bare"):
                 torch.manual_seed(0)
                 model = GPT(mcfg, 257)
                 opt = make_optimizer(model, t)
-                rate = (bare_loop(model, opt, windows, shape, t, a.steps) if name == "bare"
-                        else ours(model, opt, windows, shape, t, Path(tmp) / f"m{i}.jsonl"))
+                rate = (
+                    bare_loop(model, opt, windows, shape, t, a.steps)
+                    if name == "bare"
+                    else ours(model, opt, windows, shape, t, Path(tmp) / f"m{i}.jsonl")
+                )
                 rates[name].append(rate)
                 print(f"repeat {i} {name:7s} {rate:9.0f} tokens/s", flush=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print(json.dumps({"bare_tokens_per_s": med["bare"], "fedhpc_tokens_per_s": med["fedhpc"],
-                      "ratio": med["fedhpc"] / med["bare"], "repeats": a.repeats, "steps": a.steps,
-                      "tokens_per_step": shape.tokens_per_step, "threads": a.threads}))
+    print(
+        json.dumps(
+            {
+                "bare_tokens_per_s": med["bare"],
+                "fedhpc_tokens_per_s": med["fedhpc"],
+                "ratio": med["fedhpc"] / med["bare"],
+                "repeats": a.repeats,
+                "steps": a.steps,
+                "tokens_per_step": shape.tokens_per_step,
+                "threads": a.threads,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ T = torch.tensor
 
 # ---------------------------------------------------------------- strategies (pure)
 
+
 def test_site_weights_by_tokens_samples_or_uniform():
     receipts = {"b": {"tokens": 100, "sequences": 30}, "a": {"tokens": 300, "sequences": 10}}
     assert site_weights(receipts, "tokens") == {"a": 0.75, "b": 0.25}
@@ -70,9 +71,9 @@ UPDATES = {
 }
 # a: 300 tokens, 10 sequences; b: 100 tokens, 30 sequences
 EXPECTED = {
-    "tokens": {"w": T([1.75, 2.75]), "m": T([[0.875, -0.5], [3.0, -0.75]])},   # 0.75 a + 0.25 b
-    "samples": {"w": T([1.25, 4.25]), "m": T([[0.625, 0.5], [5.0, -0.25]])},   # 0.25 a + 0.75 b
-    "uniform": {"w": T([1.5, 3.5]), "m": T([[0.75, 0.0], [4.0, -0.5]])},      # 0.5 a + 0.5 b
+    "tokens": {"w": T([1.75, 2.75]), "m": T([[0.875, -0.5], [3.0, -0.75]])},  # 0.75 a + 0.25 b
+    "samples": {"w": T([1.25, 4.25]), "m": T([[0.625, 0.5], [5.0, -0.25]])},  # 0.25 a + 0.75 b
+    "uniform": {"w": T([1.5, 3.5]), "m": T([[0.75, 0.0], [4.0, -0.5]])},  # 0.5 a + 0.5 b
 }
 
 
@@ -84,7 +85,9 @@ def build(tmp_path: Path, accepted: list[str], global_state=None, updates=None) 
     b.write_arrivals(["a", "b", "c"])  # d never published
     rejected = {s: ["outlier: test"] for s in ("a", "b", "c") if s not in accepted}
     hashes = {s: sha256_file(b.layout.update(b.r, s)) for s in accepted}
-    write_json(b.layout.verdicts(b.r), {"round": b.r, "accepted": accepted, "rejected": rejected, "update_sha256": hashes})
+    write_json(
+        b.layout.verdicts(b.r), {"round": b.r, "accepted": accepted, "rejected": rejected, "update_sha256": hashes}
+    )
     return b
 
 
@@ -105,8 +108,12 @@ def test_aggregate_round_matches_hand_computed_fedavg_and_excludes_rejected_site
         # ...and exactly what the in-memory strategy gives.
         w = site_weights({"a": {"tokens": 300, "sequences": 10}, "b": {"tokens": 100, "sequences": 30}}, weighting)
         assert torch.equal(out[name], fedavg(GLOBAL[name], [UPDATES["a"][name], UPDATES["b"][name]], list(w.values())))
-    assert record["weights"] == {"tokens": {"a": 0.75, "b": 0.25}, "samples": {"a": 0.25, "b": 0.75},
-                                 "uniform": {"a": 0.5, "b": 0.5}}[weighting]
+    assert (
+        record["weights"]
+        == {"tokens": {"a": 0.75, "b": 0.25}, "samples": {"a": 0.25, "b": 0.75}, "uniform": {"a": 0.5, "b": 0.5}}[
+            weighting
+        ]
+    )
 
 
 def test_aggregate_record_names_weights_exclusions_and_hashes(tmp_path):
@@ -154,6 +161,7 @@ def test_an_update_changed_after_verification_is_not_aggregated(tmp_path):
     b = build(tmp_path, accepted=["a", "b"])
     # Site b swaps its file after it was accepted (its signed receipt still names the old sha256).
     from fedhpc.tensorfile import save_state
+
     save_state(b.layout.update(b.r, "b"), UPDATES["c"])
     with pytest.raises(AggregationError, match="changed after verification"):
         aggregate(b)
@@ -161,6 +169,7 @@ def test_an_update_changed_after_verification_is_not_aggregated(tmp_path):
 
 
 # ---------------------------------------------------------------- the streaming writer
+
 
 def tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
@@ -223,3 +232,60 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
         write_tensors(path, specs_of(ts), boom)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+# ---------------------------------------------------------------- bounded memory
+
+
+def test_aggregation_holds_one_site_tensor_at_a_time_whatever_the_number_of_sites(tmp_path, monkeypatch):
+    """Peak working set = output tensor + one input tensor: count live input tensors while aggregating."""
+    import weakref
+
+    import fedhpc.aggregate as agg_mod
+
+    sites = [f"s{i}" for i in range(8)]
+    b = RoundBuilder(tmp_path, sites, global_state=GLOBAL)
+    for i, s in enumerate(sites):
+        b.publish(s, {k: v + i for k, v in UPDATES["a"].items()}, tokens=100 + i, sequences=10)
+    b.write_arrivals(sites)
+    write_json(
+        b.layout.verdicts(b.r),
+        {
+            "round": b.r,
+            "accepted": sites,
+            "rejected": {},
+            "update_sha256": {s: sha256_file(b.layout.update(b.r, s)) for s in sites},
+        },
+    )
+    live, peak = set(), [0]
+    real_open = agg_mod.open_tensors
+
+    class Counting:
+        def __init__(self, inner, is_update):
+            self.inner, self.is_update = inner, is_update
+
+        def __getitem__(self, name):
+            t = self.inner[name]
+            if self.is_update:
+                key = id(t)
+                live.add(key)
+                weakref.finalize(t, live.discard, key)
+                peak[0] = max(peak[0], len(live))
+            return t
+
+        def __iter__(self):
+            return iter(self.inner)
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def counting_open(path):
+        with real_open(path) as inner:
+            yield Counting(inner, "update" in str(path))
+
+    monkeypatch.setattr(agg_mod, "open_tensors", counting_open)
+    aggregate(b)
+    assert peak[0] == 1
+    w = {s: (100 + i) / sum(100 + j for j in range(8)) for i, s in enumerate(sites)}
+    expected = GLOBAL["w"] + sum(w[s] * (UPDATES["a"]["w"] + i) for i, s in enumerate(sites))
+    assert torch.allclose(load_state(b.layout.candidate(b.r))["w"], expected, atol=1e-6)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from collections import Counter
 
 import pytest
@@ -41,8 +40,13 @@ THREE_ONE = {"fast": SiteConfig(throughput=3.0), "slow": SiteConfig(throughput=1
 
 # ---------------------------------------------------------------- residency
 
+
 def test_pinned_shards_go_only_to_their_owner():
-    sites = {"lumi": SiteConfig(throughput=4.0), "a100": SiteConfig(throughput=2.0), "laptop": SiteConfig(throughput=1.0)}
+    sites = {
+        "lumi": SiteConfig(throughput=4.0),
+        "a100": SiteConfig(throughput=2.0),
+        "laptop": SiteConfig(throughput=1.0),
+    }
     shards = pinned("lumi", 6) + pinned("a100", 6) + pinned("laptop", 6) + shared(18)
     owner = {s.id: s.residency for s in shards}
     for plan in run_rounds(6, shards, sites, 1200):
@@ -75,6 +79,7 @@ def test_absent_sites_shards_do_not_shrink_the_round():
 
 # ---------------------------------------------------------------- throughput balance
 
+
 def test_shared_shards_split_in_proportion_to_throughput():
     # 40 equal shards of 100 tokens, throughput 3:1, the whole pool in one round: 30:10.
     plan = make_plan(0, shared(40), THREE_ONE, 4000, seed=1)
@@ -103,7 +108,9 @@ def test_a_site_whose_pinned_data_exceeds_its_share_is_named_as_the_pace_setter(
     sites = {"a": SiteConfig(), "b": SiteConfig()}
     plan = make_plan(0, pinned("a", 8) + shared(2), sites, 1000, seed=5)
     assert plan["sites"]["a"]["tokens"] == 800 and plan["sites"]["b"]["tokens"] == 200
-    assert "its pinned data (800 tokens) exceeds that share, so it sets the round's pace" in plan["sites"]["a"]["reason"]
+    assert (
+        "its pinned data (800 tokens) exceeds that share, so it sets the round's pace" in plan["sites"]["a"]["reason"]
+    )
     assert "pace" not in plan["sites"]["b"]["reason"]
 
 
@@ -115,6 +122,7 @@ def test_ties_go_to_the_site_with_the_lower_energy_weight():
 
 
 # ---------------------------------------------------------------- epochs
+
 
 def test_every_shard_is_used_once_per_epoch_when_rounds_divide_the_epoch():
     shards = pinned("fast", 8) + shared(32)
@@ -172,6 +180,7 @@ def test_fractional_quotas_are_carried_so_the_long_run_average_is_exact():
 
 # ---------------------------------------------------------------- requeue
 
+
 def test_requeued_shards_are_taken_first_and_count_towards_the_quota():
     shards = pinned("slow", 4) + shared(36)
     r0 = make_plan(0, shards, THREE_ONE, 1000, seed=9)
@@ -204,6 +213,7 @@ def test_a_requeue_larger_than_the_quota_is_paid_back_in_the_next_round():
 
 
 # ---------------------------------------------------------------- purity
+
 
 def test_same_arguments_give_the_same_plan_and_prev_state_is_not_mutated():
     shards = pinned("fast", 7) + pinned("slow", 3) + shared(25, tokens=130)
@@ -240,18 +250,22 @@ def test_a_7b_model_does_not_fit_a_40gb_device_and_the_error_names_the_site():
     # 16 B/param * 6.58e9 params = 105.3 GB fixed + 62.0 GB per sequence, over 85% usable: 196.9 GB.
     with pytest.raises(ValueError) as info:
         micro_batch_for("a100", gpu(40, gpus=4), SEVEN_B, 32000, cap=64)
-    assert str(info.value) == ("site 'a100' cannot train this model: one sequence needs about 196.9 GB per device, "
-                               "the site declares 40.0 GB")
+    assert str(info.value) == (
+        "site 'a100' cannot train this model: one sequence needs about 196.9 GB per device, the site declares 40.0 GB"
+    )
     with pytest.raises(ValueError, match="site 'a100'"):
         batch_shape("a100", gpu(40, gpus=4), SEVEN_B, 32000, batch_tokens=2**20, max_micro_batch=64, devices=4)
 
 
-@pytest.mark.parametrize("gb, expected", [
-    # budget = 0.85*gb*1e9 - 1.991e9 bytes; one sequence = 2.769e9 bytes
-    (80, 23),  # 66.01e9 / 2.769e9 = 23.8
-    (40, 11),  # 32.01e9 / 2.769e9 = 11.6
-    (16, 4),   # 11.61e9 / 2.769e9 = 4.2
-])
+@pytest.mark.parametrize(
+    "gb, expected",
+    [
+        # budget = 0.85*gb*1e9 - 1.991e9 bytes; one sequence = 2.769e9 bytes
+        (80, 23),  # 66.01e9 / 2.769e9 = 23.8
+        (40, 11),  # 32.01e9 / 2.769e9 = 11.6
+        (16, 4),  # 11.61e9 / 2.769e9 = 4.2
+    ],
+)
 def test_micro_batch_of_a_125m_model_grows_with_device_memory(gb, expected):
     assert micro_batch_for("s", gpu(gb), SMALL, 50257, cap=64) == expected
 
@@ -262,14 +276,17 @@ def test_micro_batch_is_capped_and_cpu_sites_use_host_memory():
     assert micro_batch_for("s", cpu, SMALL, 50257, cap=64) == 4
 
 
-@pytest.mark.parametrize("gb, devices, shape", [
-    # target = 65536 // 1024 = 64 sequences per optimizer step
-    (80, 1, (22, 3, 66)),   # mb 23 -> accum ceil(64/23)=3 -> mb ceil(64/3)=22 -> 66 sequences
-    (40, 1, (11, 6, 66)),   # mb 11 -> accum 6 -> mb ceil(64/6)=11
-    (16, 1, (4, 16, 64)),   # mb 4 -> accum 16, exact
-    (80, 8, (8, 1, 64)),    # 8 ranks: mb min(23, 64/8)=8, no accumulation
-    (16, 8, (4, 2, 64)),
-])
+@pytest.mark.parametrize(
+    "gb, devices, shape",
+    [
+        # target = 65536 // 1024 = 64 sequences per optimizer step
+        (80, 1, (22, 3, 66)),  # mb 23 -> accum ceil(64/23)=3 -> mb ceil(64/3)=22 -> 66 sequences
+        (40, 1, (11, 6, 66)),  # mb 11 -> accum 6 -> mb ceil(64/6)=11
+        (16, 1, (4, 16, 64)),  # mb 4 -> accum 16, exact
+        (80, 8, (8, 1, 64)),  # 8 ranks: mb min(23, 64/8)=8, no accumulation
+        (16, 8, (4, 2, 64)),
+    ],
+)
 def test_batch_shape_for_hand_computed_cases(gb, devices, shape):
     s = batch_shape("s", gpu(gb, devices), SMALL, 50257, batch_tokens=65536, max_micro_batch=64, devices=devices)
     assert (s.micro_batch, s.grad_accum, s.sequences_per_step) == shape

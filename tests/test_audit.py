@@ -104,8 +104,14 @@ def test_a_forged_line_with_a_valid_hash_is_caught_where_the_chain_breaks(ledger
     is itself consistent, so the first bad line is the genuine one after it."""
     rows = lines(ledger)
     prev = json.loads(rows[2])
-    forged = {"seq": prev["seq"] + 1, "time": prev["time"], "event": "step", "i": 99, "who": "mallory",
-              "prev": prev["hash"]}
+    forged = {
+        "seq": prev["seq"] + 1,
+        "time": prev["time"],
+        "event": "step",
+        "i": 99,
+        "who": "mallory",
+        "prev": prev["hash"],
+    }
     forged["hash"] = _digest(prev["hash"], forged)
     rows.insert(3, json.dumps(forged, sort_keys=True))
     write_lines(ledger, rows)

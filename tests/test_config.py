@@ -15,17 +15,22 @@ from fedhpc.config_schema import ConfigError, config_schema, load, markdown_docs
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_FILE = REPO / "workflow" / "schemas" / "config.schema.json"
 
-TRAINING_KEYS = ("batch_tokens, beta1, beta2, device, grad_clip, keep_optimizer_state, local_eval_fraction, "
-                 "log_every, lr, max_micro_batch, min_lr_ratio, precision, warmup_fraction, weight_decay")
+TRAINING_KEYS = (
+    "batch_tokens, beta1, beta2, device, grad_clip, keep_optimizer_state, local_eval_fraction, "
+    "log_every, lr, max_micro_batch, min_lr_ratio, precision, warmup_fraction, weight_decay"
+)
 SITE_KEYS = "accelerator, energy_weight, gpu_memory_gb, gpus, memory_gb, throughput"
-TOP_KEYS = ("data, evaluation, model, output_dir, rounds, run, seed, sites, strategy, tracking, training, trust, "
-            "verification")
+TOP_KEYS = (
+    "data, evaluation, model, output_dir, rounds, run, seed, sites, strategy, tracking, training, trust, verification"
+)
 
 
 def minimal(**extra) -> dict:
     """The smallest valid config: two sites and a one-domain synthetic corpus."""
-    raw = {"sites": {"lumi": {"accelerator": "rocm", "gpus": 8, "gpu_memory_gb": 64}, "laptop": {}},
-           "data": {"synth": {"domains": [{"name": "web"}]}}}
+    raw = {
+        "sites": {"lumi": {"accelerator": "rocm", "gpus": 8, "gpu_memory_gb": 64}, "laptop": {}},
+        "data": {"synth": {"domains": [{"name": "web"}]}},
+    }
     for key, value in extra.items():
         raw[key] = value
     return raw
@@ -58,12 +63,18 @@ def test_unknown_top_level_key_is_named_with_the_allowed_keys():
     assert problems(msg) == [f"unknown key round; allowed keys here: {TOP_KEYS}"]
 
 
-@pytest.mark.parametrize("raw, dotted, allowed", [
-    (minimal(training={"lr_schdule": "cosine"}), "training.lr_schdule", TRAINING_KEYS),
-    ({**minimal(), "sites": {"lumi": {"gpu_mem": 64}}}, "sites.lumi.gpu_mem", SITE_KEYS),
-    ({**minimal(), "data": {"synth": {"domains": [{"name": "web", "sight": "lumi"}]}}},
-     "data.synth.domains[0].sight", "alphabet, concentration, generator, language, name, order, site, words"),
-])
+@pytest.mark.parametrize(
+    "raw, dotted, allowed",
+    [
+        (minimal(training={"lr_schdule": "cosine"}), "training.lr_schdule", TRAINING_KEYS),
+        ({**minimal(), "sites": {"lumi": {"gpu_mem": 64}}}, "sites.lumi.gpu_mem", SITE_KEYS),
+        (
+            {**minimal(), "data": {"synth": {"domains": [{"name": "web", "sight": "lumi"}]}}},
+            "data.synth.domains[0].sight",
+            "alphabet, concentration, generator, language, name, order, site, words",
+        ),
+    ],
+)
 def test_unknown_nested_key_is_named_by_its_dotted_path_with_the_allowed_keys(raw, dotted, allowed):
     msg = error_of(raw)
     assert problems(msg) == [f"unknown key {dotted}; allowed keys here: {allowed}"]
@@ -76,35 +87,52 @@ def test_every_unknown_key_is_reported_not_only_the_first():
     assert lines[0].startswith("unknown key foo;") and lines[1].startswith("unknown key training.lr_schdule;")
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ({**minimal(), "sites": {"lumi": {"accelerator": "tpu"}}},
-     "sites.lumi.accelerator: 'tpu' is not allowed; allowed values: rocm, cuda, cpu"),
-    (minimal(strategy={"weighting": "flops"}),
-     "strategy.weighting: 'flops' is not allowed; allowed values: tokens, samples, uniform"),
-    ({**minimal(), "data": {"synth": {"domains": [{"name": "web", "generator": "gpt"}]}}},
-     "data.synth.domains[0].generator: 'gpt' is not allowed; allowed values: markov, words, zipf"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (
+            {**minimal(), "sites": {"lumi": {"accelerator": "tpu"}}},
+            "sites.lumi.accelerator: 'tpu' is not allowed; allowed values: rocm, cuda, cpu",
+        ),
+        (
+            minimal(strategy={"weighting": "flops"}),
+            "strategy.weighting: 'flops' is not allowed; allowed values: tokens, samples, uniform",
+        ),
+        (
+            {**minimal(), "data": {"synth": {"domains": [{"name": "web", "generator": "gpt"}]}}},
+            "data.synth.domains[0].generator: 'gpt' is not allowed; allowed values: markov, words, zipf",
+        ),
+    ],
+)
 def test_bad_enum_names_the_key_and_the_allowed_values(raw, expected):
     assert problems(error_of(raw)) == [expected]
 
 
-@pytest.mark.parametrize("raw, expected", [
-    (minimal(model={"n_layer": "four"}), "model.n_layer: 'four' is not of type 'integer'"),
-    (minimal(rounds={"count": 2.5}), "rounds.count: 2.5 is not of type 'integer'"),
-    (minimal(rounds={"count": True}), "rounds.count: True is not of type 'integer'"),
-    (minimal(tracking={"mlflow": "yes"}), "tracking.mlflow: 'yes' is not of type 'boolean'"),
-    (minimal(sites=["lumi", "laptop"]), "sites: ['lumi', 'laptop'] is not of type 'object'"),
-    # Nullable keys report the non-null alternative, i.e. what a value must look like.
-    (minimal(verification={"max_update_norm": "big"}), "verification.max_update_norm: 'big' is not of type 'number'"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (minimal(model={"n_layer": "four"}), "model.n_layer: 'four' is not of type 'integer'"),
+        (minimal(rounds={"count": 2.5}), "rounds.count: 2.5 is not of type 'integer'"),
+        (minimal(rounds={"count": True}), "rounds.count: True is not of type 'integer'"),
+        (minimal(tracking={"mlflow": "yes"}), "tracking.mlflow: 'yes' is not of type 'boolean'"),
+        (minimal(sites=["lumi", "laptop"]), "sites: ['lumi', 'laptop'] is not of type 'object'"),
+        # Nullable keys report the non-null alternative, i.e. what a value must look like.
+        (
+            minimal(verification={"max_update_norm": "big"}),
+            "verification.max_update_norm: 'big' is not of type 'number'",
+        ),
+    ],
+)
 def test_wrong_type_names_the_key_and_the_expected_type(raw, expected):
     assert problems(error_of(raw)) == [expected]
 
 
 def test_value_out_of_range_names_the_key_and_the_limit():
     lines = problems(error_of(minimal(rounds={"quorum": 1.5}, training={"lr": 0})))
-    assert lines == ["rounds.quorum: 1.5 is greater than the maximum of 1",
-                     "training.lr: 0 is less than or equal to the minimum of 0"]
+    assert lines == [
+        "rounds.quorum: 1.5 is greater than the maximum of 1",
+        "training.lr: 0 is less than or equal to the minimum of 0",
+    ]
 
 
 def test_synth_domain_pinned_to_an_unknown_site_names_the_key_and_the_known_sites():
@@ -120,7 +148,8 @@ def test_source_pinned_to_an_unknown_site_names_the_key_and_the_known_sites():
 
 def test_n_head_that_does_not_divide_d_model_is_rejected():
     assert problems(error_of(minimal(model={"n_head": 3, "d_model": 128}))) == [
-        "model.n_head: 3 does not divide model.d_model (128)"]
+        "model.n_head: 3 does not divide model.d_model (128)"
+    ]
     assert validate(minimal(model={"n_head": 8, "d_model": 128})).model.n_head == 8
 
 
@@ -130,8 +159,9 @@ def test_a_config_without_any_data_is_rejected(data):
     assert problems(error_of(raw)) == ["data: no data; set data.synth or data.sources"]
 
 
-@pytest.mark.parametrize("tok", [{"kind": "pretrained"}, {"kind": "pretrained", "path": None},
-                                 {"kind": "pretrained", "path": ""}])
+@pytest.mark.parametrize(
+    "tok", [{"kind": "pretrained"}, {"kind": "pretrained", "path": None}, {"kind": "pretrained", "path": ""}]
+)
 def test_pretrained_tokenizer_without_a_path_is_rejected(tok):
     raw = {**minimal(), "data": {"synth": {"domains": [{"name": "web"}]}, "tokenizer": tok}}
     assert problems(error_of(raw)) == ["data.tokenizer.path: required when data.tokenizer.kind is 'pretrained'"]
@@ -140,12 +170,17 @@ def test_pretrained_tokenizer_without_a_path_is_rejected(tok):
 
 
 def test_several_semantic_problems_are_reported_together():
-    raw = {"sites": {"a": {}}, "model": {"n_head": 5},
-           "data": {"synth": {"domains": [{"name": "x", "site": "b"}, {"name": "x"}]}}}
+    raw = {
+        "sites": {"a": {}},
+        "model": {"n_head": 5},
+        "data": {"synth": {"domains": [{"name": "x", "site": "b"}, {"name": "x"}]}},
+    }
     lines = problems(error_of(raw))
-    assert lines == ["data.synth.domains[0].site: 'b' is not a site; sites: a",
-                     "data.synth.domains[1].name: domain 'x' is defined twice",
-                     "model.n_head: 5 does not divide model.d_model (128)"]
+    assert lines == [
+        "data.synth.domains[0].site: 'b' is not a site; sites: a",
+        "data.synth.domains[1].name: domain 'x' is defined twice",
+        "model.n_head: 5 does not divide model.d_model (128)",
+    ]
 
 
 def test_a_config_without_sites_is_rejected():
@@ -186,13 +221,15 @@ def test_json_config_loads_like_yaml(tmp_path):
 
 def test_committed_schema_file_is_the_generated_schema():
     """workflow/schemas/config.schema.json must never drift from the dataclasses."""
-    assert SCHEMA_FILE.read_text() == json.dumps(config_schema(), indent=2) + "\n", \
+    assert SCHEMA_FILE.read_text() == json.dumps(config_schema(), indent=2) + "\n", (
         "regenerate with `fedhpc config schema --write workflow/schemas/config.schema.json`"
+    )
 
 
 def test_committed_docs_are_the_generated_docs():
-    assert (REPO / "docs" / "configuration.md").read_text() == markdown_docs(), \
+    assert (REPO / "docs" / "configuration.md").read_text() == markdown_docs(), (
         "regenerate with `fedhpc config docs --write docs/configuration.md`"
+    )
 
 
 def test_docs_document_every_key_of_every_section():
@@ -209,12 +246,15 @@ def test_repository_config_yaml_validates():
     assert cfg.model.d_model % cfg.model.n_head == 0
 
 
-@pytest.mark.parametrize("raw", [
-    minimal(rounds={"count": 3}),
-    minimal(training={"lr_schdule": 1}, foo=2),
-    {**minimal(), "sites": {"lumi": {"accelerator": "tpu"}}},
-    minimal(model={"n_head": 3}),
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        minimal(rounds={"count": 3}),
+        minimal(training={"lr_schdule": 1}, foo=2),
+        {**minimal(), "sites": {"lumi": {"accelerator": "tpu"}}},
+        minimal(model={"n_head": 3}),
+    ],
+)
 def test_validating_with_the_schema_file_gives_the_same_result(raw):
     def outcome(**kw):
         try:

@@ -32,8 +32,9 @@ KILL_POINTS = {
 
 
 def _kill_when(tmp: Path, run: Path, moment, timeout: float = 300) -> None:
-    proc = subprocess.Popen(snakemake_cmd(tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env(), start_new_session=True)
+    proc = subprocess.Popen(
+        snakemake_cmd(tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True
+    )
     deadline = time.time() + timeout
     try:
         while not moment(run):

@@ -64,21 +64,53 @@ def make_sources(tmp_path: Path) -> tuple[list[SourceConfig], dict[str, list[str
         "digits": write_docs(tmp_path / "digits.txt", DIGITS, 300, 2),
     }
     sources = [
-        SourceConfig(name="letters", format="text", path=str(tmp_path / "letters.txt"), split="line", domain="alpha",
-                     language="en", licence="CC-BY-4.0", site="lumi", source="https://example.org/letters"),
-        SourceConfig(name="digits", format="text", path=str(tmp_path / "digits.txt"), split="line", domain="num",
-                     language="x-num", licence="CC0-1.0"),
+        SourceConfig(
+            name="letters",
+            format="text",
+            path=str(tmp_path / "letters.txt"),
+            split="line",
+            domain="alpha",
+            language="en",
+            licence="CC-BY-4.0",
+            site="lumi",
+            source="https://example.org/letters",
+        ),
+        SourceConfig(
+            name="digits",
+            format="text",
+            path=str(tmp_path / "digits.txt"),
+            split="line",
+            domain="num",
+            language="x-num",
+            licence="CC0-1.0",
+        ),
     ]
     return sources, docs
 
 
-def build(tmp_path: Path, trust: TrustStore, sources: list[SourceConfig], *, run: str = "run", seed: int = 7,
-          shard_tokens: int = 1000, frac: float = 0.1, tok: Tokenizer | None = None,
-          entropy: dict[str, float | None] | None = None) -> tuple[RunLayout, dict]:
+def build(
+    tmp_path: Path,
+    trust: TrustStore,
+    sources: list[SourceConfig],
+    *,
+    run: str = "run",
+    seed: int = 7,
+    shard_tokens: int = 1000,
+    frac: float = 0.1,
+    tok: Tokenizer | None = None,
+    entropy: dict[str, float | None] | None = None,
+) -> tuple[RunLayout, dict]:
     layout = RunLayout.of(tmp_path / run)
     data = DataConfig(sources=sources, shard_tokens=shard_tokens, heldout_fraction=frac)
-    manifest = build_shards(sources, data, tok or ByteTokenizer(), layout, seed, trust.private_key(COORDINATOR),
-                            entropy if entropy is not None else {})
+    manifest = build_shards(
+        sources,
+        data,
+        tok or ByteTokenizer(),
+        layout,
+        seed,
+        trust.private_key(COORDINATOR),
+        entropy if entropy is not None else {},
+    )
     return layout, manifest
 
 
@@ -130,7 +162,7 @@ def test_manifest_metadata(tmp_path: Path, trust: TrustStore) -> None:
     held = {h["domain"]: h for h in m["heldout"]}
     assert held["alpha"]["residency"] == "lumi" and held["num"]["residency"] is None
     assert held["alpha"]["path"] == "data/heldout/alpha.zarr"
-    for dom, h in held.items():
+    for h in held.values():
         docs = split_docs(read_heldout(layout, h), ByteTokenizer())
         assert h["tokens"] == sum(len(d.encode()) + 1 for d in docs)
         assert h["bytes_per_token"] == pytest.approx(sum(len(d.encode()) for d in docs) / h["tokens"])
@@ -179,7 +211,9 @@ def test_hdf5_id_outside_vocab_names_file(tmp_path: Path, trust: TrustStore) -> 
     with h5py.File(tmp_path / "t.h5", "w") as fh:
         fh["tokens"] = rows
     src = SourceConfig(name="pre", format="hdf5", path=str(tmp_path / "t.h5"), domain="code")
-    with pytest.raises(DataError, match=r"t\.h5:tokens row 2: token id 300 .*outside the tokenizer vocabulary 0\.\.256"):
+    with pytest.raises(
+        DataError, match=r"t\.h5:tokens row 2: token id 300 .*outside the tokenizer vocabulary 0\.\.256"
+    ):
         build(tmp_path, trust, [src])
     assert not RunLayout.of(tmp_path / "run").manifest.exists()
 
@@ -284,12 +318,16 @@ def test_rebuild_replaces_old_shards(tmp_path: Path, trust: TrustStore) -> None:
     on_disk = sorted(p.name for p in (layout.data / "shards").iterdir())
     assert on_disk == sorted(f"{e['id']}.zarr" for e in big["shards"])  # no stale or temporary directories
     assert sorted(p.name for p in (layout.data / "heldout").iterdir()) == ["alpha.zarr", "num.zarr"]
-    assert sorted(p.name for p in layout.data.iterdir()) == ["heldout", "manifest.json", "manifest.sig", "shards", "tokenizer.json"]
+    assert sorted(p.name for p in layout.data.iterdir()) == [
+        "heldout",
+        "manifest.json",
+        "manifest.sig",
+        "shards",
+        "tokenizer.json",
+    ]
     for e in big["shards"]:
         read_shard(layout, e)
-    np.testing.assert_array_equal(
-        load_tokenizer(layout.tokenizer).encode("héllo"), ByteTokenizer().encode("héllo")
-    )
+    np.testing.assert_array_equal(load_tokenizer(layout.tokenizer).encode("héllo"), ByteTokenizer().encode("héllo"))
 
 
 def test_progress_and_input_errors(tmp_path: Path, trust: TrustStore, capsys: pytest.CaptureFixture[str]) -> None:

@@ -40,7 +40,14 @@ def trust(tmp_path: Path) -> TrustStore:
     return TrustStore(tmp_path / "keys")
 
 
-DOC = {"round": 3, "site": "lumi", "loss": 2.5, "shards": ["a", "b"], "note": "µ-batch ✓", "nested": {"z": 1, "a": None}}
+DOC = {
+    "round": 3,
+    "site": "lumi",
+    "loss": 2.5,
+    "shards": ["a", "b"],
+    "note": "µ-batch ✓",
+    "nested": {"z": 1, "a": None},
+}
 
 
 def test_keypair_files_and_modes(tmp_path):
@@ -63,13 +70,16 @@ def test_sign_verify_round_trip(trust):
     verify_document(again, trust, "a100", "doc")
 
 
-@pytest.mark.parametrize("change", [
-    lambda d: d.update(loss=2.4),
-    lambda d: d.update(extra=True),
-    lambda d: d.pop("note"),
-    lambda d: d["shards"].append("c"),
-    lambda d: d["nested"].update(z=2),
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d.update(loss=2.4),
+        lambda d: d.update(extra=True),
+        lambda d: d.pop("note"),
+        lambda d: d["shards"].append("c"),
+        lambda d: d["nested"].update(z=2),
+    ],
+)
 def test_a_tampered_body_fails_verification(trust, change):
     signed = sign_document(DOC, "lumi", trust.private_key("lumi"))
     tampered = {**signed, "shards": list(signed["shards"]), "nested": dict(signed["nested"])}
@@ -207,14 +217,23 @@ def test_local_round_of_a_later_round_does_not_warm_up_again():
     windows = to_windows(torch.randint(0, 16, (8 * 8 + 1,)), 8)
     opt = torch.optim.SGD(model.parameters(), lr=t.lr)
     r, rounds = 2, 4
-    res = local_round(model, opt, windows, BatchShape(2, 1, 1, 8), t, torch.device("cpu"),
-                      lambda f: (r + f) / rounds, torch.Generator().manual_seed(0))
+    res = local_round(
+        model,
+        opt,
+        windows,
+        BatchShape(2, 1, 1, 8),
+        t,
+        torch.device("cpu"),
+        lambda f: (r + f) / rounds,
+        torch.Generator().manual_seed(0),
+    )
     assert res.steps == 4
     assert res.lr_first == lr_at(0.5, t) and res.lr_last == lr_at((2 + 3 / 4) / 4, t)
     assert t.lr > res.lr_first > res.lr_last > t.lr * t.min_lr_ratio
 
 
 # ================================================================= gather (closing a round)
+
 
 class Waiting(Exception):
     """gather would have slept: it is still waiting for updates."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedhpc.config import SynthConfig, SynthDomainConfig
-from fedhpc.synth import generate_corpus, domain_sources, make_source
+from fedhpc.synth import domain_sources, generate_corpus, make_source
 
 
 def _docs(path: Path) -> list[str]:
@@ -110,8 +110,17 @@ def test_corpus_json_is_consistent(tmp_path: Path) -> None:
     assert corpus["seed"] == 3
     assert set(corpus["domains"]) == {"mk", "wd", "zf"}
     for name, info in corpus["domains"].items():
-        assert set(info) == {"generator", "params", "documents", "bytes", "entropy_rate_bits_per_byte",
-                             "entropy_rate_nats_per_byte", "site", "language", "file"}
+        assert set(info) == {
+            "generator",
+            "params",
+            "documents",
+            "bytes",
+            "entropy_rate_bits_per_byte",
+            "entropy_rate_nats_per_byte",
+            "site",
+            "language",
+            "file",
+        }
         path = tmp_path / info["file"]
         assert info["file"] == f"{name}.jsonl"
         lines = path.read_text().splitlines()

@@ -36,8 +36,15 @@ class RoundBuilder:
     sha256 of the update file. Also used by test_aggregate.py.
     """
 
-    def __init__(self, root: Path, sites: Iterable[str], r: int = 1, run: str = RUN,
-                 global_state: dict[str, torch.Tensor] | None = None, created: float = 1000.0):
+    def __init__(
+        self,
+        root: Path,
+        sites: Iterable[str],
+        r: int = 1,
+        run: str = RUN,
+        global_state: dict[str, torch.Tensor] | None = None,
+        created: float = 1000.0,
+    ):
         self.sites = list(sites)
         self.r, self.run = r, run
         self.layout = RunLayout.of(root / "run")
@@ -48,11 +55,21 @@ class RoundBuilder:
         for k in range(r + 1):
             state = global_state if (k == r and global_state is not None) else small_state(100 + k)
             save_state(self.layout.global_model(k), state, {"run": run, "round": str(k)})
-            self.globals[k] = publish_global(self.layout, self.trust, k, self.layout.global_model(k),
-                                             {"run": run, "source": "test", "vocab_size": 16})
+            self.globals[k] = publish_global(
+                self.layout,
+                self.trust,
+                k,
+                self.layout.global_model(k),
+                {"run": run, "source": "test", "vocab_size": 16},
+            )
         self.base = self.globals[r]
-        plan = {"round": r, "run": run, "created": created, "participants": self.sites,
-                "sites": {s: {"shards": [f"{s}-shard"], "tokens": 1000} for s in self.sites}}
+        plan = {
+            "round": r,
+            "run": run,
+            "created": created,
+            "participants": self.sites,
+            "sites": {s: {"shards": [f"{s}-shard"], "tokens": 1000} for s in self.sites},
+        }
         write_json(self.layout.plan(r), sign_document(plan, COORDINATOR, self.trust.private_key(COORDINATOR)))
 
     def config(self, **verification: Any) -> Config:
@@ -65,17 +82,39 @@ class RoundBuilder:
         """A plausible update: small random deltas, different for every site."""
         return {k: scale * v for k, v in small_state(sum(map(ord, site))).items()}
 
-    def publish(self, who: str, /, update: dict[str, torch.Tensor] | None = None, *, signer: str | None = None,
-                key_of: str | None = None, sign: bool = True, **receipt_fields: Any) -> dict[str, Any]:
+    def publish(
+        self,
+        who: str,
+        /,
+        update: dict[str, torch.Tensor] | None = None,
+        *,
+        signer: str | None = None,
+        key_of: str | None = None,
+        sign: bool = True,
+        **receipt_fields: Any,
+    ) -> dict[str, Any]:
         """Write update.safetensors and receipt.json for site `who`. The receipt is signed as `signer`
         (default: `who`) with the private key of `key_of` (default: the signer)."""
         update_path = self.layout.update(self.r, who)
-        save_state(update_path, self.good_update(who) if update is None else update,
-                   {"run": self.run, "round": str(self.r), "site": who})
-        rec = {"run": self.run, "round": self.r, "site": who, "base_round": self.r,
-               "base_sha256": self.base["sha256"], "update_sha256": sha256_file(update_path),
-               "tokens": 1000, "sequences": 10, "steps": 4, "loss_before": 3.0, "loss_after": 2.5,
-               **receipt_fields}
+        save_state(
+            update_path,
+            self.good_update(who) if update is None else update,
+            {"run": self.run, "round": str(self.r), "site": who},
+        )
+        rec = {
+            "run": self.run,
+            "round": self.r,
+            "site": who,
+            "base_round": self.r,
+            "base_sha256": self.base["sha256"],
+            "update_sha256": sha256_file(update_path),
+            "tokens": 1000,
+            "sequences": 10,
+            "steps": 4,
+            "loss_before": 3.0,
+            "loss_after": 2.5,
+            **receipt_fields,
+        }
         if sign:
             signer = signer or who
             rec = sign_document(rec, signer, self.trust.private_key(key_of or signer))
@@ -84,12 +123,24 @@ class RoundBuilder:
 
     def write_arrivals(self, arrived: list[str] | None = None) -> None:
         arrived = self.sites if arrived is None else arrived
-        write_json(self.layout.arrivals(self.r), {"round": self.r, "planned": self.sites, "arrived": arrived,
-                                                  "missing": [s for s in self.sites if s not in arrived]})
+        write_json(
+            self.layout.arrivals(self.r),
+            {
+                "round": self.r,
+                "planned": self.sites,
+                "arrived": arrived,
+                "missing": [s for s in self.sites if s not in arrived],
+            },
+        )
 
     def verify(self, **verification: Any) -> dict:
-        return verify_round(self.config(**verification), self.layout, self.trust, self.r,
-                            load_global_meta(self.layout, self.trust, self.r))
+        return verify_round(
+            self.config(**verification),
+            self.layout,
+            self.trust,
+            self.r,
+            load_global_meta(self.layout, self.trust, self.r),
+        )
 
 
 @pytest.fixture()
@@ -112,6 +163,7 @@ def verdict_events(b: RoundBuilder) -> list[dict]:
 
 
 # ---------------------------------------------------------------- the good path
+
 
 def test_good_updates_are_accepted_with_signed_verdicts_and_one_audit_event_each(builder):
     b = builder(GOOD + ["good4"])
@@ -147,6 +199,7 @@ def test_only_arrived_sites_get_a_verdict(builder):
 
 # ---------------------------------------------------------------- one bad site among three good ones
 
+
 def _flip_last_byte(b: RoundBuilder, site: str) -> None:
     b.publish(site)  # signed receipt first, then the bytes change
     path = b.layout.update(b.r, site)
@@ -160,12 +213,14 @@ def _with(change: Callable[[dict], None]) -> Callable[[RoundBuilder, str], None]
         u = b.good_update(site)
         change(u)
         b.publish(site, u)
+
     return fault
 
 
 def _set(name, idx, value):
     def change(u):
         u[name][idx] = value
+
     return change
 
 
@@ -180,35 +235,60 @@ def _missing_update(b: RoundBuilder, site: str) -> None:
 
 
 FAULTS = {
-    "corrupt update": (_flip_last_byte, "update.safetensors does not match the sha256 in its receipt (corrupt or tampered)"),
+    "corrupt update": (
+        _flip_last_byte,
+        "update.safetensors does not match the sha256 in its receipt (corrupt or tampered)",
+    ),
     "update missing": (_missing_update, "update.safetensors is missing"),
     "unsigned receipt": (lambda b, s: b.publish(s, sign=False), "receipt: receipt of x: unsigned"),
-    "signed by another site": (lambda b, s: b.publish(s, signer="good1"),
-                               "receipt: receipt of x: signed by 'good1', expected 'x'"),
-    "another site's key under x's name": (lambda b, s: b.publish(s, key_of="good1"),
-                                          "receipt: receipt of x: signature does not verify"),
+    "signed by another site": (
+        lambda b, s: b.publish(s, signer="good1"),
+        "receipt: receipt of x: signed by 'good1', expected 'x'",
+    ),
+    "another site's key under x's name": (
+        lambda b, s: b.publish(s, key_of="good1"),
+        "receipt: receipt of x: signature does not verify",
+    ),
     "unparseable receipt": (_unparseable_receipt, "receipt: "),
-    "replayed from another round": (lambda b, s: b.publish(s, round=0),
-                                    "receipt is for round 0, expected 1 (replayed or misplaced)"),
-    "replayed from another run": (lambda b, s: b.publish(s, run="other"),
-                                  "receipt is for run 'other', expected 't' (replayed or misplaced)"),
-    "receipt of another site": (lambda b, s: b.publish(s, site="good2"),
-                                "receipt is for site 'good2', expected 'x' (replayed or misplaced)"),
-    "stale base": (lambda b, s: b.publish(s, base_sha256=b.globals[0]["sha256"]),
-                   "update was trained on a different global model (stale or wrong base)"),
+    "replayed from another round": (
+        lambda b, s: b.publish(s, round=0),
+        "receipt is for round 0, expected 1 (replayed or misplaced)",
+    ),
+    "replayed from another run": (
+        lambda b, s: b.publish(s, run="other"),
+        "receipt is for run 'other', expected 't' (replayed or misplaced)",
+    ),
+    "receipt of another site": (
+        lambda b, s: b.publish(s, site="good2"),
+        "receipt is for site 'good2', expected 'x' (replayed or misplaced)",
+    ),
+    "stale base": (
+        lambda b, s: b.publish(s, base_sha256=b.globals[0]["sha256"]),
+        "update was trained on a different global model (stale or wrong base)",
+    ),
     "NaN": (_with(_set("w", (1, 2), float("nan"))), "tensor w has NaN or Inf values"),
     "Inf": (_with(_set("b", 0, float("-inf"))), "tensor b has NaN or Inf values"),
-    "wrong shape": (_with(lambda u: u.update(w=u["w"].T.contiguous())),
-                    "tensor names/shapes/dtypes differ from the global model: w: F32[3, 4] vs global F32[4, 3]"),
-    "wrong dtype": (_with(lambda u: u.update(w=u["w"].to(torch.bfloat16))),
-                    "tensor names/shapes/dtypes differ from the global model: w: BF16[4, 3] vs global F32[4, 3]"),
+    "wrong shape": (
+        _with(lambda u: u.update(w=u["w"].T.contiguous())),
+        "tensor names/shapes/dtypes differ from the global model: w: F32[3, 4] vs global F32[4, 3]",
+    ),
+    "wrong dtype": (
+        _with(lambda u: u.update(w=u["w"].to(torch.bfloat16))),
+        "tensor names/shapes/dtypes differ from the global model: w: BF16[4, 3] vs global F32[4, 3]",
+    ),
     "missing tensor": (_with(lambda u: u.pop("b")), "tensor names/shapes/dtypes differ from the global model: b"),
-    "extra tensor": (_with(lambda u: u.update(head=torch.zeros(2))),
-                     "tensor names/shapes/dtypes differ from the global model: head"),
-    "diverged": (lambda b, s: b.publish(s, loss_before=2.0, loss_after=3.1),  # 3.1 > 2.0 * 1.5
-                 "diverged: local held-out loss rose from 2.0000 to 3.1000"),
-    "loss not reported": (lambda b, s: b.publish(s, loss_after=None),
-                          "receipt reports non-finite local losses (3.0, None)"),
+    "extra tensor": (
+        _with(lambda u: u.update(head=torch.zeros(2))),
+        "tensor names/shapes/dtypes differ from the global model: head",
+    ),
+    "diverged": (
+        lambda b, s: b.publish(s, loss_before=2.0, loss_after=3.1),  # 3.1 > 2.0 * 1.5
+        "diverged: local held-out loss rose from 2.0000 to 3.1000",
+    ),
+    "loss not reported": (
+        lambda b, s: b.publish(s, loss_after=None),
+        "receipt reports non-finite local losses (3.0, None)",
+    ),
     "outlier norm": (lambda b, s: b.publish(s, b.good_update(s, scale=1.0)), "outlier: update norm "),
 }
 
@@ -261,7 +341,9 @@ def test_outlier_z_is_the_robust_distance_in_log_norm_per_sqrt_step(builder):
     summary = b.verify()
     v = verdict(b, "x")
     assert v["outlier_z"] == pytest.approx(math.log(100) / 0.5, rel=1e-9)
-    assert summary["rejected"]["x"] == [f"outlier: update norm {v['norm']:.4g} is 9.2 robust deviations from the other sites"]
+    assert summary["rejected"]["x"] == [
+        f"outlier: update norm {v['norm']:.4g} is 9.2 robust deviations from the other sites"
+    ]
     assert [verdict(b, s)["outlier_z"] for s in GOOD] == [0.0, 0.0, 0.0]
 
 
@@ -297,7 +379,10 @@ def test_absolute_norm_cap(builder):
     cap = 1.5 * max(norms.values())  # above every good update, below the 10x one
     summary = b.verify(max_update_norm=cap, outlier_z=100.0)
     assert summary["accepted"] == GOOD
-    assert summary["rejected"]["x"][0].startswith("update norm ") and "exceeds verification.max_update_norm" in summary["rejected"]["x"][0]
+    assert (
+        summary["rejected"]["x"][0].startswith("update norm ")
+        and "exceeds verification.max_update_norm" in summary["rejected"]["x"][0]
+    )
 
 
 def test_a_loss_rise_within_the_divergence_ratio_is_underfitting_not_divergence(builder):

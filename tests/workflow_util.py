@@ -16,19 +16,26 @@ BIN = Path(sys.executable).parent
 
 def tiny_config(out: Path, run: str = "tiny", rounds: int = 2, mlflow: bool = False) -> dict:
     return {
-        "run": run, "seed": 7, "output_dir": str(out / "results"),
+        "run": run,
+        "seed": 7,
+        "output_dir": str(out / "results"),
         "sites": {
             "lumi": {"accelerator": "rocm", "gpus": 8, "gpu_memory_gb": 64, "throughput": 2.0},
             "a100": {"accelerator": "cuda", "gpus": 4, "gpu_memory_gb": 40, "throughput": 1.0},
             "laptop": {"accelerator": "cpu", "memory_gb": 8, "throughput": 1.0},
         },
         "data": {
-            "synth": {"bytes_per_domain": 24000, "doc_bytes": 400, "domains": [
-                {"name": "law", "generator": "words", "words": 60, "site": "lumi"},
-                {"name": "clinical", "generator": "markov", "alphabet": 10, "site": "a100"},
-                {"name": "web", "generator": "zipf", "alphabet": 12},
-            ]},
-            "shard_tokens": 4000, "heldout_fraction": 0.1,
+            "synth": {
+                "bytes_per_domain": 24000,
+                "doc_bytes": 400,
+                "domains": [
+                    {"name": "law", "generator": "words", "words": 60, "site": "lumi"},
+                    {"name": "clinical", "generator": "markov", "alphabet": 10, "site": "a100"},
+                    {"name": "web", "generator": "zipf", "alphabet": 12},
+                ],
+            },
+            "shard_tokens": 4000,
+            "heldout_fraction": 0.1,
         },
         "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "seq_len": 32},
         "training": {"batch_tokens": 512, "max_micro_batch": 8, "lr": 0.01, "log_every": 2},
@@ -46,8 +53,17 @@ def write_config(tmp: Path, cfg: dict) -> Path:
 
 def snakemake_cmd(tmp: Path, *extra: str) -> list[str]:
     """The documented way to run (and, after any crash, resume) a federation."""
-    return [str(BIN / "fedhpc"), "run", "--profile", str(REPO / "profiles" / "local"), "--directory", str(tmp),
-            "--configfile", str(tmp / "config.yaml"), *extra]
+    return [
+        str(BIN / "fedhpc"),
+        "run",
+        "--profile",
+        str(REPO / "profiles" / "local"),
+        "--directory",
+        str(tmp),
+        "--configfile",
+        str(tmp / "config.yaml"),
+        *extra,
+    ]
 
 
 def env() -> dict[str, str]:

@@ -7,13 +7,14 @@ import time
 
 from .audit import AuditLog
 from .config import Config
+from .errors import FedhpcError
 from .files import read_json, sha256_file, write_json
 from .layout import RunLayout
 from .strategies import fedavg, site_weights
 from .tensorfile import open_tensors, read_specs, write_tensors
 
 
-class AggregationError(RuntimeError):
+class AggregationError(FedhpcError, RuntimeError):
     """The inputs of aggregation are not the ones verification accepted."""
 
 
@@ -41,19 +42,30 @@ def aggregate_round(cfg: Config, layout: RunLayout, r: int, base: dict) -> dict:
         def produce(name: str):
             if not updates:
                 return base_t[name]
-            return fedavg(base_t[name], [u[name] for u in updates], w, cfg.strategy.server_lr)
+            # A generator: each site's tensor is read, added and dropped before the next one.
+            return fedavg(base_t[name], (u[name] for u in updates), w, cfg.strategy.server_lr)
 
         write_tensors(layout.candidate(r), specs, produce, {"run": cfg.run, "round": str(r), "source": "fedavg"})
     record = {
-        "round": r, "strategy": cfg.strategy.name, "weighting": cfg.strategy.weighting,
-        "server_lr": cfg.strategy.server_lr, "weights": weights, "excluded": verdicts["rejected"],
-        "missing": read_json(layout.arrivals(r))["missing"], "base_sha256": base["sha256"],
+        "round": r,
+        "strategy": cfg.strategy.name,
+        "weighting": cfg.strategy.weighting,
+        "server_lr": cfg.strategy.server_lr,
+        "weights": weights,
+        "excluded": verdicts["rejected"],
+        "missing": read_json(layout.arrivals(r))["missing"],
+        "base_sha256": base["sha256"],
         "output_sha256": sha256_file(layout.candidate(r)),
         "bytes_read": sum(layout.update(r, s).stat().st_size for s in accepted) + layout.global_model(r).stat().st_size,
         "seconds": time.perf_counter() - t0,
         "note": None if accepted else "no accepted updates: the candidate equals the base model",
     }
     write_json(layout.aggregate_record(r), record)
-    AuditLog(layout.audit).append("round.aggregated", round=r, weights=weights, excluded=sorted(verdicts["rejected"]),
-                                  output_sha256=record["output_sha256"])
+    AuditLog(layout.audit).append(
+        "round.aggregated",
+        round=r,
+        weights=weights,
+        excluded=sorted(verdicts["rejected"]),
+        output_sha256=record["output_sha256"],
+    )
     return record

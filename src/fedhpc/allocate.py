@@ -28,8 +28,15 @@ def _epoch_order(pool: str, ids: list[str], epoch: int, seed: int) -> list[str]:
     return [ids[i] for i in rng.permutation(len(ids))]
 
 
-def make_plan(r: int, shards: list[Shard], sites: dict[str, SiteConfig], tokens_per_round: int,
-              seed: int, prev_state: dict | None = None, requeue: list[str] | None = None) -> dict:
+def make_plan(
+    r: int,
+    shards: list[Shard],
+    sites: dict[str, SiteConfig],
+    tokens_per_round: int,
+    seed: int,
+    prev_state: dict | None = None,
+    requeue: list[str] | None = None,
+) -> dict:
     """Assign shards to sites for round `r`. Pure: the same arguments give the same plan.
 
     Every pool (each site's pinned shards, and the shared shards) is walked in a seeded
@@ -44,8 +51,11 @@ def make_plan(r: int, shards: list[Shard], sites: dict[str, SiteConfig], tokens_
     pools: dict[str, list[str]] = {}
     for s in shards:
         pools.setdefault(s.residency or SHARED, []).append(s.id)
-    notes = [f"shards pinned to {p!r} are not trained: {p!r} is not a site of this federation"
-             for p in sorted(pools) if p != SHARED and p not in sites]
+    notes = [
+        f"shards pinned to {p!r} are not trained: {p!r} is not a site of this federation"
+        for p in sorted(pools)
+        if p != SHARED and p not in sites
+    ]
     pools = {p: ids for p, ids in pools.items() if p == SHARED or p in sites}
     total = sum(by_id[i].tokens for ids in pools.values() for i in ids)
     state = {p: {**v, "carry": list(v.get("carry", []))} for p, v in (prev_state or {}).items()}
@@ -117,5 +127,11 @@ def make_plan(r: int, shards: list[Shard], sites: dict[str, SiteConfig], tokens_
             "expected_time": load[n] / sites[n].throughput,
             "reason": reason,
         }
-    return {"round": r, "tokens": round_tokens, "sites": plan_sites,
-            "participants": [n for n in names if assigned[n]], "state": state, "notes": notes}
+    return {
+        "round": r,
+        "tokens": round_tokens,
+        "sites": plan_sites,
+        "participants": [n for n in names if assigned[n]],
+        "state": state,
+        "notes": notes,
+    }

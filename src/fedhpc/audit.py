@@ -63,8 +63,13 @@ class AuditLog:
                     # Drop a torn, never-committed line, and say so in the ledger itself.
                     fh.truncate(complete)
                     fh.seek(complete)
-                    repair = {"seq": seq, "time": time.time(), "event": "ledger.repaired",
-                              "dropped_bytes": size - complete, "prev": prev}
+                    repair = {
+                        "seq": seq,
+                        "time": time.time(),
+                        "event": "ledger.repaired",
+                        "dropped_bytes": size - complete,
+                        "prev": prev,
+                    }
                     repair["hash"] = _digest(prev, repair)
                     fh.write(json.dumps(repair, sort_keys=True).encode() + b"\n")
                     seq, prev = seq + 1, repair["hash"]
@@ -105,7 +110,12 @@ def verify_ledger(path: str | os.PathLike) -> LedgerCheck:
             return LedgerCheck(False, n, n, "not a JSON object")
         claimed = body.pop("hash", None)
         if body.get("seq") != expected_seq:
-            return LedgerCheck(False, n, n, f"sequence number {body.get('seq')!r}, expected {expected_seq} (a line was removed, inserted or moved)")
+            return LedgerCheck(
+                False,
+                n,
+                n,
+                f"sequence number {body.get('seq')!r}, expected {expected_seq} (a line was removed, inserted or moved)",
+            )
         if body.get("prev") != prev:
             return LedgerCheck(False, n, n, "does not chain to the previous line")
         if claimed != _digest(prev, body):

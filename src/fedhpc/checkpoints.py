@@ -10,6 +10,7 @@ import torch
 
 from .audit import AuditLog
 from .config import Config
+from .errors import FedhpcError
 from .files import read_json, sha256_file, write_json
 from .layout import RunLayout
 from .model import GPT, exported_state
@@ -17,7 +18,7 @@ from .signing import COORDINATOR, TrustStore, sign_document, verify_document
 from .tensorfile import save_state
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FedhpcError, ValueError):
     """A global checkpoint is missing, unsigned, or does not match its recorded hash."""
 
 
@@ -37,10 +38,20 @@ def init_global(cfg: Config, layout: RunLayout, trust: TrustStore, vocab_size: i
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, vocab_size)
     save_state(layout.global_model(0), exported_state(model), {"run": cfg.run, "round": "0"})
-    meta = publish_global(layout, trust, 0, layout.global_model(0), {
-        "run": cfg.run, "source": "init", "parent_sha256": None, "vocab_size": vocab_size,
-        "model": dataclasses.asdict(cfg.model), "parameters": sum(p.numel() for p in model.parameters()),
-    })
+    meta = publish_global(
+        layout,
+        trust,
+        0,
+        layout.global_model(0),
+        {
+            "run": cfg.run,
+            "source": "init",
+            "parent_sha256": None,
+            "vocab_size": vocab_size,
+            "model": dataclasses.asdict(cfg.model),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+    )
     AuditLog(layout.audit).append("global.published", round=0, sha256=meta["sha256"], source="init")
     return meta
 

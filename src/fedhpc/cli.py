@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
 from .config_schema import ConfigError, config_schema, load, markdown_docs
+from .errors import FedhpcError
 from .layout import RunLayout
 from .signing import TrustStore
 
@@ -56,8 +58,10 @@ def cmd_keys(a: argparse.Namespace) -> int:
     for name in names:
         if not (ctx.trust.keys_dir / f"{name}.pub").exists():
             if not ctx.cfg.trust.generate_missing:
-                raise SystemExit(f"no key for {name!r} in {ctx.trust.keys_dir} and trust.generate_missing is false; "
-                                 f"create it with `fedhpc keys init --site {name} --dir {ctx.trust.keys_dir}`")
+                raise SystemExit(
+                    f"no key for {name!r} in {ctx.trust.keys_dir} and trust.generate_missing is false; "
+                    f"create it with `fedhpc keys init --site {name} --dir {ctx.trust.keys_dir}`"
+                )
             create_keypair(ctx.trust.keys_dir, name)
             print(f"created identity {name!r} in {ctx.trust.keys_dir}")
     return 0
@@ -71,17 +75,19 @@ def cmd_synth(a: argparse.Namespace) -> int:
         raise SystemExit(f"{a.config}: data.synth is not set; nothing to generate")
     corpus = generate_corpus(ctx.cfg.data.synth, ctx.cfg.seed, Path(a.out) if a.out else ctx.layout.corpus_dir)
     for name, d in corpus["domains"].items():
-        print(f"{name}: {d['bytes']} bytes, {d['documents']} documents, entropy rate {d['entropy_rate_bits_per_byte']:.3f} bits/byte")
+        print(
+            f"{name}: {d['bytes']} bytes, {d['documents']} documents, entropy rate {d['entropy_rate_bits_per_byte']:.3f} bits/byte"
+        )
     return 0
 
 
 def cmd_shard(a: argparse.Namespace) -> int:
     from .files import read_json
+    from .ingest import iter_documents
     from .shards import build_shards
     from .signing import COORDINATOR
     from .synth import domain_sources
     from .tokenizer import build_tokenizer
-    from .ingest import iter_documents
 
     ctx = context(a.config)
     cfg, layout = ctx.cfg, ctx.layout
@@ -101,9 +107,12 @@ def cmd_shard(a: argparse.Namespace) -> int:
     manifest = build_shards(sources, cfg.data, tok, layout, cfg.seed, ctx.trust.private_key(COORDINATOR), entropy)
     from .audit import AuditLog
 
-    AuditLog(layout.audit).append("data.sharded", shards=len(manifest["shards"]),
-                                  tokens=sum(s["tokens"] for s in manifest["shards"]),
-                                  heldout=[h["domain"] for h in manifest["heldout"]])
+    AuditLog(layout.audit).append(
+        "data.sharded",
+        shards=len(manifest["shards"]),
+        tokens=sum(s["tokens"] for s in manifest["shards"]),
+        heldout=[h["domain"] for h in manifest["heldout"]],
+    )
     return 0
 
 
@@ -142,7 +151,9 @@ def cmd_gather(a: argparse.Namespace) -> int:
 
     ctx = context(a.config)
     rec = gather(ctx.cfg, ctx.layout, ctx.trust, a.round)
-    print(f"round {a.round}: arrived {', '.join(rec['arrived']) or 'none'}; missing {', '.join(rec['missing']) or 'none'}")
+    print(
+        f"round {a.round}: arrived {', '.join(rec['arrived']) or 'none'}; missing {', '.join(rec['missing']) or 'none'}"
+    )
     return 0
 
 
@@ -212,8 +223,10 @@ def cmd_report(a: argparse.Namespace) -> int:
         from .tracking import finish
 
         finish(ctx.cfg, ctx.layout, summary, ctx.layout.report_dir / "index.html")
-    print(f"held-out loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}; "
-          f"report: {ctx.layout.report_dir / 'index.html'}")
+    print(
+        f"held-out loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}; "
+        f"report: {ctx.layout.report_dir / 'index.html'}"
+    )
     return 0
 
 
@@ -296,12 +309,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        if args.verb != "run":
+            p.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.snakemake_args = unknown + args.snakemake_args  # `fedhpc run --dry-run` needs no `--`
     try:
         return args.fn(args)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except (FedhpcError, PermissionError) as exc:
+        if os.environ.get("FEDHPC_DEBUG"):
+            raise
+        print(f"fedhpc {args.verb}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -27,26 +27,49 @@ def opt(default: Any = MISSING, doc: str = "", **schema: Any) -> Any:
 class SiteConfig:
     """Capability profile of one site: what hardware it has and how fast it is."""
 
-    accelerator: Literal["rocm", "cuda", "cpu"] = opt("cpu", "Accelerator family: `rocm` (AMD, e.g. LUMI-G MI250X), `cuda` (NVIDIA, e.g. A100) or `cpu`.")
+    accelerator: Literal["rocm", "cuda", "cpu"] = opt(
+        "cpu", "Accelerator family: `rocm` (AMD, e.g. LUMI-G MI250X), `cuda` (NVIDIA, e.g. A100) or `cpu`."
+    )
     gpus: int = opt(0, "GPUs (for MI250X: GCDs) the site trains on per job.", minimum=0)
-    gpu_memory_gb: float = opt(0.0, "Memory of one GPU in GB; with `gpus` > 0 it sets the per-device micro-batch.", minimum=0)
-    memory_gb: float = opt(16.0, "Host memory in GB available to training; sets the micro-batch of CPU sites.", exclusiveMinimum=0)
-    throughput: float = opt(1.0, "Relative training speed; unpinned shards are shared in proportion to it so sites finish together.", exclusiveMinimum=0)
-    energy_weight: float = opt(1.0, "Relative energy cost per token (recorded in the plan; higher means the site is used less when sites tie).", exclusiveMinimum=0)
+    gpu_memory_gb: float = opt(
+        0.0, "Memory of one GPU in GB; with `gpus` > 0 it sets the per-device micro-batch.", minimum=0
+    )
+    memory_gb: float = opt(
+        16.0, "Host memory in GB available to training; sets the micro-batch of CPU sites.", exclusiveMinimum=0
+    )
+    throughput: float = opt(
+        1.0,
+        "Relative training speed; unpinned shards are shared in proportion to it so sites finish together.",
+        exclusiveMinimum=0,
+    )
+    energy_weight: float = opt(
+        1.0,
+        "Relative energy cost per token (recorded in the plan; higher means the site is used less when sites tie).",
+        exclusiveMinimum=0,
+    )
 
 
 @dataclass(kw_only=True)
 class SynthDomainConfig:
     """One domain of the generated demo corpus: a stochastic source with a known entropy rate."""
 
-    name: str = opt(MISSING, "Domain label; becomes the shard domain and the held-out split name.", pattern=NAME_PATTERN)
-    generator: Literal["markov", "words", "zipf"] = opt("markov", "Source kind: `markov` (order-k character chain), `words` (Markov chain over a word list), `zipf` (i.i.d. Zipf characters).")
+    name: str = opt(
+        MISSING, "Domain label; becomes the shard domain and the held-out split name.", pattern=NAME_PATTERN
+    )
+    generator: Literal["markov", "words", "zipf"] = opt(
+        "markov",
+        "Source kind: `markov` (order-k character chain), `words` (Markov chain over a word list), `zipf` (i.i.d. Zipf characters).",
+    )
     site: str | None = opt(None, "Site that owns (pins) this domain's shards; null lets any site train on them.")
     language: str = opt("x-synth", "Language tag written into the manifest.")
-    alphabet: int = opt(24, "Characters the source draws from (markov, zipf, and spelling of words).", minimum=2, maximum=90)
+    alphabet: int = opt(
+        24, "Characters the source draws from (markov, zipf, and spelling of words).", minimum=2, maximum=90
+    )
     order: int = opt(2, "Context length of the `markov` chain.", minimum=1, maximum=4)
     words: int = opt(300, "Vocabulary size of the `words` source.", minimum=2)
-    concentration: float = opt(0.3, "Dirichlet concentration of transition rows; lower is more predictable.", exclusiveMinimum=0)
+    concentration: float = opt(
+        0.3, "Dirichlet concentration of transition rows; lower is more predictable.", exclusiveMinimum=0
+    )
 
 
 @dataclass(kw_only=True)
@@ -63,11 +86,15 @@ class SourceConfig:
     """One input data set on disk."""
 
     name: str = opt(MISSING, "Unique name of the source (used in shard ids).", pattern=NAME_PATTERN)
-    format: Literal["text", "jsonl", "parquet", "hdf5"] = opt(MISSING, "File format: plain `text`, `jsonl`, `parquet`, or pre-tokenised `hdf5` arrays.")
+    format: Literal["text", "jsonl", "parquet", "hdf5"] = opt(
+        MISSING, "File format: plain `text`, `jsonl`, `parquet`, or pre-tokenised `hdf5` arrays."
+    )
     path: str = opt(MISSING, "File or glob pattern (relative to the working directory).")
     field: str = opt("text", "JSONL key or Parquet column that holds the text.")
     dataset: str = opt("tokens", "HDF5 dataset with token ids: 1-D (one stream) or 2-D (one document per row).")
-    split: Literal["file", "line", "blank_line"] = opt("file", "How plain text is cut into documents: whole `file`, each `line`, or at each `blank_line`.")
+    split: Literal["file", "line", "blank_line"] = opt(
+        "file", "How plain text is cut into documents: whole `file`, each `line`, or at each `blank_line`."
+    )
     domain: str = opt(MISSING, "Domain label of every document in this source.", pattern=NAME_PATTERN)
     language: str = opt("und", "Language tag (BCP 47) written into the manifest.")
     source: str | None = opt(None, "Provenance description (URL, collection name); defaults to `path`.")
@@ -79,7 +106,10 @@ class SourceConfig:
 class TokenizerConfig:
     """How text becomes token ids."""
 
-    kind: Literal["byte", "bpe", "pretrained"] = opt("byte", "`byte` (256 byte values + end-of-document), `bpe` (trained on the corpus with `tokenizers`) or `pretrained` (a local `tokenizer.json`).")
+    kind: Literal["byte", "bpe", "pretrained"] = opt(
+        "byte",
+        "`byte` (256 byte values + end-of-document), `bpe` (trained on the corpus with `tokenizers`) or `pretrained` (a local `tokenizer.json`).",
+    )
     vocab_size: int = opt(1024, "Vocabulary size of a trained `bpe` tokenizer.", minimum=260, maximum=1_000_000)
     path: str | None = opt(None, "For `pretrained`: a `tokenizer.json` file or a directory containing one.")
     eos: str = opt("<|endoftext|>", "End-of-document token of `bpe`/`pretrained` tokenizers (added if missing).")
@@ -92,8 +122,12 @@ class DataConfig:
     synth: SynthConfig | None = opt(None, "Generate the demo corpus and use it as data (null: only `sources`).")
     sources: list[SourceConfig] = opt([], "Data sets on disk.")
     tokenizer: TokenizerConfig = opt(TokenizerConfig, "Tokenizer settings.")
-    shard_tokens: int = opt(10_000_000, "Target tokens per shard (the last shard of a source may be shorter).", minimum=256)
-    heldout_fraction: float = opt(0.05, "Fraction of each domain's documents kept apart for held-out evaluation.", exclusiveMinimum=0, maximum=0.5)
+    shard_tokens: int = opt(
+        10_000_000, "Target tokens per shard (the last shard of a source may be shorter).", minimum=256
+    )
+    heldout_fraction: float = opt(
+        0.05, "Fraction of each domain's documents kept apart for held-out evaluation.", exclusiveMinimum=0, maximum=0.5
+    )
 
 
 @dataclass(kw_only=True)
@@ -111,20 +145,35 @@ class ModelConfig:
 class TrainingConfig:
     """Local training at each site."""
 
-    batch_tokens: int = opt(8192, "Tokens per optimizer step at every site (micro-batches are accumulated up to it).", minimum=8)
+    batch_tokens: int = opt(
+        8192, "Tokens per optimizer step at every site (micro-batches are accumulated up to it).", minimum=8
+    )
     max_micro_batch: int = opt(64, "Upper bound on sequences per micro-batch, whatever the memory.", minimum=1)
     lr: float = opt(1e-3, "Peak learning rate of the schedule that runs across all rounds.", exclusiveMinimum=0)
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of `lr` (cosine decay).", minimum=0, maximum=1)
-    warmup_fraction: float = opt(0.05, "Fraction of the whole federation (all rounds) spent warming up, once.", minimum=0, maximum=1)
+    warmup_fraction: float = opt(
+        0.05, "Fraction of the whole federation (all rounds) spent warming up, once.", minimum=0, maximum=1
+    )
     weight_decay: float = opt(0.1, "AdamW weight decay (matrices only).", minimum=0)
     beta1: float = opt(0.9, "AdamW beta1.", minimum=0, exclusiveMaximum=1)
     beta2: float = opt(0.95, "AdamW beta2.", minimum=0, exclusiveMaximum=1)
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0 disables).", minimum=0)
-    precision: Literal["auto", "fp32", "bf16"] = opt("auto", "`auto` uses bf16 autocast where the device supports it fast (CUDA/ROCm), fp32 otherwise.")
-    keep_optimizer_state: bool = opt(True, "Keep AdamW moments at the site between rounds (never sent); false resets them each round.")
-    local_eval_fraction: float = opt(0.05, "Fraction of a site's round tokens held back to score loss before/after its local round.", exclusiveMinimum=0, maximum=0.5)
+    precision: Literal["auto", "fp32", "bf16"] = opt(
+        "auto", "`auto` uses bf16 autocast where the device supports it fast (CUDA/ROCm), fp32 otherwise."
+    )
+    keep_optimizer_state: bool = opt(
+        True, "Keep AdamW moments at the site between rounds (never sent); false resets them each round."
+    )
+    local_eval_fraction: float = opt(
+        0.05,
+        "Fraction of a site's round tokens held back to score loss before/after its local round.",
+        exclusiveMinimum=0,
+        maximum=0.5,
+    )
     log_every: int = opt(10, "Optimizer steps between metric records.", minimum=1)
-    device: Literal["auto", "cpu", "cuda"] = opt("auto", "`auto` takes the GPU when PyTorch sees one (ROCm appears as cuda), else the CPU.")
+    device: Literal["auto", "cpu", "cuda"] = opt(
+        "auto", "`auto` takes the GPU when PyTorch sees one (ROCm appears as cuda), else the CPU."
+    )
 
 
 @dataclass(kw_only=True)
@@ -132,7 +181,9 @@ class StrategyConfig:
     """How accepted updates become the next global model."""
 
     name: Literal["fedavg"] = opt("fedavg", "Aggregation rule.")
-    weighting: Literal["tokens", "samples", "uniform"] = opt("tokens", "Weight of each site: tokens trained, sequences trained, or equal.")
+    weighting: Literal["tokens", "samples", "uniform"] = opt(
+        "tokens", "Weight of each site: tokens trained, sequences trained, or equal."
+    )
     server_lr: float = opt(1.0, "Scale of the averaged update applied to the global model.", exclusiveMinimum=0)
 
 
@@ -141,29 +192,53 @@ class RoundsConfig:
     """The sequence of federated rounds."""
 
     count: int = opt(4, "Number of rounds.", minimum=1, maximum=9999)
-    tokens_per_round: int = opt(50_000_000, "Tokens trained per round across all sites (rounded to whole shards).", minimum=1)
-    deadline_minutes: float = opt(120.0, "How long the coordinator waits for updates after a round is planned.", exclusiveMinimum=0)
-    quorum: float = opt(1.0, "Fraction of planned sites whose updates must arrive by the deadline.", exclusiveMinimum=0, maximum=1)
+    tokens_per_round: int = opt(
+        50_000_000, "Tokens trained per round across all sites (rounded to whole shards).", minimum=1
+    )
+    deadline_minutes: float = opt(
+        120.0, "How long the coordinator waits for updates after a round is planned.", exclusiveMinimum=0
+    )
+    quorum: float = opt(
+        1.0, "Fraction of planned sites whose updates must arrive by the deadline.", exclusiveMinimum=0, maximum=1
+    )
 
 
 @dataclass(kw_only=True)
 class VerificationConfig:
     """Checks every update passes before it may reach the aggregate."""
 
-    outlier_z: float = opt(4.0, "Reject an update whose robust z-score of log(norm/sqrt(steps)) across sites exceeds this.", exclusiveMinimum=0)
-    min_log_scale: float = opt(0.5, "Floor of the robust spread (natural-log units) so near-identical sites do not make every difference an outlier.", exclusiveMinimum=0)
+    outlier_z: float = opt(
+        4.0,
+        "Reject an update whose robust z-score of log(norm/sqrt(steps)) across sites exceeds this.",
+        exclusiveMinimum=0,
+    )
+    min_log_scale: float = opt(
+        0.5,
+        "Floor of the robust spread (natural-log units) so near-identical sites do not make every difference an outlier.",
+        exclusiveMinimum=0,
+    )
     max_update_norm: float | None = opt(None, "Absolute cap on an update's L2 norm (null: none).", exclusiveMinimum=0)
-    divergence_ratio: float = opt(1.5, "Reject when the site's local held-out loss after its round exceeds before × this.", exclusiveMinimum=1)
-    reject_underfit: bool = opt(False, "Reject (not only flag) updates that did not lower the site's local held-out loss.")
+    divergence_ratio: float = opt(
+        1.5, "Reject when the site's local held-out loss after its round exceeds before × this.", exclusiveMinimum=1
+    )
+    reject_underfit: bool = opt(
+        False, "Reject (not only flag) updates that did not lower the site's local held-out loss."
+    )
 
 
 @dataclass(kw_only=True)
 class EvaluationConfig:
     """Held-out evaluation of every global model and the gate on it."""
 
-    tokens_per_domain: int = opt(65536, "Held-out tokens evaluated per domain (at most what the split holds).", minimum=16)
+    tokens_per_domain: int = opt(
+        65536, "Held-out tokens evaluated per domain (at most what the split holds).", minimum=16
+    )
     batch_size: int = opt(16, "Sequences per evaluation batch.", minimum=1)
-    max_regression: float = opt(0.25, "Roll back a round whose held-out loss exceeds the previous global's by more than this fraction.", minimum=0)
+    max_regression: float = opt(
+        0.25,
+        "Roll back a round whose held-out loss exceeds the previous global's by more than this fraction.",
+        minimum=0,
+    )
 
 
 @dataclass(kw_only=True)
@@ -179,7 +254,10 @@ class TrackingConfig:
 class TrustConfig:
     """Where identities (Ed25519 keys) come from."""
 
-    keys_dir: str | None = opt(None, "Directory of `<name>.pub` (and, where this machine signs, `<name>.key`) files; null uses `<run dir>/keys`.")
+    keys_dir: str | None = opt(
+        None,
+        "Directory of `<name>.pub` (and, where this machine signs, `<name>.key`) files; null uses `<run dir>/keys`.",
+    )
     generate_missing: bool = opt(True, "Create missing key pairs (single-machine demo); set false in real federations.")
 
 

@@ -13,8 +13,10 @@ import jsonschema
 import yaml
 
 from .config import Config
+from .errors import FedhpcError
 
-class ConfigError(ValueError):
+
+class ConfigError(FedhpcError, ValueError):
     """The configuration is wrong; the message names every offending key and what is allowed."""
 
 
@@ -34,12 +36,14 @@ def _type_schema(tp: Any) -> dict[str, Any]:
     if origin is list:
         return {"type": "array", "items": _type_schema(args[0])}
     if origin is dict:
-        return {"type": "object", "additionalProperties": _type_schema(args[1]),
-                "propertyNames": {"pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}}
+        return {
+            "type": "object",
+            "additionalProperties": _type_schema(args[1]),
+            "propertyNames": {"pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+        }
     if _is_dataclass(tp):
         return dataclass_schema(tp)
-    return {bool: {"type": "boolean"}, int: {"type": "integer"}, float: {"type": "number"},
-            str: {"type": "string"}}[tp]
+    return {bool: {"type": "boolean"}, int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"}}[tp]
 
 
 def dataclass_schema(cls: type) -> dict[str, Any]:
@@ -56,16 +60,23 @@ def dataclass_schema(cls: type) -> dict[str, Any]:
         props[f.name] = sub
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             required.append(f.name)
-    schema = {"type": "object", "description": (cls.__doc__ or "").strip(), "properties": props,
-              "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "description": (cls.__doc__ or "").strip(),
+        "properties": props,
+        "additionalProperties": False,
+    }
     if required:
         schema["required"] = required
     return schema
 
 
 def config_schema() -> dict[str, Any]:
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "fedhpc config.yaml",
-            **dataclass_schema(Config)}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "fedhpc config.yaml",
+        **dataclass_schema(Config),
+    }
 
 
 def _dotted(path: typing.Iterable[Any]) -> str:
@@ -127,7 +138,9 @@ def _semantic_problems(cfg: Config) -> list[str]:
     synth_domains = cfg.data.synth.domains if cfg.data.synth else []
     for i, d in enumerate(synth_domains):
         if d.site is not None and d.site not in sites:
-            problems.append(f"data.synth.domains[{i}].site: {d.site!r} is not a site; sites: {', '.join(sorted(sites))}")
+            problems.append(
+                f"data.synth.domains[{i}].site: {d.site!r} is not a site; sites: {', '.join(sorted(sites))}"
+            )
         if d.name in domains:
             problems.append(f"data.synth.domains[{i}].name: domain {d.name!r} is defined twice")
         domains[d.name] = "synth"
@@ -197,10 +210,14 @@ def _type_name(tp: Any) -> str:
 
 def markdown_docs() -> str:
     """docs/configuration.md, generated so it can never drift from the code."""
-    out = ["# Configuration reference", "",
-           "Generated from `src/fedhpc/config.py` by `fedhpc config docs`; do not edit by hand.",
-           "Unknown keys, wrong types and values outside the allowed set stop the run before any",
-           "work, with a message naming the key and what is allowed.", ""]
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from `src/fedhpc/config.py` by `fedhpc config docs`; do not edit by hand.",
+        "Unknown keys, wrong types and values outside the allowed set stop the run before any",
+        "work, with a message naming the key and what is allowed.",
+        "",
+    ]
     seen: list[type] = []
 
     def visit(cls: type) -> None:
@@ -216,7 +233,14 @@ def markdown_docs() -> str:
     visit(Config)
     for cls in seen:
         hints = typing.get_type_hints(cls)
-        out += [f"## {cls.__name__}", "", (cls.__doc__ or "").strip(), "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        out += [
+            f"## {cls.__name__}",
+            "",
+            (cls.__doc__ or "").strip(),
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
         for f in dataclasses.fields(cls):
             if f.default is not dataclasses.MISSING:
                 default = f"`{json.dumps(f.default)}`"

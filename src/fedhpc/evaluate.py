@@ -18,8 +18,9 @@ from .signing import TrustStore
 from .tensorfile import load_state
 
 
-def evaluate_model(cfg: Config, layout: RunLayout, trust: TrustStore, model_file: Path, vocab_size: int,
-                   threads: int = 1) -> dict:
+def evaluate_model(
+    cfg: Config, layout: RunLayout, trust: TrustStore, model_file: Path, vocab_size: int, threads: int = 1
+) -> dict:
     torch.set_num_threads(threads)
     model = build_model(cfg, vocab_size)
     load_exported_state(model, load_state(model_file))
@@ -34,9 +35,11 @@ def evaluate_model(cfg: Config, layout: RunLayout, trust: TrustStore, model_file
         loss = mean_loss(model, windows, cfg.evaluation.batch_size, torch.device("cpu"), "fp32")
         floor = entry.get("entropy_floor_nats_per_token")
         domains[entry["domain"]] = {
-            "loss": finite_or_none(loss), "perplexity": finite_or_none(math.exp(min(loss, 700))),
+            "loss": finite_or_none(loss),
+            "perplexity": finite_or_none(math.exp(min(loss, 700))),
             "tokens": int(windows[:, 1:].numel()),
-            "entropy_floor": floor, "gap_to_floor": None if floor is None else finite_or_none(loss - floor),
+            "entropy_floor": floor,
+            "gap_to_floor": None if floor is None else finite_or_none(loss - floor),
         }
     total = sum(d["tokens"] for d in domains.values())
     if any(d["loss"] is None for d in domains.values()):
@@ -44,15 +47,25 @@ def evaluate_model(cfg: Config, layout: RunLayout, trust: TrustStore, model_file
     else:
         loss = sum(d["loss"] * d["tokens"] for d in domains.values()) / max(total, 1)
     floors = [d["entropy_floor"] for d in domains.values()]
-    floor = None if (not floors or None in floors) else sum(d["entropy_floor"] * d["tokens"] for d in domains.values()) / total
-    return {"model_sha256": sha256_file(model_file), "loss": finite_or_none(loss),
-            "perplexity": finite_or_none(math.exp(min(loss, 700))), "tokens": total, "entropy_floor": floor,
-            "gap_to_floor": None if floor is None else finite_or_none(loss - floor),
-            "domains": domains}
+    floor = (
+        None
+        if (not floors or None in floors)
+        else sum(d["entropy_floor"] * d["tokens"] for d in domains.values()) / total
+    )
+    return {
+        "model_sha256": sha256_file(model_file),
+        "loss": finite_or_none(loss),
+        "perplexity": finite_or_none(math.exp(min(loss, 700))),
+        "tokens": total,
+        "entropy_floor": floor,
+        "gap_to_floor": None if floor is None else finite_or_none(loss - floor),
+        "domains": domains,
+    }
 
 
-def write_eval(cfg: Config, layout: RunLayout, trust: TrustStore, model_file: Path, vocab_size: int,
-               out: Path, threads: int = 1) -> dict:
+def write_eval(
+    cfg: Config, layout: RunLayout, trust: TrustStore, model_file: Path, vocab_size: int, out: Path, threads: int = 1
+) -> dict:
     result = evaluate_model(cfg, layout, trust, model_file, vocab_size, threads)
     write_json(out, result)
     return result

@@ -7,13 +7,14 @@ import time
 
 from .audit import AuditLog
 from .config import Config
+from .errors import FedhpcError
 from .files import read_json, write_json
 from .layout import RunLayout
 from .signing import TrustStore
 from .train import load_plan
 
 
-class QuorumError(RuntimeError):
+class QuorumError(FedhpcError, RuntimeError):
     """The deadline passed before enough sites published an update."""
 
 
@@ -28,8 +29,9 @@ def arrived_sites(layout: RunLayout, r: int, planned: list[str]) -> list[str]:
     return arrived
 
 
-def gather(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, poll_seconds: float = 1.0,
-           now: float | None = None) -> dict:
+def gather(
+    cfg: Config, layout: RunLayout, trust: TrustStore, r: int, poll_seconds: float = 1.0, now: float | None = None
+) -> dict:
     """Block until all planned sites arrived or the deadline passes; write arrivals.json.
 
     The deadline counts from the plan's creation, so a restarted coordinator does not
@@ -48,20 +50,33 @@ def gather(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, poll_secon
         if len(arrived) == len(planned) or clock >= deadline:
             break
         if clock - last_report >= 60:
-            print(f"round {r}: {len(arrived)}/{len(planned)} updates in, waiting for "
-                  f"{', '.join(s for s in planned if s not in arrived)}; deadline in {deadline - clock:.0f} s", flush=True)
+            print(
+                f"round {r}: {len(arrived)}/{len(planned)} updates in, waiting for "
+                f"{', '.join(s for s in planned if s not in arrived)}; deadline in {deadline - clock:.0f} s",
+                flush=True,
+            )
             last_report = clock
         time.sleep(poll_seconds)
     missing = [s for s in planned if s not in arrived]
     audit = AuditLog(layout.audit)
     if len(arrived) < need:
         audit.append("round.no_quorum", round=r, arrived=arrived, missing=missing, needed=need)
-        raise QuorumError(f"round {r}: deadline passed with {len(arrived)} of {len(planned)} planned updates "
-                          f"({', '.join(arrived) or 'none'}); quorum needs {need}. Missing: {', '.join(missing)}")
+        raise QuorumError(
+            f"round {r}: deadline passed with {len(arrived)} of {len(planned)} planned updates "
+            f"({', '.join(arrived) or 'none'}); quorum needs {need}. Missing: {', '.join(missing)}"
+        )
     for site in missing:
         audit.append("site.dropped", round=r, site=site, reason="no update by the deadline")
-    record = {"round": r, "planned": planned, "arrived": arrived, "missing": missing, "quorum": need,
-              "waited_seconds": time.time() - t0, "deadline": deadline, "closed_at": time.time()}
+    record = {
+        "round": r,
+        "planned": planned,
+        "arrived": arrived,
+        "missing": missing,
+        "quorum": need,
+        "waited_seconds": time.time() - t0,
+        "deadline": deadline,
+        "closed_at": time.time(),
+    }
     write_json(layout.arrivals(r), record)
     audit.append("round.gathered", round=r, arrived=arrived, missing=missing)
     return record

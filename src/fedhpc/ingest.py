@@ -11,12 +11,13 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import SourceConfig
+from .errors import FedhpcError
 
 # Rows per Parquet record batch and per HDF5 block: bounded memory whatever the file size.
 _BATCH_ROWS = 1024
 
 
-class DataError(ValueError):
+class DataError(FedhpcError, ValueError):
     """Input data is missing or malformed; the message names the file and the place in it."""
 
 
@@ -42,7 +43,9 @@ def source_files(source: SourceConfig) -> list[Path]:
         return files
     p = Path(pattern)
     if p.is_dir():
-        raise DataError(f"{_where(source)}: {pattern!r} is a directory; give a file or a glob such as '{pattern.rstrip('/')}/*'")
+        raise DataError(
+            f"{_where(source)}: {pattern!r} is a directory; give a file or a glob such as '{pattern.rstrip('/')}/*'"
+        )
     if not p.is_file():
         raise DataError(f"{_where(source)}: no such file {pattern!r}")
     return [p]
@@ -55,7 +58,9 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 at byte {exc.start} of the line ({exc.reason})") from None
+                raise DataError(
+                    f"{path}:{lineno}: not valid UTF-8 at byte {exc.start} of the line ({exc.reason})"
+                ) from None
 
 
 def _read_text(source: SourceConfig, path: Path) -> Iterator[Document]:
@@ -156,7 +161,9 @@ def _hdf5_datasets(fh: object) -> list[str]:
 def _check_ids(block: np.ndarray, path: Path, dataset: str, first_row: int | None) -> None:
     if block.dtype.kind == "i" and block.size and block.min() < 0:
         bad = np.argwhere(block < 0)[0]
-        place = f"row {first_row + int(bad[0])}, column {int(bad[1])}" if first_row is not None else f"index {int(bad[0])}"
+        place = (
+            f"row {first_row + int(bad[0])}, column {int(bad[1])}" if first_row is not None else f"index {int(bad[0])}"
+        )
         raise DataError(f"{path}: dataset {dataset!r} has negative token id {int(block[tuple(bad)])} at {place}")
 
 
@@ -189,7 +196,9 @@ def _read_hdf5(source: SourceConfig, path: Path) -> Iterator[Document]:
                     if row.size:
                         yield Document(row, f"{path}:{name} row {start + i}")
             return
-        raise DataError(f"{path}: dataset {name!r} is {ds.ndim}-D; expected 1-D (one token stream) or 2-D (one document per row)")
+        raise DataError(
+            f"{path}: dataset {name!r} is {ds.ndim}-D; expected 1-D (one token stream) or 2-D (one document per row)"
+        )
 
 
 _READERS = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet, "hdf5": _read_hdf5}

@@ -32,7 +32,9 @@ def acquire_head_lock(directory: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        raise SystemExit(f"another fedhpc run is active in {directory} (pid {holder}); wait for it or stop it first")
+        raise SystemExit(
+            f"another fedhpc run is active in {directory} (pid {holder}); wait for it or stop it first"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     stale = meta / "locks"

@@ -28,7 +28,7 @@ class RunLayout:
     root: Path
 
     @classmethod
-    def of(cls, root: str | os.PathLike) -> "RunLayout":
+    def of(cls, root: str | os.PathLike) -> RunLayout:
         return cls(Path(root))
 
     # run level

@@ -36,8 +36,7 @@ def make_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Ada
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -53,15 +52,16 @@ def to_windows(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
-              precision: str) -> float:
+def mean_loss(
+    model: torch.nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, precision: str
+) -> float:
     """Token-weighted mean cross-entropy (nats) over `windows`."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with autocast_for(device, precision):
         for i in range(0, len(windows), batch_size):
-            w = windows[i:i + batch_size].to(device, non_blocking=True)
+            w = windows[i : i + batch_size].to(device, non_blocking=True)
             _, loss = model(w[:, :-1], w[:, 1:])
             total += loss.item() * w[:, 1:].numel()
             count += w[:, 1:].numel()
@@ -79,10 +79,17 @@ class RoundResult:
     lr_last: float
 
 
-def local_round(model: torch.nn.Module, optimizer: torch.optim.Optimizer, windows: torch.Tensor,
-                shape: BatchShape, t: TrainingConfig, device: torch.device,
-                progress: Callable[[float], float], generator: torch.Generator,
-                log: Callable[[dict], None] | None = None) -> RoundResult:
+def local_round(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    windows: torch.Tensor,
+    shape: BatchShape,
+    t: TrainingConfig,
+    device: torch.device,
+    progress: Callable[[float], float],
+    generator: torch.Generator,
+    log: Callable[[dict], None] | None = None,
+) -> RoundResult:
     """Train on `windows` (one pass, shuffled) in optimizer steps of `shape`.
 
     `progress(f)` maps the fraction f of this round done to the federation-wide schedule
@@ -103,7 +110,7 @@ def local_round(model: torch.nn.Module, optimizer: torch.optim.Optimizer, window
             group["lr"] = lr
         for micro in range(shape.grad_accum):
             start = (step * shape.grad_accum + micro) * shape.micro_batch
-            batch = windows[order[start:start + shape.micro_batch]].to(device, non_blocking=True)
+            batch = windows[order[start : start + shape.micro_batch]].to(device, non_blocking=True)
             with ctx:
                 _, loss = model(batch[:, :-1], batch[:, 1:])
             (loss / shape.grad_accum).backward()
@@ -117,9 +124,25 @@ def local_round(model: torch.nn.Module, optimizer: torch.optim.Optimizer, window
             n = (step % t.log_every) + 1 if (step + 1) % t.log_every else t.log_every
             last_loss = loss_sum.item() / (n * shape.grad_accum)
             loss_sum.zero_()
-            log({"step": step + 1, "steps": steps, "loss": last_loss, "grad_norm": float(norm), "lr": lr,
-                 "tokens": tokens_done, "tokens_per_s": (tokens_done - last_log_tokens) / max(now - last_log_t, 1e-9),
-                 "progress": progress((step + 1) / steps), "elapsed_s": now - t0})
+            log(
+                {
+                    "step": step + 1,
+                    "steps": steps,
+                    "loss": last_loss,
+                    "grad_norm": float(norm),
+                    "lr": lr,
+                    "tokens": tokens_done,
+                    "tokens_per_s": (tokens_done - last_log_tokens) / max(now - last_log_t, 1e-9),
+                    "progress": progress((step + 1) / steps),
+                    "elapsed_s": now - t0,
+                }
+            )
             last_log_t, last_log_tokens = now, tokens_done
-    return RoundResult(steps=steps, tokens=tokens_done, seconds=time.perf_counter() - t0,
-                       last_loss=last_loss, lr_first=lr_first, lr_last=lr)
+    return RoundResult(
+        steps=steps,
+        tokens=tokens_done,
+        seconds=time.perf_counter() - t0,
+        last_loss=last_loss,
+        lr_first=lr_first,
+        lr_last=lr,
+    )

@@ -31,13 +31,26 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
     plan = make_plan(r, shards, cfg.sites, cfg.rounds.tokens_per_round, cfg.seed, prev, requeue)
     vocab = manifest["tokenizer"]["vocab_size"]
     for name, entry in plan["sites"].items():
-        shape = batch_shape(name, cfg.sites[name], cfg.model, vocab, cfg.training.batch_tokens,
-                            cfg.training.max_micro_batch, devices=max(1, cfg.sites[name].gpus))
+        shape = batch_shape(
+            name,
+            cfg.sites[name],
+            cfg.model,
+            vocab,
+            cfg.training.batch_tokens,
+            cfg.training.max_micro_batch,
+            devices=max(1, cfg.sites[name].gpus),
+        )
         entry["micro_batch"] = shape.micro_batch
         entry["grad_accum_planned"] = shape.grad_accum
     plan.update(run=cfg.run, created=time.time(), requeued=requeue)
     plan = sign_document(plan, COORDINATOR, trust.private_key(COORDINATOR))
     write_json(layout.plan(r), plan)
-    AuditLog(layout.audit).append("round.planned", round=r, participants=plan["participants"], tokens=plan["tokens"],
-                                  assignment={s: e["shards"] for s, e in plan["sites"].items()}, requeued=requeue)
+    AuditLog(layout.audit).append(
+        "round.planned",
+        round=r,
+        participants=plan["participants"],
+        tokens=plan["tokens"],
+        assignment={s: e["shards"] for s, e in plan["sites"].items()},
+        requeued=requeue,
+    )
     return plan

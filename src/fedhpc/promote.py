@@ -19,8 +19,10 @@ def gate(baseline_loss: float | None, candidate_loss: float | None, max_regressi
     if candidate_loss is None or not math.isfinite(candidate_loss):
         return False, "candidate's held-out loss is not finite"
     if baseline_loss is not None and candidate_loss > baseline_loss * (1 + max_regression):
-        return False, (f"held-out loss regressed from {baseline_loss:.4f} to {candidate_loss:.4f} "
-                       f"(more than evaluation.max_regression = {max_regression:.0%})")
+        return False, (
+            f"held-out loss regressed from {baseline_loss:.4f} to {candidate_loss:.4f} "
+            f"(more than evaluation.max_regression = {max_regression:.0%})"
+        )
     return True, "held-out loss within the gate"
 
 
@@ -38,12 +40,30 @@ def promote_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, bas
     src, chosen_eval = (layout.candidate(r), candidate) if ok else (layout.global_model(r), baseline)
     _place(src, layout.global_model(r + 1))
     write_json(layout.global_eval(r + 1), chosen_eval)
-    meta = publish_global(layout, trust, r + 1, layout.global_model(r + 1), {
-        "run": cfg.run, "source": "aggregate" if ok else "rollback", "reason": reason,
-        "parent_sha256": base["sha256"], "from_round": r, "vocab_size": base["vocab_size"],
-        "model": base["model"], "parameters": base["parameters"], "eval_loss": chosen_eval["loss"],
-    })
-    AuditLog(layout.audit).append("global.published" if ok else "round.rolled_back", round=r + 1, from_round=r,
-                                  sha256=meta["sha256"], reason=reason, eval_loss=chosen_eval["loss"],
-                                  candidate_loss=candidate["loss"])
+    meta = publish_global(
+        layout,
+        trust,
+        r + 1,
+        layout.global_model(r + 1),
+        {
+            "run": cfg.run,
+            "source": "aggregate" if ok else "rollback",
+            "reason": reason,
+            "parent_sha256": base["sha256"],
+            "from_round": r,
+            "vocab_size": base["vocab_size"],
+            "model": base["model"],
+            "parameters": base["parameters"],
+            "eval_loss": chosen_eval["loss"],
+        },
+    )
+    AuditLog(layout.audit).append(
+        "global.published" if ok else "round.rolled_back",
+        round=r + 1,
+        from_round=r,
+        sha256=meta["sha256"],
+        reason=reason,
+        eval_loss=chosen_eval["loss"],
+        candidate_loss=candidate["loss"],
+    )
     return meta

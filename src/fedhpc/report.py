@@ -24,17 +24,31 @@ def build_summary(cfg: Config, layout: RunLayout) -> dict:
         agg = read_json(layout.aggregate_record(r))
         excluded += [{"round": r, "site": s, "reasons": why} for s, why in sorted(agg["excluded"].items())]
         meta = read_json(layout.global_meta(r + 1))
-        history.append({"round": r, "eval_loss": read_json(layout.global_eval(r + 1))["loss"],
-                        "candidate_loss": read_json(layout.candidate_eval(r))["loss"], "source": meta["source"],
-                        "weights": agg["weights"], "missing": agg["missing"], "excluded": sorted(agg["excluded"])})
+        history.append(
+            {
+                "round": r,
+                "eval_loss": read_json(layout.global_eval(r + 1))["loss"],
+                "candidate_loss": read_json(layout.candidate_eval(r))["loss"],
+                "source": meta["source"],
+                "weights": agg["weights"],
+                "missing": agg["missing"],
+                "excluded": sorted(agg["excluded"]),
+            }
+        )
     events = AuditLog(layout.audit).events()
     ledger = verify_ledger(layout.audit)
     return {
-        "run": cfg.run, "rounds_completed": len(rounds), "rounds_planned": cfg.rounds.count,
-        "sites": sorted(cfg.sites), "initial_eval_loss": first_eval["loss"], "final_eval_loss": final_eval["loss"],
-        "entropy_floor": final_eval["entropy_floor"], "final_gap_to_floor": final_eval["gap_to_floor"],
+        "run": cfg.run,
+        "rounds_completed": len(rounds),
+        "rounds_planned": cfg.rounds.count,
+        "sites": sorted(cfg.sites),
+        "initial_eval_loss": first_eval["loss"],
+        "final_eval_loss": final_eval["loss"],
+        "entropy_floor": final_eval["entropy_floor"],
+        "final_gap_to_floor": final_eval["gap_to_floor"],
         "final_eval_by_domain": {d: v["loss"] for d, v in final_eval["domains"].items()},
-        "excluded_updates": excluded, "rollbacks": [h["round"] for h in history if h["source"] == "rollback"],
+        "excluded_updates": excluded,
+        "rollbacks": [h["round"] for h in history if h["source"] == "rollback"],
         "global_model_sha256": read_json(layout.global_meta(last))["sha256"],
         "global_model": str(layout.global_model(last)),
         "wall_seconds": (time.time() - events[0]["time"]) if events else 0.0,
@@ -105,17 +119,24 @@ def write_report(cfg: Config, layout: RunLayout) -> dict:
     rows = "".join(
         f"<tr><td>r{h['round']:04d}</td><td>{h['eval_loss']:.4f}</td><td>{h['source']}</td>"
         f"<td>{esc(', '.join(h['excluded']) or '—')}</td><td>{esc(', '.join(h['missing']) or '—')}</td></tr>"
-        for h in summary["history"] if h["eval_loss"] is not None)
-    plots = "".join(f"<h2>{esc(t)}</h2><img alt='{esc(t)}' src='data:image/png;base64,{b}'>" for t, b in _plots(cfg, layout, summary))
+        for h in summary["history"]
+        if h["eval_loss"] is not None
+    )
+    plots = "".join(
+        f"<h2>{esc(t)}</h2><img alt='{esc(t)}' src='data:image/png;base64,{b}'>"
+        for t, b in _plots(cfg, layout, summary)
+    )
+    gap = summary["final_gap_to_floor"]
+    floor_text = "" if floor is None else f"(entropy floor {floor:.4f}, gap {gap:.4f})"
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedhpc · {esc(cfg.run)}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}}td,th{{padding:.2em .8em;text-align:left}}
 pre{{background:#f4f4f4;padding:1em}}img{{max-width:100%}}</style></head><body>
 <h1>Federation <code>{esc(cfg.run)}</code></h1>
-<p>{summary['rounds_completed']} of {summary['rounds_planned']} rounds, sites {esc(', '.join(summary['sites']))}.
-Held-out loss {summary['initial_eval_loss']:.4f} → <b>{summary['final_eval_loss']:.4f}</b> nats/token
-{'' if floor is None else f'(entropy floor {floor:.4f}, gap {summary["final_gap_to_floor"]:.4f})'}.
-Final global model <code>{summary['global_model_sha256'][:16]}…</code>; audit ledger
-{'intact' if summary['audit']['intact'] else '<b>BROKEN</b>'} ({summary['audit']['events']} events).</p>
+<p>{summary["rounds_completed"]} of {summary["rounds_planned"]} rounds, sites {esc(", ".join(summary["sites"]))}.
+Held-out loss {summary["initial_eval_loss"]:.4f} → <b>{summary["final_eval_loss"]:.4f}</b> nats/token
+{floor_text}.
+Final global model <code>{summary["global_model_sha256"][:16]}…</code>; audit ledger
+{"intact" if summary["audit"]["intact"] else "<b>BROKEN</b>"} ({summary["audit"]["events"]} events).</p>
 <h2>Rounds × sites</h2><pre>{esc(format_table(round_states(layout)))}</pre>
 <table><tr><th>round</th><th>held-out loss</th><th>global from</th><th>excluded</th><th>missing</th></tr>{rows}</table>
 {plots}</body></html>"""

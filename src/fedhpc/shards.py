@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from zarr.codecs import ZstdCodec
 
 from .config import DataConfig, SourceConfig
+from .errors import FedhpcError
 from .files import fsync_dir, sha256_file, sha256_tree, write_bytes
 from .ingest import DataError, iter_source
 from .layout import RunLayout
@@ -31,7 +32,7 @@ _BATCH_DOCS = 512
 _BATCH_CHARS = 8 << 20
 
 
-class ShardIntegrityError(ValueError):
+class ShardIntegrityError(FedhpcError, ValueError):
     """A shard or held-out split on disk does not match the manifest (tampered, truncated or unreadable)."""
 
 
@@ -153,18 +154,20 @@ class _ShardPacker:
         assert self.writer is not None
         tokens, sha = self.writer.tokens, self.writer.commit()
         s = self.source
-        self.entries.append({
-            "id": self.shard_id,
-            "path": _rel(self.layout, self.layout.shard(self.shard_id)),
-            "tokens": tokens,
-            "domain": s.domain,
-            "language": s.language,
-            "source": s.source or s.path,
-            "licence": s.licence,
-            "residency": s.site,
-            "sha256": sha,
-            "dtype": str(self.dtype),
-        })
+        self.entries.append(
+            {
+                "id": self.shard_id,
+                "path": _rel(self.layout, self.layout.shard(self.shard_id)),
+                "tokens": tokens,
+                "domain": s.domain,
+                "language": s.language,
+                "source": s.source or s.path,
+                "licence": s.licence,
+                "residency": s.site,
+                "sha256": sha,
+                "dtype": str(self.dtype),
+            }
+        )
         self.writer = None
 
     def finish(self) -> list[dict[str, Any]]:
@@ -206,7 +209,9 @@ def _tokenised(source: SourceConfig, tok: Tokenizer) -> Iterator[tuple[np.ndarra
         bad = (ids < 0) | (ids >= tok.vocab_size)
         if bad.any():
             i = int(np.argmax(bad))
-            raise DataError(f"{doc.origin}: token id {int(ids[i])} at position {i} is outside the tokenizer vocabulary 0..{tok.vocab_size - 1}")
+            raise DataError(
+                f"{doc.origin}: token id {int(ids[i])} at position {i} is outside the tokenizer vocabulary 0..{tok.vocab_size - 1}"
+            )
         yield ids, None
     yield from flush()
 
@@ -297,7 +302,9 @@ def build_shards(
             if held:
                 if dom.writer is None:
                     attrs = {"fedhpc": {"heldout": source.domain}}
-                    dom.writer = _ZarrStream(layout.heldout(source.domain), dtype, min(CHUNK_TOKENS, data.shard_tokens), attrs)
+                    dom.writer = _ZarrStream(
+                        layout.heldout(source.domain), dtype, min(CHUNK_TOKENS, data.shard_tokens), attrs
+                    )
                 for ids, nbytes in held:
                     dom.writer.append(ids)
                     dom.text_bytes += nbytes or 0
@@ -314,7 +321,10 @@ def build_shards(
         for name in sorted(domains):
             dom = domains[name]
             if dom.writer is None:
-                print(f"shards: domain {name}: no held-out documents (every source has a single document)", file=sys.stderr)
+                print(
+                    f"shards: domain {name}: no held-out documents (every source has a single document)",
+                    file=sys.stderr,
+                )
                 continue
             tokens = dom.writer.tokens
             sha = dom.writer.commit()
@@ -323,16 +333,18 @@ def build_shards(
             entropy = domain_entropy.get(name)
             floor = entropy * bpt if entropy is not None and bpt is not None else None
             residency = next(iter(dom.sites)) if len(dom.sites) == 1 else None
-            heldout.append({
-                "domain": name,
-                "path": _rel(layout, writer.final),
-                "tokens": tokens,
-                "sha256": sha,
-                "dtype": str(dtype),
-                "bytes_per_token": bpt,
-                "entropy_floor_nats_per_token": floor,
-                "residency": residency,
-            })
+            heldout.append(
+                {
+                    "domain": name,
+                    "path": _rel(layout, writer.final),
+                    "tokens": tokens,
+                    "sha256": sha,
+                    "dtype": str(dtype),
+                    "bytes_per_token": bpt,
+                    "entropy_floor_nats_per_token": floor,
+                    "residency": residency,
+                }
+            )
     except BaseException:
         if packer is not None:
             packer.abort()
@@ -367,7 +379,9 @@ def load_manifest(layout: RunLayout, trust: TrustStore) -> dict[str, Any]:
     verify_bytes(trust.public_key(COORDINATOR), body, sig, str(layout.manifest))
     manifest = json.loads(body)
     if manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{layout.manifest}: manifest version {manifest.get('version')!r}, expected {MANIFEST_VERSION}")
+        raise ValueError(
+            f"{layout.manifest}: manifest version {manifest.get('version')!r}, expected {MANIFEST_VERSION}"
+        )
     return manifest
 
 

@@ -11,12 +11,13 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .errors import FedhpcError
 from .files import atomic_path, canonical_json
 
 COORDINATOR = "coordinator"
 
 
-class SignatureError(ValueError):
+class SignatureError(FedhpcError, ValueError):
     """A document is unsigned, signed by the wrong party, or its signature does not verify."""
 
 
@@ -45,7 +46,9 @@ def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
     path = Path(path)
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise PermissionError(f"{path}: private key is readable by others (mode {oct(mode & 0o777)}); run chmod 600 {path}")
+        raise PermissionError(
+            f"{path}: private key is readable by others (mode {oct(mode & 0o777)}); run chmod 600 {path}"
+        )
     try:
         return Ed25519PrivateKey.from_private_bytes(base64.b64decode(path.read_text().strip(), validate=True))
     except ValueError as exc:
@@ -75,7 +78,9 @@ class TrustStore:
     def private_key(self, name: str) -> Ed25519PrivateKey:
         path = self.keys_dir / f"{name}.key"
         if not path.is_file():
-            raise FileNotFoundError(f"no private key for {name!r} at {path}; create it with `fedhpc keys init --site {name}`")
+            raise FileNotFoundError(
+                f"no private key for {name!r} at {path}; create it with `fedhpc keys init --site {name}`"
+            )
         return load_private_key(path)
 
 

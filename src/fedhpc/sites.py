@@ -61,8 +61,15 @@ def micro_batch_for(site_name: str, site: SiteConfig, model: ModelConfig, vocab_
     return max(1, min(cap, int(budget // per_seq)))
 
 
-def batch_shape(site_name: str, site: SiteConfig, model: ModelConfig, vocab_size: int,
-                batch_tokens: int, max_micro_batch: int, devices: int) -> BatchShape:
+def batch_shape(
+    site_name: str,
+    site: SiteConfig,
+    model: ModelConfig,
+    vocab_size: int,
+    batch_tokens: int,
+    max_micro_batch: int,
+    devices: int,
+) -> BatchShape:
     """Micro-batch from the site's memory; accumulation so every site steps on ~`batch_tokens`.
 
     `devices` is the number of data-parallel ranks the site actually runs.

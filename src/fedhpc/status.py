@@ -59,8 +59,15 @@ def format_table(rows: list[dict]) -> str:
         return "no rounds planned yet"
     sites = sorted({s for row in rows for s in row["sites"]})
     head = ["round", *sites, "round state", "held-out loss"]
-    body = [[f"r{row['round']:04d}", *(row["sites"].get(s, "") for s in sites), row["state"],
-             "" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"] for row in rows]
+    body = [
+        [
+            f"r{row['round']:04d}",
+            *(row["sites"].get(s, "") for s in sites),
+            row["state"],
+            "" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}",
+        ]
+        for row in rows
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*b) for b in body)])

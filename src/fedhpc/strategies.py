@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -22,18 +22,33 @@ def site_weights(receipts: Mapping[str, Mapping], weighting: str) -> dict[str, f
     return {s: w / total for s, w in sorted(raw.items())}
 
 
-def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Σ w_i · t_i accumulated in fp32, in the given order (so results are reproducible)."""
-    if len(tensors) != len(weights) or not tensors:
-        raise ValueError(f"{len(tensors)} tensors and {len(weights)} weights")
-    acc = torch.zeros(tensors[0].shape, dtype=torch.float32)
-    for t, w in zip(tensors, weights):
+def weighted_sum(tensors: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Σ w_i · t_i accumulated in fp32, in the given order (so results are reproducible).
+
+    `tensors` may be a lazy iterable: only one of them needs to exist at a time.
+    """
+    acc = None
+    it = iter(tensors)
+    # No zip/enumerate: their reused result tuple would keep the previous tensor alive
+    # while the next one is read.
+    for w in weights:
+        t = next(it, None)
+        if t is None:
+            raise ValueError(f"fewer tensors than the {len(weights)} weights")
+        if acc is None:
+            acc = torch.zeros(t.shape, dtype=torch.float32)
         acc.add_(t.to(torch.float32), alpha=float(w))
+        del t
+    if next(it, None) is not None:
+        raise ValueError(f"more tensors than the {len(weights)} weights")
+    if acc is None:
+        raise ValueError("no tensors to sum")
     return acc
 
 
-def fedavg(global_tensor: torch.Tensor, updates: Sequence[torch.Tensor], weights: Sequence[float],
-           server_lr: float = 1.0) -> torch.Tensor:
+def fedavg(
+    global_tensor: torch.Tensor, updates: Iterable[torch.Tensor], weights: Sequence[float], server_lr: float = 1.0
+) -> torch.Tensor:
     """FedAvg on updates (local − global): global + server_lr · Σ w_i Δ_i, in the global's dtype."""
     step = weighted_sum(updates, weights)
     return (global_tensor.to(torch.float32) + server_lr * step).to(global_tensor.dtype)

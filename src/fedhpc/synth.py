@@ -188,8 +188,14 @@ class WordsSource:
 
     def params(self) -> dict:
         lo, hi = WORD_LENGTHS
-        return {"alphabet": self.a, "words": self.n, "concentration": self.concentration, "epsilon": EPSILON,
-                "min_word_length": lo, "max_word_length": hi}
+        return {
+            "alphabet": self.a,
+            "words": self.n,
+            "concentration": self.concentration,
+            "epsilon": EPSILON,
+            "min_word_length": lo,
+            "max_word_length": hi,
+        }
 
     def entropy_rate(self) -> float:
         return float(self.pi @ _row_entropy(self.p)) / float(self.pi @ (self.lengths + 1.0))
@@ -246,7 +252,10 @@ class ZipfSource:
 
 
 _SOURCES: dict[str, type[MarkovSource] | type[WordsSource] | type[ZipfSource]] = {
-    "markov": MarkovSource, "words": WordsSource, "zipf": ZipfSource}
+    "markov": MarkovSource,
+    "words": WordsSource,
+    "zipf": ZipfSource,
+}
 
 
 def _codes(text: str) -> np.ndarray:
@@ -310,10 +319,16 @@ def generate_corpus(cfg: SynthConfig, seed: int, out_dir: Path) -> dict:
             tmp.write_bytes(payload)
         bits = source.entropy_rate()
         domains[d.name] = {
-            "generator": d.generator, "params": source.params(), "documents": len(docs),
-            "bytes": sum(len(t) for t in docs), "entropy_rate_bits_per_byte": bits,
-            "entropy_rate_nats_per_byte": bits * math.log(2), "site": d.site, "language": d.language,
-            "file": f"{d.name}.jsonl"}
+            "generator": d.generator,
+            "params": source.params(),
+            "documents": len(docs),
+            "bytes": sum(len(t) for t in docs),
+            "entropy_rate_bits_per_byte": bits,
+            "entropy_rate_nats_per_byte": bits * math.log(2),
+            "site": d.site,
+            "language": d.language,
+            "file": f"{d.name}.jsonl",
+        }
     corpus = {"seed": seed, "domains": domains}
     # Written last: its presence means every domain file is complete.
     write_json(out_dir / "corpus.json", corpus)
@@ -323,7 +338,16 @@ def generate_corpus(cfg: SynthConfig, seed: int, out_dir: Path) -> dict:
 def domain_sources(corpus: dict, corpus_dir: Path) -> list[SourceConfig]:
     """SourceConfig (format jsonl, field text, licence CC0-1.0, source 'fedhpc synth (<generator>)') for each domain, carrying its site and language."""
     return [
-        SourceConfig(name=name, format="jsonl", path=str(Path(corpus_dir) / info["file"]), field="text",
-                     domain=name, language=info["language"], source=f"fedhpc synth ({info['generator']})",
-                     licence="CC0-1.0", site=info["site"])
-        for name, info in corpus["domains"].items()]
+        SourceConfig(
+            name=name,
+            format="jsonl",
+            path=str(Path(corpus_dir) / info["file"]),
+            field="text",
+            domain=name,
+            language=info["language"],
+            source=f"fedhpc synth ({info['generator']})",
+            licence="CC0-1.0",
+            site=info["site"],
+        )
+        for name, info in corpus["domains"].items()
+    ]

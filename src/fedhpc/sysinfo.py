@@ -11,13 +11,20 @@ import psutil
 
 
 def _nvidia() -> dict[str, float]:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,power.draw,memory.used",
-                          "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=utilization.gpu,power.draw,memory.used", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     rows = [[float(x) for x in line.split(",")] for line in out.stdout.strip().splitlines() if line.strip()]
     if not rows:
         return {}
-    return {"gpu_util_pct": sum(r[0] for r in rows) / len(rows), "gpu_power_w": sum(r[1] for r in rows),
-            "gpu_mem_used_mb": sum(r[2] for r in rows)}
+    return {
+        "gpu_util_pct": sum(r[0] for r in rows) / len(rows),
+        "gpu_power_w": sum(r[1] for r in rows),
+        "gpu_mem_used_mb": sum(r[2] for r in rows),
+    }
 
 
 def _rocm() -> dict[str, float]:

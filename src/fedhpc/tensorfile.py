@@ -12,15 +12,25 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .errors import FedhpcError
 from .files import atomic_path
 
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-           torch.bool: "BOOL"}
+_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class TensorFileError(ValueError):
+class TensorFileError(FedhpcError, ValueError):
     """A safetensors file is missing, truncated or malformed."""
 
 
@@ -91,8 +101,12 @@ def open_tensors(path: str | os.PathLike) -> Iterator[Mapping[str, torch.Tensor]
         yield _Lazy()
 
 
-def write_tensors(path: str | os.PathLike, specs: Mapping[str, TensorSpec],
-                  produce: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_tensors(
+    path: str | os.PathLike,
+    specs: Mapping[str, TensorSpec],
+    produce: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write a safetensors file whose tensors come one at a time from `produce(name)`.
 
     The header is laid out from `specs` first; each tensor is then computed, checked
@@ -120,7 +134,9 @@ def write_tensors(path: str | os.PathLike, specs: Mapping[str, TensorSpec],
                 fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy: buffer protocol
 
 
-def save_state(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_state(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     specs = {k: TensorSpec(_DTYPES[v.dtype], tuple(v.shape)) for k, v in tensors.items()}
     write_tensors(path, specs, lambda name: tensors[name], metadata)
 

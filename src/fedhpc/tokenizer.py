@@ -15,6 +15,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .config import TokenizerConfig
+from .errors import FedhpcError
 from .files import write_bytes
 
 # Marks our saved file: the HuggingFace JSON cannot carry extra keys (its parser rejects them),
@@ -26,7 +27,7 @@ BYTE_VOCAB = 257
 BYTE_EOS = 256
 
 
-class TokenizerError(ValueError):
+class TokenizerError(FedhpcError, ValueError):
     """A tokenizer cannot be built, found or loaded."""
 
 
@@ -72,7 +73,15 @@ class ByteTokenizer(Tokenizer):
         return arr[(arr >= 0) & (arr < 256)].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FILE_FORMAT, "version": FILE_VERSION, "kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id, "eos": None, "hf": None}
+        return {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "eos": None,
+            "hf": None,
+        }
 
 
 class HFWrapped(Tokenizer):
@@ -127,14 +136,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int, eos: str) -> HFWrapped:
     hf.train_from_iterator(texts, trainer)
     tok = HFWrapped(hf, "bpe", eos)
     if tok.vocab_size < vocab_size:
-        print(f"tokenizer: corpus supports only {tok.vocab_size} of the requested {vocab_size} BPE tokens", file=sys.stderr)
+        print(
+            f"tokenizer: corpus supports only {tok.vocab_size} of the requested {vocab_size} BPE tokens",
+            file=sys.stderr,
+        )
     return tok
 
 
 def _resolve_pretrained(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
-        raise TokenizerError(f"data.tokenizer.path: {p} does not exist (expected a tokenizer.json file or a directory holding one)")
+        raise TokenizerError(
+            f"data.tokenizer.path: {p} does not exist (expected a tokenizer.json file or a directory holding one)"
+        )
     if p.is_dir():
         p = p / "tokenizer.json"
     if not p.is_file():
@@ -189,7 +203,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TokenizerError(f"{p}: not a readable tokenizer file ({exc})") from None
     if not isinstance(obj, dict) or obj.get("format") != FILE_FORMAT:
-        raise TokenizerError(f"{p}: not a fedhpc tokenizer file (a plain tokenizer.json is used via data.tokenizer.kind: pretrained)")
+        raise TokenizerError(
+            f"{p}: not a fedhpc tokenizer file (a plain tokenizer.json is used via data.tokenizer.kind: pretrained)"
+        )
     if obj.get("version") != FILE_VERSION:
         raise TokenizerError(f"{p}: tokenizer file version {obj.get('version')!r}, expected {FILE_VERSION}")
     kind = obj.get("kind")

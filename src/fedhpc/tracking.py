@@ -59,29 +59,43 @@ def track_round(cfg: Config, layout: RunLayout, r: int) -> dict:
 
     client, exp_id = _client(cfg, layout)
     parent = _parent_run(client, exp_id, cfg, layout)
-    old = client.search_runs([exp_id], filter_string=f"tags.`fedhpc.parent` = '{parent}' and tags.`fedhpc.round` = '{r}'")
+    old = client.search_runs(
+        [exp_id], filter_string=f"tags.`fedhpc.parent` = '{parent}' and tags.`fedhpc.round` = '{r}'"
+    )
     for run in old:  # a previous, interrupted attempt at this round
         client.delete_run(run.info.run_id)
     children = {}
     arrivals = read_json(layout.arrivals(r))
     for site in arrivals["arrived"]:
         receipt = read_json(layout.receipt(r, site))
-        child = client.create_run(exp_id, run_name=f"r{r:04d}/{site}", tags={
-            "mlflow.parentRunId": parent, "fedhpc.parent": parent, "fedhpc.round": str(r), "fedhpc.site": site})
+        child = client.create_run(
+            exp_id,
+            run_name=f"r{r:04d}/{site}",
+            tags={"mlflow.parentRunId": parent, "fedhpc.parent": parent, "fedhpc.round": str(r), "fedhpc.site": site},
+        )
         rid = child.info.run_id
-        params = {k: receipt[k] for k in ("micro_batch", "grad_accum", "devices", "batch_tokens", "steps", "tokens", "device")}
+        params = {
+            k: receipt[k] for k in ("micro_batch", "grad_accum", "devices", "batch_tokens", "steps", "tokens", "device")
+        }
         metrics = []
         path = layout.metrics(r, site)
         for line in path.read_text().splitlines() if path.exists() else []:
             rec = json.loads(line)
             ts, step = int(rec["time"] * 1000), int(rec["step"])
-            metrics += [Metric(k, float(v), ts, step) for k, v in rec.items()
-                        if k not in ("round", "site", "time", "step", "steps") and isinstance(v, (int, float))]
+            metrics += [
+                Metric(k, float(v), ts, step)
+                for k, v in rec.items()
+                if k not in ("round", "site", "time", "step", "steps") and isinstance(v, (int, float))
+            ]
         for k in ("loss_before", "loss_after", "tokens_per_second"):
             if receipt.get(k) is not None:
                 metrics.append(Metric(k, float(receipt[k]), int(receipt["finished_at"] * 1000), 0))
         for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 entries
-            client.log_batch(rid, metrics=metrics[i:i + 900], params=[Param(k, str(v)) for k, v in params.items()] if i == 0 else [])
+            client.log_batch(
+                rid,
+                metrics=metrics[i : i + 900],
+                params=[Param(k, str(v)) for k, v in params.items()] if i == 0 else [],
+            )
         client.set_terminated(rid)
         children[site] = rid
     ev = read_json(layout.global_eval(r + 1))
@@ -101,10 +115,19 @@ def track_round(cfg: Config, layout: RunLayout, r: int) -> dict:
     for mv in client.search_model_versions(f"name = '{name}' and tag.`fedhpc.round` = '{r + 1}'"):
         client.delete_model_version(name, mv.version)
     version = client.create_model_version(
-        name, source=Path(layout.global_model(r + 1)).resolve().as_uri(), run_id=parent,
-        tags={"fedhpc.round": str(r + 1), "sha256": meta["sha256"], "source": meta["source"]})
-    record = {"round": r, "parent_run": parent, "site_runs": children, "model": name, "model_version": version.version,
-              "tracking_uri": tracking_uri(cfg, layout)}
+        name,
+        source=Path(layout.global_model(r + 1)).resolve().as_uri(),
+        run_id=parent,
+        tags={"fedhpc.round": str(r + 1), "sha256": meta["sha256"], "source": meta["source"]},
+    )
+    record = {
+        "round": r,
+        "parent_run": parent,
+        "site_runs": children,
+        "model": name,
+        "model_version": version.version,
+        "tracking_uri": tracking_uri(cfg, layout),
+    }
     write_json(layout.tracked(r), record)
     return record
 

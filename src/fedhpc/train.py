@@ -77,12 +77,15 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
     torch.set_num_threads(threads)
     torch.manual_seed(stable_seed(cfg.seed, "train", r, site))
     device = pick_device(cfg.training.device)
-    audit.append("train.started", round=r, site=site, shards=entry["shards"], slurm_job_id=os.environ.get("SLURM_JOB_ID"))
+    audit.append(
+        "train.started", round=r, site=site, shards=entry["shards"], slurm_job_id=os.environ.get("SLURM_JOB_ID")
+    )
 
     manifest = load_manifest(layout, trust)
     shards = {s["id"]: s for s in manifest["shards"]}
-    tokens = torch.from_numpy(np.concatenate(
-        [read_shard(layout, shards[sid]).astype("int64") for sid in entry["shards"]]))
+    tokens = torch.from_numpy(
+        np.concatenate([read_shard(layout, shards[sid]).astype("int64") for sid in entry["shards"]])
+    )
     windows = to_windows(tokens, cfg.model.seq_len)
     n_eval = max(1, int(len(windows) * cfg.training.local_eval_fraction))
     # The held-back tail is the site's own held-out slice for loss before/after.
@@ -92,11 +95,14 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
     model = build_model(cfg, vocab).to(device)
     global_state = load_state(layout.global_model(r))
     load_exported_state(model, global_state)
-    shape = batch_shape(site, cfg.sites[site], cfg.model, vocab, cfg.training.batch_tokens,
-                        cfg.training.max_micro_batch, devices=1)
+    shape = batch_shape(
+        site, cfg.sites[site], cfg.model, vocab, cfg.training.batch_tokens, cfg.training.max_micro_batch, devices=1
+    )
     if len(train_w) < shape.micro_batch * shape.grad_accum:
-        raise ValueError(f"site {site!r}, round {r}: {len(train_w)} training sequences cannot fill one optimizer step "
-                         f"of {shape.micro_batch * shape.grad_accum}; raise rounds.tokens_per_round or lower training.batch_tokens")
+        raise ValueError(
+            f"site {site!r}, round {r}: {len(train_w)} training sequences cannot fill one optimizer step "
+            f"of {shape.micro_batch * shape.grad_accum}; raise rounds.tokens_per_round or lower training.batch_tokens"
+        )
     optimizer = make_optimizer(model, cfg.training)
     state_path, state_round = _optimizer_state(layout, site, r) if cfg.training.keep_optimizer_state else (None, None)
     if state_path is not None:
@@ -113,25 +119,46 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
     gen = torch.Generator().manual_seed(stable_seed(cfg.seed, "order", r, site))
     rounds = cfg.rounds.count
     started = time.time()
-    result = local_round(model, optimizer, train_w, shape, cfg.training, device,
-                         lambda f: (r + f) / rounds, gen, log)
+    result = local_round(model, optimizer, train_w, shape, cfg.training, device, lambda f: (r + f) / rounds, gen, log)
     loss_after = mean_loss(model, eval_w, cfg.evaluation.batch_size, device, cfg.training.precision)
 
     local = exported_state(model.cpu())
     update = {k: local[k] - global_state[k].float() for k in local}
-    save_state(layout.update(r, site), update, {"run": cfg.run, "round": str(r), "site": site, "base_sha256": base["sha256"]})
+    save_state(
+        layout.update(r, site), update, {"run": cfg.run, "round": str(r), "site": site, "base_sha256": base["sha256"]}
+    )
     receipt = {
-        "run": cfg.run, "round": r, "site": site, "base_round": r, "base_sha256": base["sha256"],
-        "update_sha256": sha256_file(layout.update(r, site)), "update_bytes": layout.update(r, site).stat().st_size,
-        "shards": entry["shards"], "tokens": result.tokens, "sequences": result.tokens // shape.seq_len,
-        "steps": result.steps, "micro_batch": shape.micro_batch, "grad_accum": shape.grad_accum,
-        "devices": shape.devices, "batch_tokens": shape.tokens_per_step, "lr_first": result.lr_first,
-        "lr_last": result.lr_last, "loss_before": finite_or_none(loss_before),
-        "loss_after": finite_or_none(loss_after), "train_loss_last": finite_or_none(result.last_loss), "eval_tokens": int(eval_w[:, 1:].numel()),
-        "tokens_per_second": result.tokens / max(result.seconds, 1e-9), "train_seconds": result.seconds,
-        "started_at": started, "finished_at": time.time(), "device": str(device), "threads": threads,
-        "accelerator_declared": cfg.sites[site].accelerator, "optimizer_state_from_round": state_round,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "host": socket.gethostname(),
+        "run": cfg.run,
+        "round": r,
+        "site": site,
+        "base_round": r,
+        "base_sha256": base["sha256"],
+        "update_sha256": sha256_file(layout.update(r, site)),
+        "update_bytes": layout.update(r, site).stat().st_size,
+        "shards": entry["shards"],
+        "tokens": result.tokens,
+        "sequences": result.tokens // shape.seq_len,
+        "steps": result.steps,
+        "micro_batch": shape.micro_batch,
+        "grad_accum": shape.grad_accum,
+        "devices": shape.devices,
+        "batch_tokens": shape.tokens_per_step,
+        "lr_first": result.lr_first,
+        "lr_last": result.lr_last,
+        "loss_before": finite_or_none(loss_before),
+        "loss_after": finite_or_none(loss_after),
+        "train_loss_last": finite_or_none(result.last_loss),
+        "eval_tokens": int(eval_w[:, 1:].numel()),
+        "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
+        "train_seconds": result.seconds,
+        "started_at": started,
+        "finished_at": time.time(),
+        "device": str(device),
+        "threads": threads,
+        "accelerator_declared": cfg.sites[site].accelerator,
+        "optimizer_state_from_round": state_round,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "host": socket.gethostname(),
     }
     receipt = sign_document(receipt, site, trust.private_key(site))
     if cfg.training.keep_optimizer_state:
@@ -146,13 +173,22 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
     for old in layout.site_state(site).glob("optimizer-r*.pt"):
         if int(old.stem.split("-r")[1]) < r:
             old.unlink()
-    audit.append("update.published", round=r, site=site, update_sha256=receipt["update_sha256"],
-                 tokens=result.tokens, steps=result.steps, loss_before=receipt["loss_before"], loss_after=receipt["loss_after"])
+    audit.append(
+        "update.published",
+        round=r,
+        site=site,
+        update_sha256=receipt["update_sha256"],
+        tokens=result.tokens,
+        steps=result.steps,
+        loss_before=receipt["loss_before"],
+        loss_after=receipt["loss_after"],
+    )
     return {"state": "published", "reused": False, "update_sha256": receipt["update_sha256"]}
 
 
-def run_train_job(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: str, threads: int,
-                  status_path: Path) -> dict:
+def run_train_job(
+    cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: str, threads: int, status_path: Path
+) -> dict:
     t0 = time.time()
     status = train_site(cfg, layout, trust, r, site, threads)
     status.update(round=r, site=site, seconds=time.time() - t0, slurm_job_id=os.environ.get("SLURM_JOB_ID"))

@@ -15,8 +15,9 @@ from .signing import COORDINATOR, SignatureError, TrustStore, sign_document, ver
 from .tensorfile import TensorFileError, open_tensors, read_specs
 
 
-def check_update(layout: RunLayout, trust: TrustStore, run: str, r: int, site: str, base: dict,
-                 v: VerificationConfig) -> dict:
+def check_update(
+    layout: RunLayout, trust: TrustStore, run: str, r: int, site: str, base: dict, v: VerificationConfig
+) -> dict:
     """Checks one site's update on its own. Returns {"reasons": [...], "flags": [...], ...stats}."""
     out: dict = {"site": site, "reasons": [], "flags": []}
     path = layout.receipt(r, site)
@@ -28,7 +29,9 @@ def check_update(layout: RunLayout, trust: TrustStore, run: str, r: int, site: s
         return out
     for key, want in (("run", run), ("round", r), ("site", site)):
         if receipt.get(key) != want:
-            out["reasons"].append(f"receipt is for {key} {receipt.get(key)!r}, expected {want!r} (replayed or misplaced)")
+            out["reasons"].append(
+                f"receipt is for {key} {receipt.get(key)!r}, expected {want!r} (replayed or misplaced)"
+            )
     if receipt.get("base_sha256") != base["sha256"]:
         out["reasons"].append("update was trained on a different global model (stale or wrong base)")
     if out["reasons"]:
@@ -47,7 +50,10 @@ def check_update(layout: RunLayout, trust: TrustStore, run: str, r: int, site: s
         out["reasons"].append(str(exc))
         return out
     if got != want:
-        diff = sorted(set(got) ^ set(want))[:3] + [f"{k}: {got[k]} vs global {want[k]}" for k in sorted(set(got) & set(want)) if got[k] != want[k]][:3]
+        diff = (
+            sorted(set(got) ^ set(want))[:3]
+            + [f"{k}: {got[k]} vs global {want[k]}" for k in sorted(set(got) & set(want)) if got[k] != want[k]][:3]
+        )
         out["reasons"].append(f"tensor names/shapes/dtypes differ from the global model: {'; '.join(map(str, diff))}")
         return out
     sq = 0.0
@@ -62,7 +68,9 @@ def check_update(layout: RunLayout, trust: TrustStore, run: str, r: int, site: s
     out["steps"] = int(receipt.get("steps", 0))
     out["tokens"] = int(receipt.get("tokens", 0))
     if v.max_update_norm is not None and out["norm"] > v.max_update_norm:
-        out["reasons"].append(f"update norm {out['norm']:.4g} exceeds verification.max_update_norm {v.max_update_norm:g}")
+        out["reasons"].append(
+            f"update norm {out['norm']:.4g} exceeds verification.max_update_norm {v.max_update_norm:g}"
+        )
     before, after = receipt.get("loss_before"), receipt.get("loss_after")
     out.update(loss_before=before, loss_after=after)
     if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (before, after)):
@@ -94,7 +102,9 @@ def verify_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, base
         for s, z in outlier_scores(stat, v.min_log_scale).items():
             checks[s]["outlier_z"] = z
             if z > v.outlier_z:
-                checks[s]["reasons"].append(f"outlier: update norm {checks[s]['norm']:.4g} is {z:.1f} robust deviations from the other sites")
+                checks[s]["reasons"].append(
+                    f"outlier: update norm {checks[s]['norm']:.4g} is {z:.1f} robust deviations from the other sites"
+                )
     else:
         for s in stat:
             checks[s]["flags"].append(f"outlier screen skipped: {len(stat)} updates (needs 3)")
@@ -103,7 +113,9 @@ def verify_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, base
     for site, c in sorted(checks.items()):
         verdict = {"round": r, "site": site, "accepted": not c["reasons"], **c}
         write_json(layout.verdict(r, site), sign_document(verdict, COORDINATOR, trust.private_key(COORDINATOR)))
-        audit.append("update.verdict", round=r, site=site, accepted=verdict["accepted"], reasons=c["reasons"], flags=c["flags"])
+        audit.append(
+            "update.verdict", round=r, site=site, accepted=verdict["accepted"], reasons=c["reasons"], flags=c["flags"]
+        )
         if verdict["accepted"]:
             summary["accepted"].append(site)
             summary["update_sha256"][site] = c["update_sha256"]
