@@ -16,10 +16,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+# Rerun after any interruption (even kill -9) to resume: fedhpc run clears a stale lock.
 demo: $(BIN)/.installed
-	$(BIN)/snakemake --profile $(PROFILE) --configfile $(CONFIG)
-	@$(BIN)/fedhpc status results/$$($(BIN)/python -c "import yaml;print(yaml.safe_load(open('$(CONFIG)'))['run'])")
-	@echo "Report: results/$$($(BIN)/python -c "import yaml;print(yaml.safe_load(open('$(CONFIG)'))['run'])")/report/index.html"
+	$(BIN)/fedhpc run --profile $(PROFILE) --configfile $(CONFIG)
 
 test: $(BIN)/.installed
 	$(BIN)/pytest -q

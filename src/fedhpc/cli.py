@@ -234,8 +234,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .launch import run
 
     extra = a.snakemake_args[1:] if a.snakemake_args[:1] == ["--"] else a.snakemake_args
-    run(a.profile, a.configfile, a.directory, extra)
-    return 0  # not reached: run() execs Snakemake
+    return run(a.profile, a.configfile, a.directory, extra)
 
 
 def cmd_status(a: argparse.Namespace) -> int:

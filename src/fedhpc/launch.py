@@ -1,4 +1,4 @@
-"""`fedhpc run`: start the Snakemake head process so that rerunning after any crash just works.
+"""`fedhpc run`: run the Snakemake head process so that rerunning after any crash just works.
 
 Snakemake leaves its directory lock behind when it is SIGKILLed, and the next run then
 refuses to start. We hold a kernel flock for the lifetime of the head process instead: the
@@ -11,6 +11,8 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,13 +46,36 @@ def acquire_head_lock(directory: Path) -> int:
     return fd
 
 
-def run(profile: str, configfile: str | None, directory: str, extra: list[str]) -> None:
-    """Replace this process by Snakemake, keeping the head lock open across the exec."""
+def run(profile: str, configfile: str | None, directory: str, extra: list[str]) -> int:
+    """Run Snakemake under the head lock; afterwards show where the federation stands."""
     workdir = Path(directory).resolve()
     fd = acquire_head_lock(workdir)
-    os.set_inheritable(fd, True)
     exe = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
     argv = [exe, "--snakefile", str(snakefile_path(workdir)), "--directory", str(workdir), "--profile", profile]
     if configfile:
-        argv += ["--configfile", configfile]
-    os.execv(exe, argv + extra)
+        argv += ["--configfile", str(Path(configfile).resolve())]
+    # Snakemake inherits the lock, so it stays held while Snakemake lives even if we die.
+    child = subprocess.Popen(argv + extra, pass_fds=(fd,))
+    # Ctrl-C reaches Snakemake too (same process group); we wait for its clean shutdown.
+    signal.signal(signal.SIGINT, lambda *_: None)
+    signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum))
+    code = child.wait()
+    if "--dry-run" not in extra and "-n" not in extra:
+        _report(workdir, configfile)
+    return code
+
+
+def _report(workdir: Path, configfile: str | None) -> None:
+    from .cli import run_dir
+    from .config_schema import ConfigError, load
+    from .layout import RunLayout
+    from .status import format_table, round_states
+
+    try:
+        cfg = load(Path(configfile).resolve() if configfile else workdir / "config.yaml")
+    except (ConfigError, OSError):
+        return  # Snakemake has already said what is wrong
+    layout = RunLayout.of(workdir / run_dir(cfg))
+    print(format_table(round_states(layout)))
+    if layout.summary.exists():
+        print(f"Report: {layout.report_dir / 'index.html'}")
