@@ -109,3 +109,40 @@ def test_a_wrong_config_stops_the_workflow_before_any_work(tmp_path):
     assert "config.yaml" in out and "unknown key training.lr_schdule" in out and "allowed keys here:" in out
     assert "sites.lumi.accelerator: 'tpu' is not allowed; allowed values: rocm, cuda, cpu" in out
     assert not (tmp_path / "results").exists()
+
+
+def test_optimizer_state_stays_at_the_site_and_carries_across_rounds(finished):
+    _, cfg, run = finished
+    for site in cfg["sites"]:
+        r1 = json.loads((run / "rounds" / "r0001" / "sites" / site / "receipt.json").read_text())
+        assert r1["optimizer_state_from_round"] == 0
+        assert [p.name for p in (run / "site-state" / site).iterdir()] == ["optimizer-r0001.pt"]
+    assert not list((run / "rounds").rglob("*.pt")), "optimizer state must never be published"
+
+
+def test_resetting_optimizer_state_is_a_config_choice(finished, tmp_path):
+    import shutil
+
+    from fedhpc.cli import context
+    from fedhpc.train import train_site
+
+    _, cfg, run = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = {
+        **cfg,
+        "output_dir": str(tmp_path),
+        "run": "run",
+        "training": {**cfg["training"], "keep_optimizer_state": False},
+    }
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    ctx = context(str(tmp_path / "c.json"))
+    for name in ("receipt.json", "update.safetensors"):
+        (copy / "rounds" / "r0001" / "sites" / "a100" / name).unlink()
+    (copy / "rounds" / "r0001" / "arrivals.json").unlink()
+    shutil.rmtree(copy / "site-state" / "a100")
+    status = train_site(ctx.cfg, ctx.layout, ctx.trust, 1, "a100", threads=1)
+    receipt = json.loads((copy / "rounds" / "r0001" / "sites" / "a100" / "receipt.json").read_text())
+    assert status["state"] == "published" and not status["reused"]
+    assert receipt["optimizer_state_from_round"] is None
+    assert not (copy / "site-state" / "a100").exists()

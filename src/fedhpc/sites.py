@@ -6,9 +6,16 @@ import math
 from dataclasses import dataclass
 
 from .config import ModelConfig, SiteConfig
+from .errors import FedhpcError
 from .model import param_count
 
 GB = 1e9
+
+
+class CapacityError(FedhpcError, ValueError):
+    """A site's declared memory cannot hold the model and one training sequence."""
+
+
 # Fraction of device memory we plan to use; the rest absorbs allocator fragmentation and
 # framework workspaces that no closed-form estimate captures.
 USABLE = 0.85
@@ -54,7 +61,7 @@ def micro_batch_for(site_name: str, site: SiteConfig, model: ModelConfig, vocab_
     per_seq = memory_per_sequence(model, vocab_size)
     if budget < per_seq:
         need = (fixed_training_bytes(model, vocab_size) + per_seq) / USABLE / GB
-        raise ValueError(
+        raise CapacityError(
             f"site {site_name!r} cannot train this model: one sequence needs about {need:.1f} GB per device, "
             f"the site declares {device_memory_bytes(site) / GB:.1f} GB"
         )

@@ -288,7 +288,7 @@ def _doc_lengths(total: int, mean: int, rng: np.random.Generator) -> list[int]:
     n = int(np.searchsorted(ends, total)) + 1
     out = lengths[:n].tolist()
     out[-1] = total - (int(ends[n - 2]) if n > 1 else 0)
-    if out[-1] < lo and n > 1:  # no stub document at the end: fold the remainder into the previous one
+    if out[-1] < lo and n > 1:  # no tiny last document: fold the remainder into the previous one
         tail = out.pop()
         out[-1] += tail
     return out

@@ -14,6 +14,7 @@ from .allocate import stable_seed
 from .audit import AuditLog
 from .checkpoints import build_model, load_global_meta
 from .config import Config
+from .errors import FedhpcError
 from .files import append_jsonl, finite_or_none, read_json, sha256_file, write_json
 from .layout import RunLayout
 from .loop import local_round, make_optimizer, mean_loss, to_windows
@@ -23,6 +24,10 @@ from .signing import COORDINATOR, SignatureError, TrustStore, sign_document, ver
 from .sites import batch_shape
 from .sysinfo import SystemProbe
 from .tensorfile import load_state, save_state
+
+
+class TrainingError(FedhpcError, ValueError):
+    """A site cannot train the round it was given (too little data, no memory, …)."""
 
 
 def pick_device(choice: str) -> torch.device:
@@ -99,7 +104,7 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         site, cfg.sites[site], cfg.model, vocab, cfg.training.batch_tokens, cfg.training.max_micro_batch, devices=1
     )
     if len(train_w) < shape.micro_batch * shape.grad_accum:
-        raise ValueError(
+        raise TrainingError(
             f"site {site!r}, round {r}: {len(train_w)} training sequences cannot fill one optimizer step "
             f"of {shape.micro_batch * shape.grad_accum}; raise rounds.tokens_per_round or lower training.batch_tokens"
         )
