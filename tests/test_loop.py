@@ -1,0 +1,106 @@
+"""The site training loop: accumulation, clipping, precision, and that it learns."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fedhpc.config import ModelConfig, TrainingConfig
+from fedhpc.loop import autocast_for, local_round, make_optimizer, mean_loss, to_windows
+from fedhpc.model import GPT
+from fedhpc.sites import BatchShape
+
+MCFG = ModelConfig(n_layer=1, n_head=2, d_model=16, seq_len=8)
+
+
+def _model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(MCFG, 20)
+
+
+def _run(shape: BatchShape, windows: torch.Tensor, t: TrainingConfig) -> GPT:
+    model = _model()
+    opt = make_optimizer(model, t)
+    local_round(model, opt, windows, shape, t, torch.device("cpu"), lambda f: 0.5, torch.Generator().manual_seed(1))
+    return model
+
+
+def test_to_windows_overlaps_by_one_token_for_next_token_targets():
+    w = to_windows(torch.arange(20), 4)
+    assert w.tolist() == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 10, 11, 12], [12, 13, 14, 15, 16]]
+
+
+def test_gradient_accumulation_matches_one_big_micro_batch():
+    windows = to_windows(torch.randint(0, 20, (8 * 8 * 3 + 1,), generator=torch.Generator().manual_seed(2)), 8)
+    t = TrainingConfig(lr=1e-2, warmup_fraction=0.0, grad_clip=0.0)
+    big = _run(BatchShape(micro_batch=8, grad_accum=1, devices=1, seq_len=8), windows, t)
+    acc = _run(BatchShape(micro_batch=4, grad_accum=2, devices=1, seq_len=8), windows, t)
+    for (name, a), (_, b) in zip(big.named_parameters(), acc.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_clipping_bounds_the_gradient_norm_the_optimizer_sees():
+    windows = to_windows(torch.randint(0, 20, (8 * 4 + 1,), generator=torch.Generator().manual_seed(3)), 8)
+    records = []
+    model = _model()
+    t = TrainingConfig(lr=1e-3, grad_clip=1e-3, log_every=1)
+    opt = make_optimizer(model, t)
+    seen = []
+    orig = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm):
+        total = orig(params, max_norm)
+        seen.append(torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item())
+        return total
+
+    torch.nn.utils.clip_grad_norm_ = spy
+    try:
+        local_round(
+            model,
+            opt,
+            windows,
+            BatchShape(4, 1, 1, 8),
+            t,
+            torch.device("cpu"),
+            lambda f: 0.5,
+            torch.Generator().manual_seed(1),
+            records.append,
+        )
+    finally:
+        torch.nn.utils.clip_grad_norm_ = orig
+    assert seen and all(n <= 1e-3 * 1.0001 for n in seen)
+    assert all(r["grad_norm"] > 1e-3 for r in records)  # the logged norm is the one before clipping
+
+
+def test_bf16_autocast_only_where_asked_or_supported():
+    cpu = torch.device("cpu")
+    assert isinstance(autocast_for(cpu, "auto"), contextlib.nullcontext)  # CPUs: fp32 unless asked
+    assert isinstance(autocast_for(cpu, "fp32"), contextlib.nullcontext)
+    with autocast_for(cpu, "bf16"):
+        y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert y.dtype == torch.bfloat16
+
+
+def test_a_local_round_learns_a_repeating_sequence():
+    pattern = torch.tensor([1, 5, 2, 7, 3, 9, 4, 11] * 200)
+    windows = to_windows(pattern, 8)
+    model = _model()
+    t = TrainingConfig(lr=1e-2, warmup_fraction=0.0, log_every=5)
+    before = mean_loss(model, windows[:16], 8, torch.device("cpu"), "fp32")
+    logs = []
+    res = local_round(
+        model,
+        make_optimizer(model, t),
+        windows,
+        BatchShape(8, 1, 1, 8),
+        t,
+        torch.device("cpu"),
+        lambda f: f,
+        torch.Generator().manual_seed(0),
+        logs.append,
+    )
+    after = mean_loss(model, windows[:16], 8, torch.device("cpu"), "fp32")
+    assert res.steps == len(windows) // 8 and res.tokens == res.steps * 64
+    assert after < 0.4 * before
+    assert [r["step"] for r in logs][-1] == res.steps and all(r["tokens_per_s"] > 0 for r in logs)
