@@ -87,7 +87,7 @@ def test_mlflow_has_parent_child_runs_and_model_versions(finished):
     assert any(m.startswith("loss") for m in children[0].data.metrics)
     assert "eval_loss" in parents[0].data.metrics
     versions = client.search_model_versions("name = 'fedhpc-tiny'")
-    assert sorted(int(v.tags["fedhpc.round"]) for v in versions) == [1, 2]
+    assert sorted(int(v.tags["fedhpc.round"]) for v in versions) == [0, 1, 2]
 
 
 def test_second_invocation_has_nothing_to_do(finished):

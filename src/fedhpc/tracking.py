@@ -108,18 +108,12 @@ def track_round(cfg: Config, layout: RunLayout, r: int) -> dict:
     round_metrics += [Metric(f"weight.{s}", float(w), ts, r) for s, w in agg["weights"].items()]
     round_metrics.append(Metric("excluded_updates", float(len(agg["excluded"])), ts, r))
     client.log_batch(parent, metrics=round_metrics)
-    meta = read_json(layout.global_meta(r + 1))
     name = f"fedhpc-{cfg.run}"
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description=f"Global checkpoints of federation {cfg.run}")
-    for mv in client.search_model_versions(f"name = '{name}' and tag.`fedhpc.round` = '{r + 1}'"):
-        client.delete_model_version(name, mv.version)
-    version = client.create_model_version(
-        name,
-        source=Path(layout.global_model(r + 1)).resolve().as_uri(),
-        run_id=parent,
-        tags={"fedhpc.round": str(r + 1), "sha256": meta["sha256"], "source": meta["source"]},
-    )
+    # Round 0's track also registers the initial model, so every global has a version.
+    for g in ([0] if r == 0 else []) + [r + 1]:
+        version = _register(client, name, parent, layout, g)
     record = {
         "round": r,
         "parent_run": parent,
@@ -130,6 +124,18 @@ def track_round(cfg: Config, layout: RunLayout, r: int) -> dict:
     }
     write_json(layout.tracked(r), record)
     return record
+
+
+def _register(client, name: str, parent: str, layout: RunLayout, g: int):
+    meta = read_json(layout.global_meta(g))
+    for mv in client.search_model_versions(f"name = '{name}' and tag.`fedhpc.round` = '{g}'"):
+        client.delete_model_version(name, mv.version)  # left by an interrupted attempt
+    return client.create_model_version(
+        name,
+        source=Path(layout.global_model(g)).resolve().as_uri(),
+        run_id=parent,
+        tags={"fedhpc.round": str(g), "sha256": meta["sha256"], "source": meta["source"]},
+    )
 
 
 def finish(cfg: Config, layout: RunLayout, summary: dict, report: Path) -> None:
