@@ -49,9 +49,23 @@ class Tokenizer(ABC):
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         """Text of `ids`; end-of-document tokens are dropped."""
 
-    @abstractmethod
+    eos: str | None = None  # the eos token's text, where the tokenizer has one
+
+    def hf_json(self) -> dict[str, Any] | None:
+        """The HuggingFace tokenizer definition, for tokenizers that have one."""
+        return None
+
     def to_json(self) -> dict[str, Any]:
         """The saved form (see `save_tokenizer`)."""
+        return {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "eos": self.eos,
+            "hf": self.hf_json(),
+        }
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -71,17 +85,6 @@ class ByteTokenizer(Tokenizer):
         arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)
         # Sampled ids can form invalid UTF-8; show that as U+FFFD instead of failing.
         return arr[(arr >= 0) & (arr < 256)].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FILE_FORMAT,
-            "version": FILE_VERSION,
-            "kind": self.kind,
-            "vocab_size": self.vocab_size,
-            "eos_id": self.eos_id,
-            "eos": None,
-            "hf": None,
-        }
 
 
 class HFWrapped(Tokenizer):
@@ -110,16 +113,8 @@ class HFWrapped(Tokenizer):
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FILE_FORMAT,
-            "version": FILE_VERSION,
-            "kind": self.kind,
-            "vocab_size": self.vocab_size,
-            "eos_id": self.eos_id,
-            "eos": self.eos,
-            "hf": json.loads(self.hf.to_str()),
-        }
+    def hf_json(self) -> dict[str, Any]:
+        return json.loads(self.hf.to_str())
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, eos: str) -> HFWrapped:
