@@ -82,37 +82,11 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_shard(a: argparse.Namespace) -> int:
-    from .files import read_json
-    from .ingest import iter_documents
-    from .shards import build_shards
-    from .signing import COORDINATOR
-    from .synth import domain_sources
-    from .tokenizer import build_tokenizer
+    from .data import prepare_data
 
     ctx = context(a.config)
-    cfg, layout = ctx.cfg, ctx.layout
-    sources = list(cfg.data.sources)
-    entropy: dict[str, float | None] = {s.domain: None for s in sources}
-    if cfg.data.synth is not None:
-        corpus = read_json(layout.corpus_dir / "corpus.json")
-        sources = domain_sources(corpus, layout.corpus_dir) + sources
-        entropy.update({n: d["entropy_rate_nats_per_byte"] for n, d in corpus["domains"].items()})
-
-    def texts():
-        for s in sources:
-            if s.format != "hdf5":
-                yield from (d for d in iter_documents(s) if isinstance(d, str))
-
-    tok = build_tokenizer(cfg.data.tokenizer, texts())
-    manifest = build_shards(sources, cfg.data, tok, layout, cfg.seed, ctx.trust.private_key(COORDINATOR), entropy)
-    from .audit import AuditLog
-
-    AuditLog(layout.audit).append(
-        "data.sharded",
-        shards=len(manifest["shards"]),
-        tokens=sum(s["tokens"] for s in manifest["shards"]),
-        heldout=[h["domain"] for h in manifest["heldout"]],
-    )
+    manifest = prepare_data(ctx.cfg, ctx.layout, ctx.trust)
+    print(f"{len(manifest['shards'])} shards, held-out domains {', '.join(h['domain'] for h in manifest['heldout'])}")
     return 0
 
 
