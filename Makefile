@@ -14,13 +14,23 @@ $(BIN)/.installed: pyproject.toml
 	# The CPU build of torch first, so nothing pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	# DeepSpeed builds against the torch above; isolation would fetch another torch.
+	$(BIN)/pip install --quiet --no-build-isolation 'deepspeed>=0.15'
 	touch $@
+
+# The Slurm tests start a single-host cluster from Debian's slurm-wlm and munge.
+.slurm-installed:
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
+	else echo "Slurm is not installed and cannot be installed here: the Slurm tests will be skipped (outside CI)"; fi
+	@touch $@
 
 # Rerun after any interruption (even kill -9) to resume: fedhpc run clears a stale lock.
 demo: $(BIN)/.installed
 	$(BIN)/fedhpc run --profile $(PROFILE) --configfile $(CONFIG)
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed .slurm-installed
 	$(BIN)/pytest -q
 
 lint: $(BIN)/.installed

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from fedhpc.config import ModelConfig, TrainingConfig
+from fedhpc.distributed import World
+from fedhpc.engines import Engine
 from fedhpc.files import append_jsonl
 from fedhpc.loop import local_round, make_optimizer, to_windows
 from fedhpc.model import GPT
@@ -42,11 +44,12 @@ def bare_loop(model, opt, windows, shape, t, steps) -> float:
 
 
 def ours(model, opt, windows, shape, t, metrics: Path) -> float:
-    """fedhpc's loop with everything a site does per step: schedule, metrics file, system probe."""
+    """fedhpc's loop with everything a site does per step: engine, schedule, metrics file, system probe."""
     probe = SystemProbe()
+    engine = Engine(model, t, World(), torch.device("cpu"))
+    engine.optimizer = opt
     res = local_round(
-        model,
-        opt,
+        engine,
         windows,
         shape,
         t,

@@ -8,6 +8,7 @@ from pathlib import Path
 from fedhpc.config_schema import ConfigError, as_dict, validate
 from fedhpc.files import write_json
 from fedhpc.layout import round_name
+from fedhpc.sites import site_ranks
 
 try:
     CFG = validate(
@@ -90,6 +91,49 @@ def report_inputs(wildcards=None):
     last = rdir(CFG.rounds.count)
     tracked = [f"{rdir(r)}/tracked.json" for r in ROUNDS] if CFG.tracking.mlflow else []
     return [f"{last}/global/model.json", f"{last}/global/eval.json", *tracked]
+
+
+def train_nodes(wildcards):
+    return CFG.sites[wildcards.site].nodes
+
+
+def train_tasks_per_node(wildcards):
+    return CFG.sites[wildcards.site].ranks_per_node
+
+
+def on_slurm():
+    """Submitting to Slurm, or inside a Slurm job (where the job step's inner Snakemake runs
+    with a local executor but srun is what starts the ranks)."""
+    executor = getattr(workflow.executor_plugin, "name", "")
+    return executor in ("slurm", "slurm-jobstep") or "SLURM_JOB_ID" in os.environ
+
+
+def train_mpi(wildcards):
+    """Under Slurm, `srun` launches a multi-rank site (one rank runs in the batch step
+    itself); elsewhere `fedhpc train` starts its ranks on the local node."""
+    return "srun" if on_slurm() and site_ranks(CFG.sites[wildcards.site]) > 1 else ""
+
+
+def train_launch(wildcards, threads, resources):
+    """What goes before `fedhpc train`: srun for several ranks, apptainer for an image."""
+    site = CFG.sites[wildcards.site]
+    launch = ""
+    if resources.get("mpi"):
+        # The job-step executor clears SLURM_* before running this shell; a cluster whose
+        # config is not in the default place needs SLURM_CONF handed on to srun.
+        conf = os.environ.get("SLURM_CONF")
+        launch = f"env SLURM_CONF={conf} " if conf else ""
+        launch += (
+            f"{resources.mpi} --kill-on-bad-exit=1 --nodes={resources.get('nodes', 1)}"
+            f" --ntasks-per-node={resources.tasks_per_node}"
+            f" --cpus-per-task={resources.get('cpus_per_task', threads)}"
+        )
+        if resources.get("cpu_bind"):
+            launch += f" --cpu-bind={resources.cpu_bind}"
+        launch += " "
+    if site.container:
+        launch += f"apptainer exec {site.container} "
+    return launch
 
 
 def all_targets():

@@ -20,6 +20,7 @@ rule synth:
         f"{RUN}/data/corpus/corpus.json",
     log:
         f"{RUN}/logs/synth.log",
+    localrule: True
     conda:
         "../envs/fedhpc.yaml"
     params:

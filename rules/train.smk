@@ -18,8 +18,13 @@ rule train:
     conda:
         "../envs/fedhpc.yaml"
     threads: 2
+    resources:
+        nodes=train_nodes,
+        tasks_per_node=train_tasks_per_node,
+        mpi=train_mpi,
     params:
         cfg=CONFIG_JSON,
+        launch=train_launch,
     shell:
-        "fedhpc train --config {params.cfg} --round {wildcards.r} --site {wildcards.site}"
+        "{params.launch}fedhpc train --config {params.cfg} --round {wildcards.r} --site {wildcards.site}"
         " --threads {threads} --status {output} > {log} 2>&1"

@@ -24,6 +24,7 @@ rule verify:
         f"{RUN}/rounds/r{{r}}/verdicts.json",
     log:
         f"{RUN}/logs/verify/r{{r}}.log",
+    localrule: True
     conda:
         "../envs/fedhpc.yaml"
     params:

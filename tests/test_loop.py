@@ -7,7 +7,9 @@ import contextlib
 import torch
 
 from fedhpc.config import ModelConfig, TrainingConfig
-from fedhpc.loop import autocast_for, local_round, make_optimizer, mean_loss, to_windows
+from fedhpc.distributed import World
+from fedhpc.engines import Engine
+from fedhpc.loop import autocast_for, local_round, mean_loss, to_windows
 from fedhpc.model import GPT
 from fedhpc.sites import BatchShape
 
@@ -21,8 +23,8 @@ def _model() -> GPT:
 
 def _run(shape: BatchShape, windows: torch.Tensor, t: TrainingConfig) -> GPT:
     model = _model()
-    opt = make_optimizer(model, t)
-    local_round(model, opt, windows, shape, t, torch.device("cpu"), lambda f: 0.5, torch.Generator().manual_seed(1))
+    engine = Engine(model, t, World(), torch.device("cpu"))
+    local_round(engine, windows, shape, t, torch.device("cpu"), lambda f: 0.5, torch.Generator().manual_seed(1))
     return model
 
 
@@ -45,7 +47,7 @@ def test_clipping_bounds_the_gradient_norm_the_optimizer_sees():
     records = []
     model = _model()
     t = TrainingConfig(lr=1e-3, grad_clip=1e-3, log_every=1)
-    opt = make_optimizer(model, t)
+    engine = Engine(model, t, World(), torch.device("cpu"))
     seen = []
     orig = torch.nn.utils.clip_grad_norm_
 
@@ -57,8 +59,7 @@ def test_clipping_bounds_the_gradient_norm_the_optimizer_sees():
     torch.nn.utils.clip_grad_norm_ = spy
     try:
         local_round(
-            model,
-            opt,
+            engine,
             windows,
             BatchShape(4, 1, 1, 8),
             t,
@@ -87,11 +88,11 @@ def test_a_local_round_learns_a_repeating_sequence():
     windows = to_windows(pattern, 8)
     model = _model()
     t = TrainingConfig(lr=1e-2, warmup_fraction=0.0, log_every=5)
-    before = mean_loss(model, windows[:16], 8, torch.device("cpu"), "fp32")
+    fwd = lambda x, y: model(x, y)[1]
+    before = mean_loss(fwd, windows[:16], 8, torch.device("cpu"), "fp32")
     logs = []
     res = local_round(
-        model,
-        make_optimizer(model, t),
+        Engine(model, t, World(), torch.device("cpu")),
         windows,
         BatchShape(8, 1, 1, 8),
         t,
@@ -100,7 +101,7 @@ def test_a_local_round_learns_a_repeating_sequence():
         torch.Generator().manual_seed(0),
         logs.append,
     )
-    after = mean_loss(model, windows[:16], 8, torch.device("cpu"), "fp32")
+    after = mean_loss(fwd, windows[:16], 8, torch.device("cpu"), "fp32")
     assert res.steps == len(windows) // 8 and res.tokens == res.steps * 64
     assert after < 0.4 * before
     assert [r["step"] for r in logs][-1] == res.steps and all(r["tokens_per_s"] > 0 for r in logs)

@@ -14,6 +14,8 @@ import torch
 import fedhpc.gather as gather_mod
 from fedhpc.audit import AuditLog
 from fedhpc.config import ModelConfig, TrainingConfig
+from fedhpc.distributed import World
+from fedhpc.engines import Engine
 from fedhpc.files import read_json
 from fedhpc.gather import QuorumError, gather
 from fedhpc.loop import local_round, lr_at, to_windows
@@ -215,11 +217,9 @@ def test_local_round_of_a_later_round_does_not_warm_up_again():
     model = GPT(cfg, 16)
     t = TrainingConfig(lr=1e-3, warmup_fraction=0.05, min_lr_ratio=0.1)
     windows = to_windows(torch.randint(0, 16, (8 * 8 + 1,)), 8)
-    opt = torch.optim.SGD(model.parameters(), lr=t.lr)
     r, rounds = 2, 4
     res = local_round(
-        model,
-        opt,
+        Engine(model, t, World(), torch.device("cpu")),
         windows,
         BatchShape(2, 1, 1, 8),
         t,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 from .audit import AuditLog
@@ -58,6 +59,7 @@ def aggregate_round(cfg: Config, layout: RunLayout, r: int, base: dict) -> dict:
         "output_sha256": sha256_file(layout.candidate(r)),
         "bytes_read": sum(layout.update(r, s).stat().st_size for s in accepted) + layout.global_model(r).stat().st_size,
         "seconds": time.perf_counter() - t0,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "note": None if accepted else "no accepted updates: the candidate equals the base model",
     }
     write_json(layout.aggregate_record(r), record)

@@ -112,11 +112,43 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .train import run_train_job
+    from . import distributed
+    from .sites import site_ranks
+    from .train import local_spawn_argv, run_train_job
 
     ctx = context(a.config)
-    status = run_train_job(ctx.cfg, ctx.layout, ctx.trust, a.round, a.site, a.threads, Path(a.status))
-    print(json.dumps(status))
+    site = ctx.cfg.sites.get(a.site)
+    if site is None:
+        raise SystemExit(
+            f"fedhpc train: {a.site!r} is not a site of {a.config}; sites: {', '.join(sorted(ctx.cfg.sites))}"
+        )
+    world = distributed.detect()
+    ranks = site_ranks(site)
+    if ranks > 1 and not world.distributed:
+        if site.nodes > 1:
+            raise SystemExit(
+                f"fedhpc train: site {a.site!r} spans {site.nodes} nodes; launch it with srun "
+                "inside a Slurm allocation (see profiles/ and docs/running-on-lumi.md)"
+            )
+        # No launcher gave us ranks: start them here, one node, CPU threads shared out.
+        argv = [
+            "train",
+            "--config",
+            a.config,
+            "--round",
+            str(a.round),
+            "--site",
+            a.site,
+            "--threads",
+            str(max(1, a.threads // ranks)),
+            "--status",
+            a.status,
+        ]
+        os.execv(sys.executable, local_spawn_argv(argv, ranks))
+    threads = int(os.environ.get("SLURM_CPUS_PER_TASK", a.threads)) if world.launcher == "slurm" else a.threads
+    status = run_train_job(ctx.cfg, ctx.layout, ctx.trust, a.round, a.site, threads, Path(a.status))
+    if world.is_main:
+        print(json.dumps(status))
     return 0
 
 

@@ -47,6 +47,22 @@ class SiteConfig:
         "Relative energy cost per token (recorded in the plan; higher means the site is used less when sites tie).",
         exclusiveMinimum=0,
     )
+    nodes: int = opt(1, "Nodes one training job of this site spans.", minimum=1)
+    ranks_per_node: int = opt(
+        1, "Training processes per node (on GPU nodes one per GPU or GCD, e.g. 8 on LUMI-G).", minimum=1
+    )
+    engine: Literal["ddp", "fsdp", "deepspeed"] = opt(
+        "ddp",
+        "How the site's ranks train together: DDP, FSDP (fully sharded) or DeepSpeed ZeRO; "
+        "a single rank trains plainly unless `deepspeed`.",
+    )
+    zero_stage: int = opt(
+        1, "DeepSpeed ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters.", minimum=1, maximum=3
+    )
+    container: str | None = opt(
+        None,
+        "Apptainer image (.sif) the site trains in (`srun … apptainer exec <image> fedhpc train …`); null: the host.",
+    )
 
 
 @dataclass(kw_only=True)

@@ -24,6 +24,7 @@ def evaluate_model(
     torch.set_num_threads(threads)
     model = build_model(cfg, vocab_size)
     load_exported_state(model, load_state(model_file))
+    model.eval()
     manifest = load_manifest(layout, trust)
     domains = {}
     for entry in sorted(manifest["heldout"], key=lambda e: e["domain"]):
@@ -32,7 +33,7 @@ def evaluate_model(
         windows = to_windows(tokens[: cfg.evaluation.tokens_per_domain + 1], cfg.model.seq_len)
         if len(windows) == 0:
             continue
-        loss = mean_loss(model, windows, cfg.evaluation.batch_size, torch.device("cpu"), "fp32")
+        loss = mean_loss(lambda x, y: model(x, y)[1], windows, cfg.evaluation.batch_size, torch.device("cpu"), "fp32")
         floor = entry.get("entropy_floor_nats_per_token")
         domains[entry["domain"]] = {
             "loss": finite_or_none(loss),

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from .config import TrainingConfig
+from .distributed import World, all_sum
 from .sites import BatchShape
+
+SINGLE = World()
 
 
 def lr_at(progress: float, t: TrainingConfig) -> float:
@@ -53,26 +56,40 @@ def to_windows(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_loss(
-    model: torch.nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, precision: str
+    forward: Callable,
+    windows: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    world: World = SINGLE,
 ) -> float:
-    """Token-weighted mean cross-entropy (nats) over `windows`."""
-    was_training = model.training
-    model.eval()
+    """Token-weighted mean cross-entropy (nats) over `windows`, shared out across the site's ranks.
+
+    `forward(x, y)` returns the mean loss of a batch (a model's or an engine's forward).
+    """
     total, count = 0.0, 0
+    mine = windows[world.rank :: world.size]
+    # Every rank runs the same number of batches: sharded models need all ranks in each forward.
+    n_batches = -(-len(windows[0 :: world.size]) // batch_size)
     with autocast_for(device, precision):
-        for i in range(0, len(windows), batch_size):
-            w = windows[i : i + batch_size].to(device, non_blocking=True)
-            _, loss = model(w[:, :-1], w[:, 1:])
-            total += loss.item() * w[:, 1:].numel()
-            count += w[:, 1:].numel()
-    model.train(was_training)
+        for i in range(n_batches):
+            w = mine[i * batch_size : (i + 1) * batch_size]
+            if len(w) == 0:
+                w, weight = windows[:1], 0  # keep collectives in step; contributes nothing
+            else:
+                weight = w[:, 1:].numel()
+            w = w.to(device, non_blocking=True)
+            loss = forward(w[:, :-1], w[:, 1:])
+            total += loss.item() * weight
+            count += weight
+    total, count = all_sum([total, float(count)], world)
     return total / max(count, 1)
 
 
 @dataclass
 class RoundResult:
     steps: int
-    tokens: int
+    tokens: int  # across all ranks of the site
     seconds: float
     last_loss: float
     lr_first: float
@@ -80,8 +97,7 @@ class RoundResult:
 
 
 def local_round(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    engine,
     windows: torch.Tensor,
     shape: BatchShape,
     t: TrainingConfig,
@@ -90,46 +106,48 @@ def local_round(
     generator: torch.Generator,
     log: Callable[[dict], None] | None = None,
 ) -> RoundResult:
-    """Train on `windows` (one pass, shuffled) in optimizer steps of `shape`.
+    """Train on `windows` (one pass, shuffled, shared out across ranks) in optimizer steps of `shape`.
 
-    `progress(f)` maps the fraction f of this round done to the federation-wide schedule
-    position; `log` receives a record every `t.log_every` steps.
+    `engine` hides the intra-site strategy (see engines.py). `progress(f)` maps the fraction
+    f of this round done to the federation-wide schedule position; `log` receives a record
+    every `t.log_every` steps (on every rank; callers log on rank 0).
     """
+    world = engine.world
     per_step = shape.micro_batch * shape.grad_accum  # this rank's sequences per optimizer step
-    steps = len(windows) // per_step
+    # The same permutation on every rank (same generator seed); each rank takes its stride.
     order = torch.randperm(len(windows), generator=generator)
+    steps = len(order) // (per_step * world.size)
+    mine = order[world.rank :: world.size]
     ctx = autocast_for(device, t.precision)
-    model.train()
+    engine.train(True)
     t0 = time.perf_counter()
     lr_first = lr = lr_at(progress(0.0), t)
     loss_sum = torch.zeros((), device=device)
     last_loss, tokens_done, last_log_t, last_log_tokens = float("nan"), 0, t0, 0
     for step in range(steps):
         lr = lr_at(progress(step / steps), t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        engine.set_lr(lr)
         for micro in range(shape.grad_accum):
             start = (step * shape.grad_accum + micro) * shape.micro_batch
-            batch = windows[order[start : start + shape.micro_batch]].to(device, non_blocking=True)
+            batch = windows[mine[start : start + shape.micro_batch]].to(device, non_blocking=True)
+            last = micro == shape.grad_accum - 1
             with ctx:
-                _, loss = model(batch[:, :-1], batch[:, 1:])
-            (loss / shape.grad_accum).backward()
+                loss = engine.forward(batch[:, :-1], batch[:, 1:], last)
+            engine.backward(loss, shape.grad_accum, last)
             loss_sum += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_done += per_step * shape.seq_len
+        norm = engine.step()
+        tokens_done += per_step * world.size * shape.seq_len
         if log is not None and ((step + 1) % t.log_every == 0 or step + 1 == steps):
             now = time.perf_counter()
-            n = (step % t.log_every) + 1 if (step + 1) % t.log_every else t.log_every
-            last_loss = loss_sum.item() / (n * shape.grad_accum)
+            n = (step % t.log_every) + 1
+            last_loss = reduce_mean(loss_sum, world) / (n * shape.grad_accum)
             loss_sum.zero_()
             log(
                 {
                     "step": step + 1,
                     "steps": steps,
                     "loss": last_loss,
-                    "grad_norm": float(norm),
+                    "grad_norm": norm,
                     "lr": lr,
                     "tokens": tokens_done,
                     "tokens_per_s": (tokens_done - last_log_tokens) / max(now - last_log_t, 1e-9),
@@ -146,3 +164,12 @@ def local_round(
         lr_first=lr_first,
         lr_last=lr,
     )
+
+
+def reduce_mean(value: torch.Tensor, world: World) -> float:
+    """Mean over the site's ranks of a scalar tensor."""
+    if world.distributed:
+        value = value.detach().clone().to(torch.float64)
+        torch.distributed.all_reduce(value)
+        value /= world.size
+    return float(value)

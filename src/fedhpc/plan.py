@@ -11,7 +11,7 @@ from .files import read_json, write_json
 from .layout import RunLayout
 from .shards import load_manifest
 from .signing import COORDINATOR, TrustStore, sign_document
-from .sites import batch_shape
+from .sites import batch_shape, site_ranks
 
 
 def missed_shards(layout: RunLayout, r: int) -> list[str]:
@@ -38,7 +38,7 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
             vocab,
             cfg.training.batch_tokens,
             cfg.training.max_micro_batch,
-            devices=max(1, cfg.sites[name].gpus),
+            devices=site_ranks(cfg.sites[name]),
         )
         entry["micro_batch"] = shape.micro_batch
         entry["grad_accum_planned"] = shape.grad_accum

@@ -39,6 +39,11 @@ class BatchShape:
         return self.sequences_per_step * self.seq_len
 
 
+def site_ranks(site: SiteConfig) -> int:
+    """Data-parallel ranks a site's training job runs with."""
+    return site.nodes * site.ranks_per_node
+
+
 def device_memory_bytes(site: SiteConfig) -> float:
     return (site.gpu_memory_gb if site.gpus > 0 else site.memory_gb) * GB
 

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import distributed, site_state
 from .allocate import stable_seed
 from .audit import AuditLog
 from .checkpoints import build_model, load_global_meta
 from .config import Config
+from .distributed import World
+from .engines import make_engine
 from .errors import FedhpcError
 from .files import append_jsonl, finite_or_none, read_json, sha256_file, write_json
 from .layout import RunLayout
-from .loop import local_round, make_optimizer, mean_loss, to_windows
-from .model import exported_state, load_exported_state
+from .loop import local_round, mean_loss, to_windows
+from .model import load_exported_state
 from .shards import load_manifest, read_shard
 from .signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
 from .sites import batch_shape
@@ -30,9 +34,9 @@ class TrainingError(FedhpcError, ValueError):
     """A site cannot train the round it was given (too little data, no memory, …)."""
 
 
-def pick_device(choice: str) -> torch.device:
+def pick_device(choice: str, world: World) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", world.local_rank)
     return torch.device("cpu")
 
 
@@ -57,34 +61,68 @@ def existing_receipt(layout: RunLayout, trust: TrustStore, r: int, site: str, ba
     return receipt if sha256_file(layout.update(r, site)) == receipt.get("update_sha256") else None
 
 
-def _optimizer_state(layout: RunLayout, site: str, before: int) -> tuple[Path | None, int | None]:
-    best = None
-    for p in layout.site_state(site).glob("optimizer-r*.pt"):
-        k = int(p.stem.split("-r")[1])
-        if k < before and (best is None or k > best[1]):
-            best = (p, k)
-    return best if best else (None, None)
+def local_spawn_argv(argv: list[str], ranks: int) -> list[str]:
+    """Re-launch `fedhpc train` as `ranks` local processes (no Slurm step to provide them)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        "-m",
+        "fedhpc",
+        *argv,
+    ]
 
 
-def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: str, threads: int) -> dict:
-    """Run site `site`'s local round `r`; return the job status written to status.json."""
-    audit = AuditLog(layout.audit)
+def _precheck(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: str) -> dict | None:
+    """A final status when there is nothing to train, else None. Taken by rank 0 alone."""
     if layout.arrivals(r).exists():
         return {"state": "round-closed", "detail": "the coordinator closed this round before the job ran"}
-    plan = load_plan(layout, trust, r)
-    entry = plan["sites"].get(site)
+    entry = load_plan(layout, trust, r)["sites"].get(site)
     if not entry or not entry["shards"]:
         return {"state": "not-planned"}
     base = load_global_meta(layout, trust, r)
     if (done := existing_receipt(layout, trust, r, site, base["sha256"])) is not None:
         return {"state": "published", "reused": True, "update_sha256": done["update_sha256"]}
+    return None
 
+
+def _single_process_group_for_deepspeed(world: World) -> None:
+    # DeepSpeed always wants a process group, even for one rank.
+    if world.distributed or torch.distributed.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+
+
+def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: str, threads: int) -> dict:
+    """Run site `site`'s local round `r` on every rank; rank 0 publishes and returns the status."""
+    world = distributed.detect()
+    device = pick_device(cfg.training.device, world)
+    distributed.init(world, device)
+    status = distributed.broadcast(_precheck(cfg, layout, trust, r, site) if world.is_main else None, world)
+    if status is not None:
+        return status
+    site_cfg = cfg.sites[site]
+    entry = load_plan(layout, trust, r)["sites"][site]
+    base = load_global_meta(layout, trust, r, check_hash=world.is_main)
     torch.set_num_threads(threads)
     torch.manual_seed(stable_seed(cfg.seed, "train", r, site))
-    device = pick_device(cfg.training.device)
-    audit.append(
-        "train.started", round=r, site=site, shards=entry["shards"], slurm_job_id=os.environ.get("SLURM_JOB_ID")
-    )
+    audit = AuditLog(layout.audit)
+    if world.is_main:
+        audit.append(
+            "train.started",
+            round=r,
+            site=site,
+            shards=entry["shards"],
+            ranks=world.size,
+            engine=site_cfg.engine,
+            slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+        )
 
     manifest = load_manifest(layout, trust)
     shards = {s["id"]: s for s in manifest["shards"]}
@@ -92,42 +130,75 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         np.concatenate([read_shard(layout, shards[sid]).astype("int64") for sid in entry["shards"]])
     )
     windows = to_windows(tokens, cfg.model.seq_len)
-    n_eval = max(1, int(len(windows) * cfg.training.local_eval_fraction))
+    n_eval = max(world.size, int(len(windows) * cfg.training.local_eval_fraction))
     # The held-back tail is the site's own held-out slice for loss before/after.
     train_w, eval_w = windows[:-n_eval], windows[-n_eval:]
 
     vocab = base["vocab_size"]
-    model = build_model(cfg, vocab).to(device)
-    global_state = load_state(layout.global_model(r))
-    load_exported_state(model, global_state)
     shape = batch_shape(
-        site, cfg.sites[site], cfg.model, vocab, cfg.training.batch_tokens, cfg.training.max_micro_batch, devices=1
+        site, site_cfg, cfg.model, vocab, cfg.training.batch_tokens, cfg.training.max_micro_batch, devices=world.size
     )
-    if len(train_w) < shape.micro_batch * shape.grad_accum:
+    if len(train_w) < shape.sequences_per_step:
         raise TrainingError(
             f"site {site!r}, round {r}: {len(train_w)} training sequences cannot fill one optimizer step "
-            f"of {shape.micro_batch * shape.grad_accum}; raise rounds.tokens_per_round or lower training.batch_tokens"
+            f"of {shape.sequences_per_step}; raise rounds.tokens_per_round or lower training.batch_tokens"
         )
-    optimizer = make_optimizer(model, cfg.training)
-    state_path, state_round = _optimizer_state(layout, site, r) if cfg.training.keep_optimizer_state else (None, None)
-    if state_path is not None:
-        optimizer.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
+    model = build_model(cfg, vocab)
+    global_state = load_state(layout.global_model(r))
+    load_exported_state(model, global_state)
+    model.to(device)
+    if site_cfg.engine == "deepspeed":
+        _single_process_group_for_deepspeed(world)
+    engine = make_engine(
+        site_cfg.engine,
+        model,
+        cfg.training,
+        world,
+        device,
+        shape.micro_batch,
+        shape.grad_accum,
+        site_cfg.zero_stage,
+        layout.site_state(site) / f"deepspeed-r{r:04d}.json",
+    )
+    state_round = None
+    if cfg.training.keep_optimizer_state and engine.keeps_optimizer_state:
+        state_path, state_round = site_state.latest(layout, site, r, world)
+        # All ranks resume, or none: ranks with different optimizer states would drift apart.
+        found = distributed.all_sum([float(state_path is not None), float(state_round or 0)], world)
+        if found[0] == world.size and found[1] == (state_round or 0) * world.size:
+            engine.load_optimizer_state(torch.load(state_path, map_location=device, weights_only=False))
+        else:
+            state_round = None
 
-    loss_before = mean_loss(model, eval_w, cfg.evaluation.batch_size, device, cfg.training.precision)
+    engine.train(False)
+    loss_before = mean_loss(
+        engine.eval_forward, eval_w, cfg.evaluation.batch_size, device, cfg.training.precision, world
+    )
     probe = SystemProbe()
     metrics_path = layout.metrics(r, site)
-    metrics_path.unlink(missing_ok=True)  # a killed earlier attempt leaves a partial log
+    if world.is_main:
+        metrics_path.unlink(missing_ok=True)  # a killed earlier attempt leaves a partial log
 
     def log(rec: dict) -> None:
-        append_jsonl(metrics_path, {"round": r, "site": site, "time": time.time(), **rec, **probe.sample()})
+        if world.is_main:
+            append_jsonl(metrics_path, {"round": r, "site": site, "time": time.time(), **rec, **probe.sample()})
 
     gen = torch.Generator().manual_seed(stable_seed(cfg.seed, "order", r, site))
-    rounds = cfg.rounds.count
     started = time.time()
-    result = local_round(model, optimizer, train_w, shape, cfg.training, device, lambda f: (r + f) / rounds, gen, log)
-    loss_after = mean_loss(model, eval_w, cfg.evaluation.batch_size, device, cfg.training.precision)
+    result = local_round(engine, train_w, shape, cfg.training, device, lambda f: (r + f) / cfg.rounds.count, gen, log)
+    engine.train(False)
+    loss_after = mean_loss(
+        engine.eval_forward, eval_w, cfg.evaluation.batch_size, device, cfg.training.precision, world
+    )
+    local = engine.full_state()
+    if cfg.training.keep_optimizer_state and engine.keeps_optimizer_state:
+        # Saved before the receipt: a job killed in between retrains from the older state,
+        # exactly as an uninterrupted run would have.
+        site_state.save(layout, site, r, world, engine.optimizer_state())
+    distributed.barrier(world)
+    if not world.is_main:
+        return {"state": "published", "rank": world.rank}
 
-    local = exported_state(model.cpu())
     update = {k: local[k] - global_state[k].float() for k in local}
     save_state(
         layout.update(r, site), update, {"run": cfg.run, "round": str(r), "site": site, "base_sha256": base["sha256"]}
@@ -146,7 +217,10 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         "steps": result.steps,
         "micro_batch": shape.micro_batch,
         "grad_accum": shape.grad_accum,
-        "devices": shape.devices,
+        "ranks": world.size,
+        "launcher": world.launcher,
+        "engine": engine.name,
+        "zero_stage": site_cfg.zero_stage if engine.name == "deepspeed" else None,
         "batch_tokens": shape.tokens_per_step,
         "lr_first": result.lr_first,
         "lr_last": result.lr_last,
@@ -160,24 +234,15 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         "finished_at": time.time(),
         "device": str(device),
         "threads": threads,
-        "accelerator_declared": cfg.sites[site].accelerator,
+        "accelerator_declared": site_cfg.accelerator,
         "optimizer_state_from_round": state_round,
+        "optimizer_state_kept": cfg.training.keep_optimizer_state and engine.keeps_optimizer_state,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "host": socket.gethostname(),
     }
     receipt = sign_document(receipt, site, trust.private_key(site))
-    if cfg.training.keep_optimizer_state:
-        # Saved before the receipt: a job killed in between retrains from the older state,
-        # exactly as an uninterrupted run would have.
-        state_dir = layout.site_state(site)
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = state_dir / f".optimizer-r{r:04d}.pt.part"
-        torch.save(optimizer.state_dict(), tmp)
-        tmp.replace(state_dir / f"optimizer-r{r:04d}.pt")
     write_json(layout.receipt(r, site), receipt)  # last: its presence means "update published"
-    for old in layout.site_state(site).glob("optimizer-r*.pt"):
-        if int(old.stem.split("-r")[1]) < r:
-            old.unlink()
+    site_state.prune(layout, site, keep_from=r)
     audit.append(
         "update.published",
         round=r,
@@ -185,17 +250,23 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         update_sha256=receipt["update_sha256"],
         tokens=result.tokens,
         steps=result.steps,
+        ranks=world.size,
+        engine=engine.name,
         loss_before=receipt["loss_before"],
         loss_after=receipt["loss_after"],
     )
-    return {"state": "published", "reused": False, "update_sha256": receipt["update_sha256"]}
+    return {"state": "published", "reused": False, "update_sha256": receipt["update_sha256"], "ranks": world.size}
 
 
 def run_train_job(
     cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: str, threads: int, status_path: Path
 ) -> dict:
     t0 = time.time()
-    status = train_site(cfg, layout, trust, r, site, threads)
-    status.update(round=r, site=site, seconds=time.time() - t0, slurm_job_id=os.environ.get("SLURM_JOB_ID"))
-    write_json(status_path, status)
+    try:
+        status = train_site(cfg, layout, trust, r, site, threads)
+    finally:
+        distributed.shutdown()
+    if status.get("rank", 0) == 0:
+        status.update(round=r, site=site, seconds=time.time() - t0, slurm_job_id=os.environ.get("SLURM_JOB_ID"))
+        write_json(status_path, status)
     return status

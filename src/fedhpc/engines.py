@@ -1,0 +1,220 @@
+"""Intra-site training engines behind one small interface: single process, DDP, FSDP, DeepSpeed.
+
+The training loop only ever calls `forward`, `backward`, `step` and `set_lr`; how gradients
+are synchronised, sharded or accumulated is the engine's business. Whatever the engine, a
+site produces one update: `full_state()` gathers the whole model onto rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import TrainingConfig
+from .distributed import World
+from .loop import make_optimizer
+from .model import exported_state
+
+
+class Engine:
+    """Single-process training: plain PyTorch."""
+
+    name = "single"
+
+    def __init__(self, model: torch.nn.Module, t: TrainingConfig, world: World, device: torch.device):
+        self.module, self.t, self.world, self.device = model, t, world, device
+        self.model = self._wrap(model)
+        self.optimizer = make_optimizer(self.module, t)
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, last_micro: bool = True) -> torch.Tensor:
+        return self.model(x, y)[1]
+
+    def backward(self, loss: torch.Tensor, grad_accum: int, last_micro: bool) -> None:
+        (loss / grad_accum).backward()
+
+    def step(self) -> float:
+        clip = self.t.grad_clip if self.t.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def eval_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.model(x, y)[1]
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole model, fp32, by parameter name: on rank 0; None on the others."""
+        return exported_state(self.module) if self.world.is_main else None
+
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    @property
+    def keeps_optimizer_state(self) -> bool:
+        return True
+
+
+class DDPEngine(Engine):
+    name = "ddp"
+
+    def _wrap(self, model):
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def forward(self, x, y, last_micro=True):
+        # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+        ctx = contextlib.nullcontext() if last_micro else self.model.no_sync()
+        with ctx:
+            return self.model(x, y)[1]
+
+    def backward(self, loss, grad_accum, last_micro):
+        ctx = contextlib.nullcontext() if last_micro else self.model.no_sync()
+        with ctx:
+            (loss / grad_accum).backward()
+
+
+class FSDPEngine(Engine):
+    """FSDP2 (`fully_shard`): each block is sharded, then the whole model."""
+
+    name = "fsdp"
+
+    def _wrap(self, model):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world.size,))
+        for block in getattr(model, "blocks", []):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    def full_state(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.world.is_main:
+            return None
+        names = dict(self.module.named_parameters())  # skips tied aliases, like exported_state
+        return {k: full[k].to(torch.float32).contiguous() for k in names}
+
+    def optimizer_state(self):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.module, self.optimizer)
+
+    def load_optimizer_state(self, state):
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.module, self.optimizer, state)
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO 1-3; its config is written from our training settings."""
+
+    name = "deepspeed"
+
+    def __init__(
+        self,
+        model,
+        t,
+        world,
+        device,
+        micro_batch: int,
+        grad_accum: int,
+        zero_stage: int,
+        config_out: Path | None = None,
+    ):
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        self.module, self.t, self.world, self.device = model, t, world, device
+        self.ds_config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": grad_accum,
+            "gradient_clipping": t.grad_clip,
+            "zero_optimization": {"stage": zero_stage},
+            "bf16": {"enabled": t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")},
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        if config_out is not None:
+            config_out.parent.mkdir(parents=True, exist_ok=True)
+            config_out.write_text(json.dumps(self.ds_config, indent=2))
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=make_optimizer(model, t), config=self.ds_config
+        )
+
+    def forward(self, x, y, last_micro=True):
+        return self.model(x, y)[1]
+
+    def backward(self, loss, grad_accum, last_micro):
+        # DeepSpeed scales by 1/grad_accum itself and steps only on accumulation boundaries.
+        self.model.backward(loss)
+        self.model.step()
+
+    def step(self):
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def set_lr(self, lr):
+        for group in self.model.optimizer.param_groups:
+            group["lr"] = lr
+
+    def full_state(self):
+        import deepspeed
+
+        params = list(self.module.parameters())
+        gather = (
+            deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            if self.ds_config["zero_optimization"]["stage"] == 3
+            else contextlib.nullcontext()
+        )
+        with gather:
+            return exported_state(self.module) if self.world.is_main else None
+
+    @property
+    def keeps_optimizer_state(self) -> bool:
+        # ZeRO partitions the optimizer by rank in its own format; restoring it without
+        # also restoring DeepSpeed's weights is not supported, so the state is reset.
+        return False
+
+
+ENGINES = {"single": Engine, "ddp": DDPEngine, "fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}
+
+
+def make_engine(
+    kind: str,
+    model: torch.nn.Module,
+    t: TrainingConfig,
+    world: World,
+    device: torch.device,
+    micro_batch: int,
+    grad_accum: int,
+    zero_stage: int,
+    config_out: Path | None = None,
+) -> Engine:
+    if kind == "deepspeed":
+        return DeepSpeedEngine(model, t, world, device, micro_batch, grad_accum, zero_stage, config_out)
+    if not world.distributed:
+        return Engine(model, t, world, device)
+    return ENGINES[kind](model, t, world, device)

@@ -1,0 +1,45 @@
+"""Optimizer state a site keeps between rounds: per rank, never published, newest round wins."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .distributed import World
+from .layout import RunLayout
+
+_NAME = re.compile(r"^optimizer-r(\d{4})-rank(\d+)-of(\d+)\.pt$")
+
+
+def _path(layout: RunLayout, site: str, r: int, world: World) -> Path:
+    return layout.site_state(site) / f"optimizer-r{r:04d}-rank{world.rank}-of{world.size}.pt"
+
+
+def latest(layout: RunLayout, site: str, before: int, world: World) -> tuple[Path | None, int | None]:
+    """This rank's state from the newest round before `before`, if saved with the same world size."""
+    best: tuple[Path, int] | None = None
+    for p in layout.site_state(site).glob("optimizer-r*.pt"):
+        m = _NAME.match(p.name)
+        if m and int(m.group(2)) == world.rank and int(m.group(3)) == world.size:
+            k = int(m.group(1))
+            if k < before and (best is None or k > best[1]):
+                best = (p, k)
+    return best if best else (None, None)
+
+
+def save(layout: RunLayout, site: str, r: int, world: World, state: dict) -> None:
+    path = _path(layout, site, r, world)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def prune(layout: RunLayout, site: str, keep_from: int) -> None:
+    """Drop states older than round `keep_from` (rank 0 does it once the round is published)."""
+    for p in layout.site_state(site).glob("optimizer-r*.pt"):
+        m = _NAME.match(p.name)
+        if m and int(m.group(1)) < keep_from:
+            p.unlink(missing_ok=True)

@@ -1,0 +1,74 @@
+"""A federation through a real Slurm cluster: every training and aggregation job is a Slurm job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
+from tests.workflow_util import REPO, run_workflow, summary, tiny_config, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    try:
+        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    except (SlurmUnavailable, PermissionError, OSError) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the Slurm tests, but Slurm did not start: {exc}")
+        pytest.skip(f"no Slurm cluster on this machine: {exc}")
+    yield cluster
+    cluster.stop()
+
+
+def job_state(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+    return next(f.split("=", 1)[1] for f in out.split() if f.startswith("JobState="))
+
+
+def test_federation_runs_through_slurm_with_ddp_and_deepspeed_sites(slurm, tmp_path):
+    cfg = tiny_config(tmp_path, run="slurm", rounds=2)
+    cfg["sites"]["a100"].update(ranks_per_node=2, engine="ddp")
+    cfg["sites"]["laptop"].update(engine="deepspeed", zero_stage=1)
+    cfg["sites"]["lumi"].update(ranks_per_node=2, engine="fsdp")
+    write_config(tmp_path, cfg)
+    run_workflow(tmp_path, "--profile", str(REPO / "profiles" / "ci-slurm"))
+    run = Path(cfg["output_dir"]) / "slurm"
+
+    s = summary(tmp_path, cfg)
+    assert s["rounds_completed"] == 2 and s["final_eval_loss"] < s["initial_eval_loss"]
+    jobs = []
+    for r in ("r0000", "r0001"):
+        receipts = {
+            site: json.loads((run / "rounds" / r / "sites" / site / "receipt.json").read_text())
+            for site in cfg["sites"]
+        }
+        for site, rec in receipts.items():
+            assert rec["slurm_job_id"], f"{r}/{site} did not run as a Slurm job"
+            jobs.append(rec["slurm_job_id"])
+        # Two ranks started by srun inside the site's job, synchronised by DDP over gloo.
+        assert (receipts["a100"]["ranks"], receipts["a100"]["launcher"], receipts["a100"]["engine"]) == (
+            2,
+            "slurm",
+            "ddp",
+        )
+        assert (receipts["lumi"]["ranks"], receipts["lumi"]["launcher"], receipts["lumi"]["engine"]) == (
+            2,
+            "slurm",
+            "fsdp",
+        )
+        assert receipts["laptop"]["engine"] == "deepspeed" and receipts["laptop"]["zero_stage"] == 1
+        agg = json.loads((run / "rounds" / r / "aggregate.json").read_text())
+        assert agg["slurm_job_id"] and set(agg["weights"]) == set(cfg["sites"])
+        jobs.append(agg["slurm_job_id"])
+    assert len(set(jobs)) == len(jobs), "every site-round and aggregation is its own job"
+    assert {job_state(j) for j in jobs} == {"COMPLETED"}
+    # The DeepSpeed config was written from our settings, at the site.
+    ds = json.loads((run / "site-state" / "laptop" / "deepspeed-r0001.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 1 and ds["gradient_clipping"] == cfg["training"].get("grad_clip", 1.0)
