@@ -19,7 +19,10 @@ TRAINING_KEYS = (
     "batch_tokens, beta1, beta2, device, grad_clip, keep_optimizer_state, local_eval_fraction, "
     "log_every, lr, max_micro_batch, min_lr_ratio, precision, warmup_fraction, weight_decay"
 )
-SITE_KEYS = "accelerator, energy_weight, gpu_memory_gb, gpus, memory_gb, throughput"
+SITE_KEYS = (
+    "accelerator, container, energy_weight, engine, gpu_memory_gb, gpus, memory_gb, nodes, ranks_per_node, "
+    "throughput, zero_stage"
+)
 TOP_KEYS = (
     "data, evaluation, model, output_dir, rounds, run, seed, sites, strategy, tracking, training, trust, verification"
 )
