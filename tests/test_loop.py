@@ -105,3 +105,14 @@ def test_a_local_round_learns_a_repeating_sequence():
     assert res.steps == len(windows) // 8 and res.tokens == res.steps * 64
     assert after < 0.4 * before
     assert [r["step"] for r in logs][-1] == res.steps and all(r["tokens_per_s"] > 0 for r in logs)
+
+
+def test_rocm_ranks_get_their_own_miopen_cache(monkeypatch, tmp_path):
+    from fedhpc.train import accelerator_env
+
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    a = accelerator_env("rocm", World(rank=0, size=2), str(tmp_path))
+    b = accelerator_env("rocm", World(rank=1, size=2), str(tmp_path))
+    assert a["MIOPEN_USER_DB_PATH"] == str(tmp_path / "miopen-77-0") == a["MIOPEN_CUSTOM_CACHE_DIR"]
+    assert b["MIOPEN_USER_DB_PATH"] == str(tmp_path / "miopen-77-1")
+    assert accelerator_env("cuda", World()) == {} and accelerator_env("cpu", World()) == {}

@@ -34,6 +34,18 @@ class TrainingError(FedhpcError, ValueError):
     """A site cannot train the round it was given (too little data, no memory, …)."""
 
 
+def accelerator_env(accelerator: str, world: World, tmp: str | None = None) -> dict[str, str]:
+    """Per-job, per-rank MIOpen caches on ROCm: the default shared cache in $HOME is a SQLite
+    file that concurrent ranks and jobs corrupt or lock (a known LUMI pitfall)."""
+    if accelerator != "rocm":
+        return {}
+    base = (
+        Path(tmp or os.environ.get("TMPDIR", "/tmp"))
+        / f"miopen-{os.environ.get('SLURM_JOB_ID', os.getpid())}-{world.rank}"
+    )
+    return {"MIOPEN_USER_DB_PATH": str(base), "MIOPEN_CUSTOM_CACHE_DIR": str(base)}
+
+
 def pick_device(choice: str, world: World) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", world.local_rank)
@@ -102,6 +114,9 @@ def _single_process_group_for_deepspeed(world: World) -> None:
 def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: str, threads: int) -> dict:
     """Run site `site`'s local round `r` on every rank; rank 0 publishes and returns the status."""
     world = distributed.detect()
+    for key, value in accelerator_env(cfg.sites[site].accelerator, world).items():
+        os.environ.setdefault(key, value)
+        Path(value).mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.training.device, world)
     distributed.init(world, device)
     status = distributed.broadcast(_precheck(cfg, layout, trust, r, site) if world.is_main else None, world)
