@@ -1,11 +1,13 @@
-"""Shared fixtures of the end-to-end tests: one real tiny federation per test session."""
+"""Shared fixtures of the end-to-end tests: one real tiny federation, one Slurm cluster, per session."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
 from tests.workflow_util import run_workflow, tiny_config, write_config
 
 
@@ -17,3 +19,16 @@ def finished(tmp_path_factory) -> tuple[Path, dict, Path]:
     write_config(tmp, cfg)
     run_workflow(tmp)
     return tmp, cfg, Path(cfg["output_dir"]) / cfg["run"]
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A running single-host Slurm cluster; in CI its failure to start fails the test."""
+    try:
+        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    except (SlurmUnavailable, PermissionError, OSError) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the Slurm tests, but Slurm did not start: {exc}")
+        pytest.skip(f"no Slurm cluster on this machine: {exc}")
+    yield cluster
+    cluster.stop()

@@ -25,3 +25,10 @@ def test_snakefmt_has_nothing_to_change():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ruff_finds_nothing():
+    proc = subprocess.run(
+        [str(BIN / "ruff"), "check", "src", "tests", "benchmarks"], cwd=REPO, capture_output=True, text=True, env=env()
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

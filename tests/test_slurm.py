@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
 from tests.workflow_util import REPO, run_workflow, summary, tiny_config, write_config
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
-    try:
-        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    except (SlurmUnavailable, PermissionError, OSError) as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the Slurm tests, but Slurm did not start: {exc}")
-        pytest.skip(f"no Slurm cluster on this machine: {exc}")
-    yield cluster
-    cluster.stop()
 
 
 def job_state(job_id: str) -> str:

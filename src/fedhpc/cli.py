@@ -243,6 +243,32 @@ def cmd_run(a: argparse.Namespace) -> int:
     return run(a.profile, a.configfile, a.directory, extra)
 
 
+def cmd_submit(a: argparse.Namespace) -> int:
+    from .submit import submit
+
+    job = submit(a.profile, a.configfile, a.directory, a.logs)
+    print(f"submitted the head process as Slurm job {job.job_id}")
+    print(f"  stdout: {job.paths.stdout}")
+    print(f"  stderr: {job.paths.stderr}")
+    print(f"follow it with: squeue -j {job.job_id}; tail -f {job.paths.stdout}")
+    return 0
+
+
+def cmd_container(a: argparse.Namespace) -> int:
+    from .containers import DEFINITIONS, build, problems
+
+    names = list(DEFINITIONS) if a.name == "all" else [a.name]
+    if a.action == "check":
+        found = [p for n in names for p in problems(n)]
+        for p in found:
+            print(p, file=sys.stderr)
+        print(f"checked {', '.join(names)}: {'ok' if not found else f'{len(found)} problem(s)'}")
+        return 1 if found else 0
+    for n in names:
+        print(f"built {build(n, Path(a.out), fakeroot=not a.no_fakeroot)}")
+    return 0
+
+
 def cmd_status(a: argparse.Namespace) -> int:
     from .status import format_table, round_states
 
@@ -305,6 +331,16 @@ def parser() -> argparse.ArgumentParser:
     rn.add_argument("--configfile", help="config file (default: the workflow's config.yaml)")
     rn.add_argument("--directory", default=".", help="working directory (default: .)")
     rn.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="further arguments, passed to snakemake")
+    sb = verb("submit", cmd_submit, "run the workflow's head process as its own Slurm job (submitit)", config=False)
+    sb.add_argument("--profile", required=True, help="Snakemake profile; its head.yaml sets the head job")
+    sb.add_argument("--configfile", help="config file (default: the workflow's config.yaml)")
+    sb.add_argument("--directory", default=".", help="working directory (default: .)")
+    sb.add_argument("--logs", default="logs/head", help="where the head job's logs go (default: logs/head)")
+    ct = verb("container", cmd_container, "check or build the Apptainer images (rocm, cuda, cpu)", config=False)
+    ct.add_argument("action", choices=["check", "build"])
+    ct.add_argument("name", nargs="?", default="all", choices=["rocm", "cuda", "cpu", "all"])
+    ct.add_argument("--out", default="containers/images", help="where built .sif images go")
+    ct.add_argument("--no-fakeroot", action="store_true", help="build as root instead of with --fakeroot")
     st = verb("status", cmd_status, "print rounds × sites and their states", config=False)
     st.add_argument("run_dir")
     au = verb("audit", cmd_audit, "verify the audit ledger of a run", config=False)
