@@ -37,6 +37,12 @@ if shutil.which("fedhpc") is None:
     )
 
 
+# With --sdm apptainer, every rule runs in this image; train opts out (see rules/train.smk).
+if CFG.container:
+
+    container: CFG.container
+
+
 wildcard_constraints:
     r=r"\d{4}",
     site="|".join(SITES),

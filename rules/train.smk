@@ -17,6 +17,9 @@ rule train:
     priority: 10
     conda:
         "../envs/fedhpc.yaml"
+    # `container:` would wrap srun itself; the site's image goes inside srun instead.
+    container:
+        None
     threads: 2
     resources:
         nodes=train_nodes,

@@ -69,3 +69,32 @@ def test_cpu_image_builds_and_runs_fedhpc(tmp_path):
         text=True,
     )
     assert out.returncode == 0 and '"title": "fedhpc config.yaml"' in out.stdout
+
+
+@pytest.mark.e2e
+def test_sdm_apptainer_runs_coordinator_rules_in_the_image_and_training_in_the_sites(tmp_path, monkeypatch):
+    """Snakemake's apptainer integration, wired end to end, against a recording stand-in for
+    the apptainer binary (the real one cannot be installed here) that runs commands on the host."""
+    import os
+
+    from tests.workflow_util import REPO, run_workflow, tiny_config, write_config
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    shutil.copy(REPO / "tests" / "fake_apptainer", fake / "apptainer")
+    log = tmp_path / "apptainer.log"
+    cfg = tiny_config(tmp_path, run="images", rounds=1)
+    cfg["container"] = "/images/fedhpc-cpu.sif"
+    cfg["sites"]["laptop"]["container"] = "/images/laptop-cpu.sif"
+    write_config(tmp_path, cfg)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_APPTAINER_LOG", str(log))
+    run_workflow(tmp_path, "--sdm", "apptainer")
+    calls = [line for line in log.read_text().splitlines() if line.startswith("apptainer exec")]
+    in_image = [c for c in calls if "/images/fedhpc-cpu.sif" in c]
+    for verb in ("synth", "shard", "init", "plan", "gather", "verify", "aggregate", "evaluate", "promote", "report"):
+        assert any(f"fedhpc {verb} " in c for c in in_image), verb
+    assert not any("fedhpc train" in c for c in in_image), "training must not run inside the coordinator's image"
+    site = [c for c in calls if "/images/laptop-cpu.sif" in c]
+    assert len(site) == 1 and "fedhpc train" in site[0] and "--site laptop" in site[0]
+    assert (tmp_path / "results" / "images" / "summary.json").exists()

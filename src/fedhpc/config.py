@@ -284,6 +284,11 @@ class Config:
     run: str = opt("demo", "Run name; results go to `<output_dir>/<run>/`.", pattern=NAME_PATTERN)
     seed: int = opt(1234, "Seed of every random choice (initial weights, data order, allocation).", minimum=0)
     output_dir: str = opt("results", "Parent directory of run directories.")
+    container: str | None = opt(
+        None,
+        "Apptainer image every rule but training runs in under `snakemake --sdm apptainer`; "
+        "training uses `sites.<name>.container` (srun … apptainer exec). Null: the host's environment.",
+    )
     sites: dict[str, SiteConfig] = opt(MISSING, "The sites, by name.", minProperties=1)
     data: DataConfig = opt(DataConfig, "Data.")
     model: ModelConfig = opt(ModelConfig, "Model.")
