@@ -116,7 +116,7 @@ def test_optimizer_state_stays_at_the_site_and_carries_across_rounds(finished):
     for site in cfg["sites"]:
         r1 = json.loads((run / "rounds" / "r0001" / "sites" / site / "receipt.json").read_text())
         assert r1["optimizer_state_from_round"] == 0
-        assert [p.name for p in (run / "site-state" / site).iterdir()] == ["optimizer-r0001.pt"]
+        assert [p.name for p in (run / "site-state" / site).glob("*.pt")] == ["optimizer-r0001-rank0-of1.pt"]
     assert not list((run / "rounds").rglob("*.pt")), "optimizer state must never be published"
 
 

@@ -75,7 +75,7 @@ def track_round(cfg: Config, layout: RunLayout, r: int) -> dict:
         )
         rid = child.info.run_id
         params = {
-            k: receipt[k] for k in ("micro_batch", "grad_accum", "devices", "batch_tokens", "steps", "tokens", "device")
+            k: receipt[k] for k in ("micro_batch", "grad_accum", "ranks", "engine", "batch_tokens", "steps", "tokens", "device")
         }
         metrics = []
         path = layout.metrics(r, site)
