@@ -24,7 +24,8 @@ SITE_KEYS = (
     "throughput, zero_stage"
 )
 TOP_KEYS = (
-    "data, evaluation, model, output_dir, rounds, run, seed, sites, strategy, tracking, training, trust, verification"
+    "container, data, evaluation, model, output_dir, rounds, run, seed, sites, strategy, tracking, training, trust, "
+    "verification"
 )
 
 
