@@ -146,3 +146,57 @@ def test_resetting_optimizer_state_is_a_config_choice(finished, tmp_path):
     assert status["state"] == "published" and not status["reused"]
     assert receipt["optimizer_state_from_round"] is None
     assert not (copy / "site-state" / "a100").exists()
+
+
+def test_a_two_rank_deepspeed_zero3_site_publishes_one_full_update(finished, tmp_path):
+    """ZeRO-3 shards the parameters themselves; the published update must still be the whole model."""
+    import shutil
+
+    from fedhpc.tensorfile import read_specs
+    from tests.workflow_util import BIN, env
+
+    _, cfg, run = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = {**cfg, "output_dir": str(tmp_path), "run": "run"}
+    cfg["sites"] = {
+        **cfg["sites"],
+        "laptop": {**cfg["sites"]["laptop"], "engine": "deepspeed", "zero_stage": 3, "ranks_per_node": 2},
+    }
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    site_dir = copy / "rounds" / "r0001" / "sites" / "laptop"
+    for name in ("receipt.json", "update.safetensors", "status.json"):
+        (site_dir / name).unlink()
+    (copy / "rounds" / "r0001" / "arrivals.json").unlink()
+    proc = subprocess.run(
+        [
+            str(BIN / "fedhpc"),
+            "train",
+            "--config",
+            str(tmp_path / "c.json"),
+            "--round",
+            "1",
+            "--site",
+            "laptop",
+            "--threads",
+            "2",
+            "--status",
+            str(site_dir / "status.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    receipt = json.loads((site_dir / "receipt.json").read_text())
+    assert (receipt["engine"], receipt["zero_stage"], receipt["ranks"], receipt["launcher"]) == (
+        "deepspeed",
+        3,
+        2,
+        "torchrun",
+    )
+    assert read_specs(site_dir / "update.safetensors") == read_specs(
+        copy / "rounds" / "r0001" / "global" / "model.safetensors"
+    )
+    assert receipt["loss_after"] < receipt["loss_before"]
