@@ -16,12 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 SCHEMA_FILE = REPO / "workflow" / "schemas" / "config.schema.json"
 
 TRAINING_KEYS = (
-    "batch_tokens, beta1, beta2, device, grad_clip, keep_optimizer_state, local_eval_fraction, "
+    "batch_tokens, beta1, beta2, compression, device, grad_clip, keep_optimizer_state, local_eval_fraction, "
     "log_every, lr, max_micro_batch, min_lr_ratio, precision, warmup_fraction, weight_decay"
 )
 SITE_KEYS = (
-    "accelerator, container, energy_weight, engine, gpu_memory_gb, gpus, memory_gb, nodes, ranks_per_node, "
-    "throughput, zero_stage"
+    "accelerator, batch_tokens, compression, container, energy_weight, engine, gpu_memory_gb, gpus, memory_gb, "
+    "nodes, ranks_per_node, throughput, zero_stage"
 )
 TOP_KEYS = (
     "container, data, evaluation, model, output_dir, rounds, run, seed, sites, strategy, tracking, training, trust, "
@@ -278,3 +278,50 @@ def test_the_schema_file_is_what_validation_uses(tmp_path):
     raw = minimal(rounds={"count": 3})
     assert validate(raw).rounds.count == 3
     assert problems(error_of(raw, schema_file=stricter)) == ["rounds.count: 3 is greater than the maximum of 2"]
+
+
+@pytest.mark.parametrize(
+    "strategy, expected",
+    [
+        (
+            {"rule": "krum", "faulty_sites": 1},
+            "strategy.faulty_sites: krum needs n > 2f + 2 = 4 sites to tolerate f = 1; there are 2",
+        ),
+        (
+            {"rule": "median", "faulty_sites": 1},
+            "strategy.faulty_sites: median tolerates f faulty sites only with n ≥ 2f + 1 = 3 sites; there are 2",
+        ),
+        (
+            {"rule": "mean", "faulty_sites": 1},
+            "strategy.faulty_sites: the weighted mean has no breakdown point: one faulty site moves it arbitrarily "
+            "(use median, trimmed_mean or krum)",
+        ),
+        (
+            {"rule": "median", "privacy": {"noise_multiplier": 1.0}},
+            "strategy.privacy.noise_multiplier: differential privacy is calibrated for the weighted mean of clipped "
+            "updates; rule 'median' has another sensitivity",
+        ),
+        (
+            {"name": "scaffold", "rule": "trimmed_mean"},
+            "strategy.rule: scaffold's control variates need the weighted mean, not 'trimmed_mean'",
+        ),
+    ],
+)
+def test_a_strategy_that_cannot_keep_its_promise_is_refused_with_the_reason(strategy, expected):
+    assert problems(error_of(minimal(strategy=strategy))) == [expected]
+
+
+def test_site_side_strategies_refuse_sharded_engines_naming_the_site():
+    raw = minimal(strategy={"name": "fedprox"})
+    raw["sites"]["lumi"]["engine"] = "fsdp"
+    assert problems(error_of(raw)) == [
+        "sites.lumi.engine: strategy 'fedprox' corrects local gradients and needs engine 'ddp', not 'fsdp'"
+    ]
+
+
+def test_a_robust_configuration_with_enough_sites_validates():
+    raw = minimal(strategy={"rule": "multikrum", "faulty_sites": 1, "multikrum_select": 3})
+    raw["sites"].update({f"s{i}": {} for i in range(3)})  # n = 5 > 2f + 2
+    cfg = validate(raw)
+    assert (cfg.strategy.rule, cfg.strategy.faulty_sites, cfg.strategy.multikrum_select) == ("multikrum", 1, 3)
+    assert cfg.strategy.server_lr is None and cfg.strategy.privacy.noise_multiplier == 0.0

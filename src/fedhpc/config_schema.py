@@ -157,6 +157,31 @@ def _semantic_problems(cfg: Config) -> list[str]:
         problems.append("data.tokenizer.path: required when data.tokenizer.kind is 'pretrained'")
     if cfg.model.d_model % cfg.model.n_head:
         problems.append(f"model.n_head: {cfg.model.n_head} does not divide model.d_model ({cfg.model.d_model})")
+    return problems + _strategy_problems(cfg)
+
+
+def _strategy_problems(cfg: Config) -> list[str]:
+    from .strategies import tolerance_problem
+
+    st, problems = cfg.strategy, []
+    why = tolerance_problem(st.rule, len(cfg.sites), st.faulty_sites, st.multikrum_select)
+    if why:
+        problems.append(f"strategy.faulty_sites: {why}")
+    if st.name in ("fedprox", "scaffold"):
+        # Their correction is added to whole local gradients; sharded engines hold only a slice.
+        for name, site in sorted(cfg.sites.items()):
+            if site.engine != "ddp":
+                problems.append(
+                    f"sites.{name}.engine: strategy {st.name!r} corrects local gradients and needs engine 'ddp', "
+                    f"not {site.engine!r}"
+                )
+    if st.privacy.noise_multiplier > 0 and st.rule != "mean":
+        problems.append(
+            f"strategy.privacy.noise_multiplier: differential privacy is calibrated for the weighted mean of clipped "
+            f"updates; rule {st.rule!r} has another sensitivity"
+        )
+    if st.name == "scaffold" and st.rule != "mean":
+        problems.append("strategy.rule: scaffold's control variates need the weighted mean, not " + repr(st.rule))
     return problems
 
 
