@@ -13,7 +13,12 @@ rule aggregate:
         f"{RUN}/benchmarks/aggregate/r{{r}}.tsv"
     conda:
         "../envs/fedhpc.yaml"
+    threads: 2
+    resources:
+        tasks=aggregate_tasks,
+        mpi=aggregate_mpi,
     params:
         cfg=CONFIG_JSON,
+        launch=aggregate_launch,
     shell:
-        "fedhpc aggregate --config {params.cfg} --round {wildcards.r} > {log} 2>&1"
+        "{params.launch}fedhpc aggregate --config {params.cfg} --round {wildcards.r} > {log} 2>&1"

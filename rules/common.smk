@@ -142,6 +142,28 @@ def train_launch(wildcards, threads, resources):
     return launch
 
 
+def aggregate_tasks(wildcards=None):
+    return CFG.strategy.ranks
+
+
+def aggregate_mpi(wildcards=None):
+    return "srun" if on_slurm() and CFG.strategy.ranks > 1 else ""
+
+
+def aggregate_launch(wildcards, threads, resources):
+    """Several MPI ranks split a large checkpoint's tensors: srun in a Slurm job, else mpiexec."""
+    ranks = CFG.strategy.ranks
+    if ranks <= 1:
+        return ""
+    if resources.get("mpi"):
+        conf = os.environ.get("SLURM_CONF")
+        return (f"env SLURM_CONF={conf} " if conf else "") + (
+            f"{resources.mpi} --kill-on-bad-exit=1 --ntasks={ranks}"
+            f" --cpus-per-task={max(1, threads // ranks)} "
+        )
+    return f"mpiexec -n {ranks} --oversubscribe "
+
+
 def all_targets():
     trains = [f"{rdir(r)}/sites/{s}/status.json" for r in ROUNDS for s in SITES]
     return [f"{RUN}/summary.json", f"{RUN}/report/index.html", *trains]

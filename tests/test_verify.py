@@ -270,11 +270,11 @@ FAULTS = {
     "Inf": (_with(_set("b", 0, float("-inf"))), "tensor b has NaN or Inf values"),
     "wrong shape": (
         _with(lambda u: u.update(w=u["w"].T.contiguous())),
-        "tensor names/shapes/dtypes differ from the global model: w: F32[3, 4] vs global F32[4, 3]",
+        "tensor names/shapes/dtypes differ from the global model: w: F32[3, 4] vs expected F32[4, 3]",
     ),
     "wrong dtype": (
         _with(lambda u: u.update(w=u["w"].to(torch.bfloat16))),
-        "tensor names/shapes/dtypes differ from the global model: w: BF16[4, 3] vs global F32[4, 3]",
+        "tensor names/shapes/dtypes differ from the global model: w: BF16[4, 3] vs expected F32[4, 3]",
     ),
     "missing tensor": (_with(lambda u: u.pop("b")), "tensor names/shapes/dtypes differ from the global model: b"),
     "extra tensor": (

@@ -181,8 +181,13 @@ def cmd_aggregate(a: argparse.Namespace) -> int:
     from .checkpoints import load_global_meta
 
     ctx = context(a.config)
-    rec = aggregate_round(ctx.cfg, ctx.layout, a.round, load_global_meta(ctx.layout, ctx.trust, a.round))
-    print(f"round {a.round}: weights {json.dumps(rec['weights'])} in {rec['seconds']:.2f} s")
+    rec = aggregate_round(ctx.cfg, ctx.layout, a.round, load_global_meta(ctx.layout, ctx.trust, a.round), ctx.trust)
+    if rec:  # rank 0 of an MPI aggregation (or the only process) reports
+        eps = f", DP ε = {rec['privacy']['epsilon']:.3g}" if rec.get("privacy") else ""
+        print(
+            f"round {a.round}: {rec['strategy']}/{rec['rule']}, weights {json.dumps(rec['weights'])}, "
+            f"{rec['bytes_read'] / 1e6:.1f} MB read in {rec['seconds']:.2f} s on {rec['ranks']} rank(s){eps}"
+        )
     return 0
 
 

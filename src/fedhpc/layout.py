@@ -130,6 +130,24 @@ class RunLayout:
     def candidate_eval(self, r: int) -> Path:
         return self.round_dir(r) / "candidate" / "eval.json"
 
+    def server_state(self, r: int) -> Path:
+        """Server-optimiser state (moments, momentum, control variates) that produced global r."""
+        return self.round_dir(r) / "global" / "server_state.safetensors"
+
+    def server_meta(self, r: int) -> Path:
+        """Scalars of the server state: optimiser, step count, the privacy ledger."""
+        return self.round_dir(r) / "global" / "server_state.json"
+
+    def candidate_state(self, r: int) -> Path:
+        return self.round_dir(r) / "candidate" / "server_state.safetensors"
+
+    def candidate_meta(self, r: int) -> Path:
+        return self.round_dir(r) / "candidate" / "server_state.json"
+
+    def control_update(self, r: int, site: str) -> Path:
+        """SCAFFOLD: the site's control-variate delta, published beside its update."""
+        return self.site_dir(r, site) / "control.safetensors"
+
     def aggregate_record(self, r: int) -> Path:
         return self.round_dir(r) / "aggregate.json"
 

@@ -33,12 +33,27 @@ def _place(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
+def _carry_server_state(layout: RunLayout, r: int, accepted: bool) -> None:
+    """Global r+1 takes the candidate's server state, or global r's on rollback. The privacy
+    ledger always comes from the candidate: its noised aggregate was computed and evaluated."""
+    state = layout.candidate_state(r) if accepted else layout.server_state(r)
+    if state.exists():
+        _place(state, layout.server_state(r + 1))
+    if layout.candidate_meta(r).exists():
+        meta = read_json(layout.candidate_meta(r))
+        if not accepted:
+            old = read_json(layout.server_meta(r)) if layout.server_meta(r).exists() else {}
+            meta = {**old, "privacy": meta.get("privacy"), "rolled_back_round": r}
+        write_json(layout.server_meta(r + 1), meta)
+
+
 def promote_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, base: dict) -> dict:
     baseline = read_json(layout.global_eval(r))
     candidate = read_json(layout.candidate_eval(r))
     ok, reason = gate(baseline["loss"], candidate["loss"], cfg.evaluation.max_regression)
     src, chosen_eval = (layout.candidate(r), candidate) if ok else (layout.global_model(r), baseline)
     _place(src, layout.global_model(r + 1))
+    _carry_server_state(layout, r, ok)
     write_json(layout.global_eval(r + 1), chosen_eval)
     meta = publish_global(
         layout,

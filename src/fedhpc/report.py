@@ -31,6 +31,10 @@ def build_summary(cfg: Config, layout: RunLayout) -> dict:
                 "candidate_loss": read_json(layout.candidate_eval(r))["loss"],
                 "source": meta["source"],
                 "weights": agg["weights"],
+                "strategy": agg["strategy"],
+                "rule": agg.get("rule", "mean"),
+                "update_bytes": agg.get("update_bytes", {}),
+                "dp_epsilon": (agg.get("privacy") or {}).get("epsilon"),
                 "missing": agg["missing"],
                 "excluded": sorted(agg["excluded"]),
             }
@@ -48,6 +52,9 @@ def build_summary(cfg: Config, layout: RunLayout) -> dict:
         "final_gap_to_floor": final_eval["gap_to_floor"],
         "final_eval_by_domain": {d: v["loss"] for d, v in final_eval["domains"].items()},
         "excluded_updates": excluded,
+        "strategy": {"name": cfg.strategy.name, "rule": cfg.strategy.rule},
+        "update_bytes_total": {s: sum(h["update_bytes"].get(s, 0) for h in history) for s in sorted(cfg.sites)},
+        "dp_epsilon": history[-1]["dp_epsilon"] if history else None,
         "rollbacks": [h["round"] for h in history if h["source"] == "rollback"],
         "global_model_sha256": read_json(layout.global_meta(last))["sha256"],
         "global_model": str(layout.global_model(last)),
@@ -112,13 +119,19 @@ def _plots(cfg: Config, layout: RunLayout, summary: dict) -> list[tuple[str, str
     return out
 
 
+def _eps(epsilon: float | None) -> str:
+    return "—" if epsilon is None else f"{epsilon:.3g}"
+
+
 def write_report(cfg: Config, layout: RunLayout) -> dict:
     summary = build_summary(cfg, layout)
     esc = html.escape
     floor = summary["entropy_floor"]
     rows = "".join(
         f"<tr><td>r{h['round']:04d}</td><td>{h['eval_loss']:.4f}</td><td>{h['source']}</td>"
-        f"<td>{esc(', '.join(h['excluded']) or '—')}</td><td>{esc(', '.join(h['missing']) or '—')}</td></tr>"
+        f"<td>{esc(', '.join(h['excluded']) or '—')}</td><td>{esc(', '.join(h['missing']) or '—')}</td>"
+        f"<td>{esc(', '.join(f'{s} {b / 1e6:.2f}' for s, b in sorted(h['update_bytes'].items())) or '—')}</td>"
+        f"<td>{_eps(h['dp_epsilon'])}</td></tr>"
         for h in summary["history"]
         if h["eval_loss"] is not None
     )
@@ -138,7 +151,9 @@ Held-out loss {summary["initial_eval_loss"]:.4f} → <b>{summary["final_eval_los
 Final global model <code>{summary["global_model_sha256"][:16]}…</code>; audit ledger
 {"intact" if summary["audit"]["intact"] else "<b>BROKEN</b>"} ({summary["audit"]["events"]} events).</p>
 <h2>Rounds × sites</h2><pre>{esc(format_table(round_states(layout)))}</pre>
-<table><tr><th>round</th><th>held-out loss</th><th>global from</th><th>excluded</th><th>missing</th></tr>{rows}</table>
+<p>Strategy <code>{esc(cfg.strategy.name)}</code>, rule <code>{esc(cfg.strategy.rule)}</code>.</p>
+<table><tr><th>round</th><th>held-out loss</th><th>global from</th><th>excluded</th><th>missing</th>
+<th>update MB sent per site</th><th>DP ε (δ={cfg.strategy.privacy.delta:g})</th></tr>{rows}</table>
 {plots}</body></html>"""
     write_bytes(layout.report_dir / "index.html", doc.encode())
     write_json(layout.summary, summary)

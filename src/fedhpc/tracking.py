@@ -75,7 +75,8 @@ def track_round(cfg: Config, layout: RunLayout, r: int) -> dict:
         )
         rid = child.info.run_id
         params = {
-            k: receipt[k] for k in ("micro_batch", "grad_accum", "ranks", "engine", "batch_tokens", "steps", "tokens", "device")
+            k: receipt[k]
+            for k in ("micro_batch", "grad_accum", "ranks", "engine", "batch_tokens", "steps", "tokens", "device")
         }
         metrics = []
         path = layout.metrics(r, site)
@@ -87,7 +88,7 @@ def track_round(cfg: Config, layout: RunLayout, r: int) -> dict:
                 for k, v in rec.items()
                 if k not in ("round", "site", "time", "step", "steps") and isinstance(v, (int, float))
             ]
-        for k in ("loss_before", "loss_after", "tokens_per_second"):
+        for k in ("loss_before", "loss_after", "tokens_per_second", "update_bytes"):
             if receipt.get(k) is not None:
                 metrics.append(Metric(k, float(receipt[k]), int(receipt["finished_at"] * 1000), 0))
         for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 entries
@@ -107,6 +108,9 @@ def track_round(cfg: Config, layout: RunLayout, r: int) -> dict:
     agg = read_json(layout.aggregate_record(r))
     round_metrics += [Metric(f"weight.{s}", float(w), ts, r) for s, w in agg["weights"].items()]
     round_metrics.append(Metric("excluded_updates", float(len(agg["excluded"])), ts, r))
+    round_metrics += [Metric(f"update_bytes.{s}", float(b), ts, r) for s, b in agg.get("update_bytes", {}).items()]
+    if agg.get("privacy"):
+        round_metrics.append(Metric("dp_epsilon", float(agg["privacy"]["epsilon"]), ts, r))
     client.log_batch(parent, metrics=round_metrics)
     name = f"fedhpc-{cfg.run}"
     if not client.search_registered_models(filter_string=f"name = '{name}'"):

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 
 import torch
 
+from .aggregator import UpdateFile, expected_specs
 from .audit import AuditLog
+from .compress import CompressionError, codec_from_metadata
 from .config import Config, VerificationConfig
 from .files import read_json, sha256_file, write_json
 from .layout import RunLayout
 from .signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
-from .tensorfile import TensorFileError, open_tensors, read_specs
+from .tensorfile import TensorFileError, TensorSpec, read_metadata, read_specs
 
 
 def check_update(
@@ -44,26 +47,42 @@ def check_update(
         out["reasons"].append("update.safetensors does not match the sha256 in its receipt (corrupt or tampered)")
         return out
     out["update_sha256"] = receipt["update_sha256"]
+    if receipt.get("control_sha256") is not None and (
+        not layout.control_update(r, site).exists()
+        or sha256_file(layout.control_update(r, site)) != receipt["control_sha256"]
+    ):
+        out["reasons"].append("control.safetensors does not match the sha256 in its receipt (corrupt or tampered)")
+        return out
     try:
         got, want = read_specs(update), read_specs(layout.global_model(r))
-    except TensorFileError as exc:
+        codec = codec_from_metadata(read_metadata(update))
+    except (TensorFileError, CompressionError) as exc:
         out["reasons"].append(str(exc))
         return out
-    if got != want:
+    expected = expected_specs(want, codec)
+    if got != expected and not (codec.scheme == "none" and got == want):
         diff = (
-            sorted(set(got) ^ set(want))[:3]
-            + [f"{k}: {got[k]} vs global {want[k]}" for k in sorted(set(got) & set(want)) if got[k] != want[k]][:3]
+            sorted(set(got) ^ set(expected))[:3]
+            + [
+                f"{k}: {got[k]} vs expected {expected[k]}"
+                for k in sorted(set(got) & set(expected))
+                if got[k] != expected[k]
+            ][:3]
         )
-        out["reasons"].append(f"tensor names/shapes/dtypes differ from the global model: {'; '.join(map(str, diff))}")
+        out["reasons"].append(
+            "tensor names/shapes/dtypes differ from the global model"
+            + (f" (compression {codec.scheme})" if codec.scheme != "none" else "")
+            + f": {'; '.join(map(str, diff))}"
+        )
         return out
-    sq = 0.0
-    with open_tensors(update) as tensors:
-        for name in tensors:
-            t = tensors[name].to(torch.float64)
-            if not torch.isfinite(t).all():
-                out["reasons"].append(f"tensor {name} has NaN or Inf values")
-                return out
-            sq += float((t * t).sum())
+    try:
+        sq, bad = update_sq_norm(update, want)
+    except (ValueError, RuntimeError, IndexError) as exc:  # a decode of hostile indices or values
+        out["reasons"].append(f"update cannot be decoded: {exc}")
+        return out
+    if bad is not None or not math.isfinite(sq):
+        out["reasons"].append(f"tensor {bad} has NaN or Inf values" if bad else "update norm overflows")
+        return out
     out["norm"] = math.sqrt(sq)
     out["steps"] = int(receipt.get("steps", 0))
     out["tokens"] = int(receipt.get("tokens", 0))
@@ -81,6 +100,23 @@ def check_update(
         msg = f"underfitting: local held-out loss did not improve ({before:.4f} → {after:.4f})"
         (out["reasons"] if v.reject_underfit else out["flags"]).append(msg)
     return out
+
+
+def update_sq_norm(update: Path, global_specs: dict[str, TensorSpec], chunk: int = 1 << 22) -> tuple[float, str | None]:
+    """(squared L2 norm of the decoded update in float64, name of the first tensor holding NaN/Inf or None)."""
+    u = UpdateFile(update)
+    try:
+        sq = 0.0
+        for name, spec in global_specs.items():
+            n = math.prod(spec.shape)
+            for a in range(0, n, chunk):
+                t = u.read(name, n, a, min(n, a + chunk)).to(torch.float64)
+                if not torch.isfinite(t).all():
+                    return math.nan, name
+                sq += float((t * t).sum())
+        return sq, None
+    finally:
+        u.close()
 
 
 def outlier_scores(stats: dict[str, float], min_scale: float) -> dict[str, float]:

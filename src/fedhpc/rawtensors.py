@@ -1,0 +1,188 @@
+"""Safetensors read and written by element range with pread/pwrite, for the streaming aggregator.
+
+Reading through `pread` into a reused buffer costs one copy from the page cache and no page
+faults, where a fresh mmap slice faults every 4 KiB page; writing at known offsets lets
+several MPI ranks fill one output file in parallel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .tensorfile import _DTYPES, _NAMES, TensorFileError, TensorSpec
+
+MAX_HEADER = 100_000_000
+
+
+def _itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=_NAMES[dtype]).element_size()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class TensorReader:
+    """Element ranges of the tensors of one safetensors file, header checked against the file size."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise TensorFileError(f"{self.path}: missing") from None
+        try:
+            self._parse()
+        except Exception:
+            os.close(self.fd)
+            raise
+        self._bufs: dict[str, bytearray] = {}
+
+    def _parse(self) -> None:
+        size = os.fstat(self.fd).st_size
+        raw = os.pread(self.fd, 8, 0)
+        if len(raw) != 8:
+            raise TensorFileError(f"{self.path}: truncated (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(MAX_HEADER, size - 8):
+            raise TensorFileError(f"{self.path}: header length {n} is larger than the file or implausible")
+        try:
+            header = json.loads(os.pread(self.fd, n, 8))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise TensorFileError(f"{self.path}: header is not valid JSON") from None
+        if not isinstance(header, dict):
+            raise TensorFileError(f"{self.path}: header is not a JSON object")
+        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
+        self.specs: dict[str, TensorSpec] = {}
+        self.offsets: dict[str, int] = {}
+        data_start = 8 + n
+        for name, entry in sorted(header.items()):
+            try:
+                dtype, shape, (a, b) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise TensorFileError(f"{self.path}: tensor {name!r} has a malformed header entry") from None
+            if dtype not in _NAMES or any(s < 0 for s in shape):
+                raise TensorFileError(f"{self.path}: tensor {name!r} has dtype {dtype!r} / shape {list(shape)}")
+            spec = TensorSpec(dtype, shape)
+            if b - a != spec.nbytes or a < 0 or data_start + b > size:
+                raise TensorFileError(
+                    f"{self.path}: tensor {name!r} spans bytes {a}..{b} but needs {spec.nbytes} within the file "
+                    "(truncated or malformed)"
+                )
+            self.specs[name], self.offsets[name] = spec, data_start + a
+
+    def read(self, name: str, start: int, stop: int, slot: str = "") -> torch.Tensor:
+        """Elements [start, stop) of flattened tensor `name`, in its stored dtype.
+
+        The result is a view of a buffer reused per `slot`: use it before the next read of the slot.
+        """
+        spec = self.specs.get(name)
+        if spec is None:
+            raise TensorFileError(f"{self.path}: has no tensor {name!r}")
+        if not 0 <= start <= stop <= _numel(spec.shape):
+            raise TensorFileError(f"{self.path}: range {start}..{stop} is outside tensor {name!r}")
+        item = _itemsize(spec.dtype)
+        nbytes = (stop - start) * item
+        buf = self._bufs.get(slot)
+        if buf is None or len(buf) < nbytes:
+            buf = self._bufs[slot] = bytearray(max(nbytes, 8))
+        view = memoryview(buf)[:nbytes]
+        got = os.preadv(self.fd, [view], self.offsets[name] + start * item) if nbytes else 0
+        if got != nbytes:
+            raise TensorFileError(f"{self.path}: short read of tensor {name!r} (file truncated while reading?)")
+        if not nbytes:
+            return torch.empty(0, dtype=_NAMES[spec.dtype])
+        return torch.frombuffer(buf, dtype=_NAMES[spec.dtype], count=stop - start)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def layout_header(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, int]]:
+    """The header bytes (length prefix included) and each tensor's absolute byte offset, names sorted
+    (the same layout tensorfile.write_tensors produces)."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset, rel = 0, {}
+    for name in sorted(specs):
+        end = offset + specs[name].nbytes
+        header[name] = {"dtype": specs[name].dtype, "shape": list(specs[name].shape), "data_offsets": [offset, end]}
+        rel[name] = offset
+        offset = end
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    head = struct.pack("<Q", len(blob)) + blob
+    return head, {k: len(head) + v for k, v in rel.items()}
+
+
+class TensorWriter:
+    """A safetensors file laid out up front and filled by element ranges, possibly by several processes.
+
+    `create()` (one process) writes the header and sizes the file under a temporary name; every
+    writer then `open()`s it and `write()`s its ranges; `commit()` (one process, after all
+    writers are done) fsyncs and renames it into place, so a crash never leaves a half file.
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.part")
+        self.specs = dict(specs)
+        self.head, self.offsets = layout_header(self.specs, metadata)
+        self.size = len(self.head) + sum(s.nbytes for s in self.specs.values())
+        self.fd = -1
+
+    def create(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.pwrite(fd, self.head, 0)
+            os.ftruncate(fd, self.size)
+        finally:
+            os.close(fd)
+
+    def open(self) -> TensorWriter:
+        self.fd = os.open(self.tmp, os.O_WRONLY)
+        return self
+
+    def write(self, name: str, start: int, values: torch.Tensor) -> None:
+        spec = self.specs[name]
+        if _DTYPES.get(values.dtype) != spec.dtype:
+            raise ValueError(f"tensor {name}: writing {values.dtype}, header says {spec.dtype}")
+        if start + values.numel() > _numel(spec.shape):
+            raise ValueError(f"tensor {name}: range {start}..{start + values.numel()} exceeds its {spec}")
+        data = values.contiguous().reshape(-1).view(torch.uint8).numpy()
+        pos, view = self.offsets[name] + start * _itemsize(spec.dtype), memoryview(data)
+        while len(view):
+            n = os.pwrite(self.fd, view, pos)
+            view, pos = view[n:], pos + n
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+    def commit(self) -> None:
+        self.tmp.replace(self.path)
+
+    def abort(self) -> None:
+        self.close()
+        self.tmp.unlink(missing_ok=True)
