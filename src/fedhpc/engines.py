@@ -39,7 +39,11 @@ class Engine:
     def backward(self, loss: torch.Tensor, grad_accum: int, last_micro: bool) -> None:
         (loss / grad_accum).backward()
 
+    correction = None  # FedProx/SCAFFOLD terms (site_correction.GradCorrection), applied before clipping
+
     def step(self) -> float:
+        if self.correction is not None:
+            self.correction()
         clip = self.t.grad_clip if self.t.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()

@@ -94,6 +94,7 @@ class RoundResult:
     last_loss: float
     lr_first: float
     lr_last: float
+    lr_sum: float  # Σ of the step learning rates: the round's "effort" for heterogeneity-aware weights
 
 
 def local_round(
@@ -123,9 +124,10 @@ def local_round(
     t0 = time.perf_counter()
     lr_first = lr = lr_at(progress(0.0), t)
     loss_sum = torch.zeros((), device=device)
-    last_loss, tokens_done, last_log_t, last_log_tokens = float("nan"), 0, t0, 0
+    last_loss, tokens_done, last_log_t, last_log_tokens, lr_sum = float("nan"), 0, t0, 0, 0.0
     for step in range(steps):
         lr = lr_at(progress(step / steps), t)
+        lr_sum += lr
         engine.set_lr(lr)
         for micro in range(shape.grad_accum):
             start = (step * shape.grad_accum + micro) * shape.micro_batch
@@ -163,6 +165,7 @@ def local_round(
         last_loss=last_loss,
         lr_first=lr_first,
         lr_last=lr,
+        lr_sum=lr_sum,
     )
 
 

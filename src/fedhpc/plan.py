@@ -36,7 +36,7 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
             cfg.sites[name],
             cfg.model,
             vocab,
-            cfg.training.batch_tokens,
+            cfg.sites[name].batch_tokens or cfg.training.batch_tokens,
             cfg.training.max_micro_batch,
             devices=site_ranks(cfg.sites[name]),
         )

@@ -43,3 +43,34 @@ def prune(layout: RunLayout, site: str, keep_from: int) -> None:
         m = _NAME.match(p.name)
         if m and int(m.group(1)) < keep_from:
             p.unlink(missing_ok=True)
+
+
+# Whole-model tensors a site keeps on rank 0 (compression residuals, SCAFFOLD's c_i), by round.
+_TENSORS = re.compile(r"^(residual|control)-r(\d{4})\.safetensors$")
+
+
+def save_tensors(layout: RunLayout, site: str, kind: str, r: int, tensors: dict[str, torch.Tensor]) -> None:
+    from .tensorfile import save_state
+
+    path = layout.site_state(site) / f"{kind}-r{r:04d}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_state(path, {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in tensors.items()})
+
+
+def latest_tensors(layout: RunLayout, site: str, kind: str, before: int) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The newest `kind` tensors saved for a round before `before` ({} and None when there are none)."""
+    from .tensorfile import load_state
+
+    best: tuple[Path, int] | None = None
+    for p in layout.site_state(site).glob(f"{kind}-r*.safetensors"):
+        m = _TENSORS.match(p.name)
+        if m and m.group(1) == kind and int(m.group(2)) < before and (best is None or int(m.group(2)) > best[1]):
+            best = (p, int(m.group(2)))
+    return (load_state(best[0]), best[1]) if best else ({}, None)
+
+
+def prune_tensors(layout: RunLayout, site: str, keep_from: int) -> None:
+    for p in layout.site_state(site).glob("*-r*.safetensors"):
+        m = _TENSORS.match(p.name)
+        if m and int(m.group(2)) < keep_from:
+            p.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from . import distributed, site_state
 from .allocate import stable_seed
 from .audit import AuditLog
 from .checkpoints import build_model, load_global_meta
+from .compress import Codec, codec_metadata, encode_with_feedback
 from .config import Config
 from .distributed import World
 from .engines import make_engine
@@ -25,6 +26,7 @@ from .loop import local_round, mean_loss, to_windows
 from .model import load_exported_state
 from .shards import load_manifest, read_shard
 from .signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
+from .site_correction import GradCorrection
 from .sites import batch_shape
 from .sysinfo import SystemProbe
 from .tensorfile import load_state, save_state
@@ -151,7 +153,13 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
 
     vocab = base["vocab_size"]
     shape = batch_shape(
-        site, site_cfg, cfg.model, vocab, cfg.training.batch_tokens, cfg.training.max_micro_batch, devices=world.size
+        site,
+        site_cfg,
+        cfg.model,
+        vocab,
+        site_cfg.batch_tokens or cfg.training.batch_tokens,
+        cfg.training.max_micro_batch,
+        devices=world.size,
     )
     if len(train_w) < shape.sequences_per_step:
         raise TrainingError(
@@ -185,6 +193,8 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         else:
             state_round = None
 
+    correction = _gradient_correction(cfg, layout, site, r, engine.module, global_state, device)
+    engine.correction = correction
     engine.train(False)
     loss_before = mean_loss(
         engine.eval_forward, eval_w, cfg.evaluation.batch_size, device, cfg.training.precision, world
@@ -215,9 +225,18 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         return {"state": "published", "rank": world.rank}
 
     update = {k: local[k] - global_state[k].float() for k in local}
-    save_state(
-        layout.update(r, site), update, {"run": cfg.run, "round": str(r), "site": site, "base_sha256": base["sha256"]}
-    )
+    codec = site_codec(cfg, site)
+    meta = {"run": cfg.run, "round": str(r), "site": site, "base_sha256": base["sha256"], **codec_metadata(codec)}
+    save_state(layout.update(r, site), encode_update(cfg, layout, site, r, update, codec), meta)
+    control = {}
+    if correction is not None and correction.scaffold:
+        c_new, c_delta = correction.control_update()
+        save_state(layout.control_update(r, site), c_delta, meta)
+        site_state.save_tensors(layout, site, "control", r, c_new)
+        control = {
+            "control_sha256": sha256_file(layout.control_update(r, site)),
+            "control_bytes": layout.control_update(r, site).stat().st_size,
+        }
     receipt = {
         "run": cfg.run,
         "round": r,
@@ -226,6 +245,8 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         "base_sha256": base["sha256"],
         "update_sha256": sha256_file(layout.update(r, site)),
         "update_bytes": layout.update(r, site).stat().st_size,
+        "compression": codec.scheme,
+        **control,
         "shards": entry["shards"],
         "tokens": result.tokens,
         "sequences": result.tokens // shape.seq_len,
@@ -239,6 +260,7 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         "batch_tokens": shape.tokens_per_step,
         "lr_first": result.lr_first,
         "lr_last": result.lr_last,
+        "lr_sum": result.lr_sum,
         "loss_before": finite_or_none(loss_before),
         "loss_after": finite_or_none(loss_after),
         "train_loss_last": finite_or_none(result.last_loss),
@@ -258,6 +280,7 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
     receipt = sign_document(receipt, site, trust.private_key(site))
     write_json(layout.receipt(r, site), receipt)  # last: its presence means "update published"
     site_state.prune(layout, site, keep_from=r)
+    site_state.prune_tensors(layout, site, keep_from=r)
     audit.append(
         "update.published",
         round=r,
@@ -271,6 +294,48 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         loss_after=receipt["loss_after"],
     )
     return {"state": "published", "reused": False, "update_sha256": receipt["update_sha256"], "ranks": world.size}
+
+
+def site_codec(cfg: Config, site: str) -> Codec:
+    c = cfg.training.compression
+    return Codec(scheme=cfg.sites[site].compression or c.scheme, block=c.block, topk_fraction=c.topk_fraction)
+
+
+def encode_update(
+    cfg: Config, layout: RunLayout, site: str, r: int, update: dict[str, torch.Tensor], codec: Codec
+) -> dict[str, torch.Tensor]:
+    """The tensors the site sends; what lossy compression drops is kept here for the next round."""
+    if codec.scheme == "none":
+        return update
+    feedback = cfg.training.compression.error_feedback
+    residual = site_state.latest_tensors(layout, site, "residual", r)[0] if feedback else {}
+    parts, kept = {}, {}
+    for name, delta in update.items():
+        enc, res = encode_with_feedback(name, delta, codec, residual.get(name) if feedback else None)
+        parts.update(enc)
+        if res is not None:
+            kept[name] = res
+    if feedback and kept:
+        # Saved before the receipt: a job killed in between redoes the round from the older residual.
+        site_state.save_tensors(layout, site, "residual", r, kept)
+    return parts
+
+
+def _gradient_correction(
+    cfg: Config, layout: RunLayout, site: str, r: int, module: torch.nn.Module, global_state: dict, device
+) -> GradCorrection | None:
+    name = cfg.strategy.name
+    if name == "fedprox" and cfg.strategy.proximal_mu > 0:
+        anchor = {k: v.to(device, torch.float32) for k, v in global_state.items()}
+        return GradCorrection(module, anchor=anchor, mu=cfg.strategy.proximal_mu)
+    if name != "scaffold":
+        return None
+    c_global = {}
+    if layout.server_state(r).exists():
+        c_global = {k.removesuffix("@control"): v for k, v in load_state(layout.server_state(r)).items()}
+    c_global = {k: c_global.get(k, torch.zeros_like(v, dtype=torch.float32)) for k, v in global_state.items()}
+    c_local = site_state.latest_tensors(layout, site, "control", r)[0]
+    return GradCorrection(module, c_global=c_global, c_local=c_local)
 
 
 def run_train_job(
