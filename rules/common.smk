@@ -159,7 +159,7 @@ def aggregate_launch(wildcards, threads, resources):
         conf = os.environ.get("SLURM_CONF")
         return (f"env SLURM_CONF={conf} " if conf else "") + (
             f"{resources.mpi} --kill-on-bad-exit=1 --ntasks={ranks}"
-            f" --cpus-per-task={max(1, threads // ranks)} "
+            f" --cpus-per-task={resources.get('cpus_per_task', max(1, threads // ranks))} "
         )
     return f"mpiexec -n {ranks} --oversubscribe "
 

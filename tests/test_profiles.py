@@ -144,3 +144,19 @@ def test_profiles_name_the_lumi_environment_and_placeholders():
     ).stdout
     assert "NCCL_SOCKET_IFNAME=hsn0,hsn1,hsn2,hsn3" in env
     assert "SINGULARITY_BIND=/pfs,/scratch,/projappl,/project,/flash,/appl" in env
+
+
+def test_lumi_aggregation_with_mpi_ranks_is_one_multi_task_job_under_srun(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg["strategy"] = {"ranks": 4}
+    write_config(tmp_path, cfg)
+    out, _ = snakemake(tmp_path, "lumi", "-n", "-p").communicate(timeout=120)
+    blocks = [b for b in out.split("\n\n") if "rule aggregate:" in b]
+    assert len(blocks) == 2
+    for block in blocks:
+        res = block[block.index("resources:") :].splitlines()[0]
+        assert "tasks=4" in res and "mpi=srun" in res and "cpus_per_task=7" in res, res
+    shells = re.findall(r"Shell command: (.*fedhpc aggregate .*)$", out, re.M)
+    assert len(shells) == 2
+    for cmd in shells:
+        assert cmd.startswith("srun --kill-on-bad-exit=1 --ntasks=4 --cpus-per-task=7 fedhpc aggregate"), cmd
