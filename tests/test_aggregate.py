@@ -306,3 +306,24 @@ def _resign(b: RoundBuilder, site: str, receipt: dict, path: Path) -> None:
     receipt = {k: v for k, v in receipt.items() if k != "signature"}
     receipt["update_sha256"] = sha256_file(path)
     write_json(b.layout.receipt(b.r, site), sign_document(receipt, site, b.trust.private_key(site)))
+
+
+def test_round_weights_decay_stale_updates_then_cap_domains_then_normalise_effort():
+    from fedhpc.aggregate import round_weights
+    from fedhpc.config import StrategyConfig
+
+    s = StrategyConfig(heterogeneity_aware=True, domain_cap=0.6)
+    s.staleness.decay, s.staleness.exponent = "polynomial", 1.0
+    receipts = {
+        "a": {"tokens": 100, "base_round": 5, "lr_sum": 1.0, "steps": 10},  # built on the global of round 5
+        "b": {"tokens": 100, "base_round": 4, "lr_sum": 4.0, "steps": 10},  # one round late: weight × 1/2
+    }
+    mix = {"a": {"law": 1.0}, "b": {"web": 1.0}}
+    p, coef, why = round_weights(s, 5, receipts, mix)
+    assert why["staleness"] == {"a": 0, "b": 1}
+    # 1 : 1/2 → 2/3, 1/3; law's share 2/3 > 0.6 is capped to 0.6.
+    assert p["a"] == pytest.approx(0.6) and p["b"] == pytest.approx(0.4)
+    assert why["domain_shares"]["law"] == pytest.approx(0.6)
+    # FedNova: τ = 0.6·1 + 0.4·4 = 2.2; coefficients p·τ/a.
+    assert coef["a"] == pytest.approx(0.6 * 2.2 / 1.0) and coef["b"] == pytest.approx(0.4 * 2.2 / 4.0)
+    assert why["effort"] == {"a": 1.0, "b": 4.0}
