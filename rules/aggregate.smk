@@ -21,4 +21,4 @@ rule aggregate:
         cfg=CONFIG_JSON,
         launch=aggregate_launch,
     shell:
-        "{params.launch}fedhpc aggregate --config {params.cfg} --round {wildcards.r} > {log} 2>&1"
+        "{params.launch}fedhpc aggregate --config {params.cfg} --round {wildcards.r} --threads {threads} > {log} 2>&1"

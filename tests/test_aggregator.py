@@ -537,7 +537,7 @@ MPI_SHAPES = {"a.w": (100,), "b.w": (33, 7), "c.b": (5,), "d.w": (64, 3), "e.b":
 MPI_SITES = {"s1": 0.3, "s2": 0.25, "s3": 0.2, "s4": 0.15, "s5": 0.1}
 
 
-def mpi_round(d: Path, tag: str, comm=None) -> dict:
+def mpi_round(d: Path, tag: str, comm=None, workers: int = 1) -> dict:
     """One krum + clip + DP + fedadam round; the serial run and each MPI rank call exactly this."""
     res = aggregate(
         d / "base.safetensors",
@@ -550,6 +550,7 @@ def mpi_round(d: Path, tag: str, comm=None) -> dict:
         chunk_bytes=256,
         metadata={"round": "3"},
         comm=comm,
+        workers=workers,
     )
     return {
         "selected": res.selected,
@@ -589,10 +590,7 @@ def _mpi_or_skip() -> str:
     return exe
 
 
-def test_mpi_run_writes_the_same_bytes_as_a_serial_run(tmp_path):
-    mpiexec = _mpi_or_skip()
-    specs = {n: TensorSpec("F32", s) for n, s in MPI_SHAPES.items()}
-    assert all(partition(specs, 2)), "both ranks must own tensors"
+def write_mpi_round(tmp_path: Path) -> None:
     save_state(tmp_path / "base.safetensors", {n: rand(s, i) for i, (n, s) in enumerate(MPI_SHAPES.items())})
     save_state(
         tmp_path / "state_in.safetensors",
@@ -604,6 +602,22 @@ def test_mpi_run_writes_the_same_bytes_as_a_serial_run(tmp_path):
             tmp_path / f"{s}.safetensors",
             {n: rand(sh, 100 * j + i, scale) for i, (n, sh) in enumerate(MPI_SHAPES.items())},
         )
+
+
+def test_worker_threads_write_the_same_bytes_as_one_thread(tmp_path):
+    write_mpi_round(tmp_path)
+    serial = mpi_round(tmp_path, "serial")
+    threaded = mpi_round(tmp_path, "threads", workers=3)
+    assert threaded == serial
+    assert (tmp_path / "threads.safetensors").read_bytes() == (tmp_path / "serial.safetensors").read_bytes()
+    assert (tmp_path / "threads.state.safetensors").read_bytes() == (tmp_path / "serial.state.safetensors").read_bytes()
+
+
+def test_mpi_run_writes_the_same_bytes_as_a_serial_run(tmp_path):
+    mpiexec = _mpi_or_skip()
+    specs = {n: TensorSpec("F32", s) for n, s in MPI_SHAPES.items()}
+    assert all(partition(specs, 2)), "both ranks must own tensors"
+    write_mpi_round(tmp_path)
     serial = mpi_round(tmp_path, "serial")
     assert "s5" not in serial["selected"] and serial["scales"]["s5"] < 1.0  # krum and the clip had work to do
 

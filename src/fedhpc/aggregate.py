@@ -76,7 +76,9 @@ def round_weights(
     return p, coef, why
 
 
-def aggregate_round(cfg: Config, layout: RunLayout, r: int, base: dict, trust: TrustStore | None = None) -> dict:
+def aggregate_round(
+    cfg: Config, layout: RunLayout, r: int, base: dict, trust: TrustStore | None = None, threads: int = 1
+) -> dict:
     """The configured strategy over the accepted updates → rounds/r/candidate/model.safetensors
     (+ server state when the server optimiser keeps any)."""
     s = cfg.strategy
@@ -140,6 +142,7 @@ def aggregate_round(cfg: Config, layout: RunLayout, r: int, base: dict, trust: T
         chunk_bytes=int(s.chunk_mb * (1 << 20)),
         metadata={"run": cfg.run, "round": str(r), "source": s.name},
         comm=comm,
+        workers=_workers(threads, comm),
     )
     if comm is not None and comm.Get_rank() != 0:
         return {}
@@ -197,6 +200,13 @@ def aggregate_round(cfg: Config, layout: RunLayout, r: int, base: dict, trust: T
         epsilon=epsilon,
     )
     return record
+
+
+def _workers(threads: int, comm) -> int:
+    """Threads of this process: Slurm gives each rank its own CPUs; elsewhere ranks share the node's."""
+    if "SLURM_CPUS_PER_TASK" in os.environ:
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    return max(1, threads // (comm.Get_size() if comm is not None else 1))
 
 
 def _mpi_comm(ranks: int):

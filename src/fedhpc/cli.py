@@ -181,7 +181,8 @@ def cmd_aggregate(a: argparse.Namespace) -> int:
     from .checkpoints import load_global_meta
 
     ctx = context(a.config)
-    rec = aggregate_round(ctx.cfg, ctx.layout, a.round, load_global_meta(ctx.layout, ctx.trust, a.round), ctx.trust)
+    base = load_global_meta(ctx.layout, ctx.trust, a.round)
+    rec = aggregate_round(ctx.cfg, ctx.layout, a.round, base, ctx.trust, threads=a.threads)
     if rec:  # rank 0 of an MPI aggregation (or the only process) reports
         eps = f", DP ε = {rec['privacy']['epsilon']:.3g}" if rec.get("privacy") else ""
         print(
@@ -324,7 +325,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--status", required=True, help="where to write the job's status record")
     verb("gather", cmd_gather, "wait for updates until all arrive or the deadline", round=True)
     verb("verify", cmd_verify, "verify every arrived update", round=True)
-    verb("aggregate", cmd_aggregate, "aggregate accepted updates into the candidate model", round=True)
+    ag = verb("aggregate", cmd_aggregate, "aggregate accepted updates into the candidate model", round=True)
+    ag.add_argument("--threads", type=int, default=1, help="worker threads (shared out over MPI ranks)")
     e = verb("evaluate", cmd_evaluate, "held-out evaluation of a round's global or candidate model", round=True)
     e.add_argument("--which", choices=["global", "candidate"], required=True)
     e.add_argument("--threads", type=int, default=1)

@@ -295,7 +295,7 @@ class StrategyConfig:
     staleness: StalenessConfig = opt(StalenessConfig, "Decay of late updates' weight.")
     privacy: PrivacyConfig = opt(PrivacyConfig, "Central differential privacy.")
     chunk_mb: float = opt(
-        16.0,
+        1.0,
         "Working-set size per site read by the aggregator (MB); tensors larger than this are streamed in chunks.",
         exclusiveMinimum=0,
     )

@@ -1,15 +1,19 @@
 """Safetensors read and written by element range with pread/pwrite, for the streaming aggregator.
 
-Reading through `pread` into a reused buffer costs one copy from the page cache and no page
-faults, where a fresh mmap slice faults every 4 KiB page; writing at known offsets lets
-several MPI ranks fill one output file in parallel.
+Reading through `pread` into reused buffers costs one copy from the page cache and cannot
+fault: a mapped file truncated underneath would kill the coordinator with SIGBUS, a pread
+only comes back short (an error naming the file). Writing at known offsets lets several
+threads or MPI ranks fill one output file in parallel; writeback is started every few MiB
+(sync_file_range) so the closing fsync does not wait for the whole file.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,10 +22,27 @@ import torch
 from .tensorfile import _DTYPES, _NAMES, TensorFileError, TensorSpec
 
 MAX_HEADER = 100_000_000
+WRITEBACK_BYTES = 16 << 20  # start writeback of a writer's dirty pages after this many bytes
+_ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in _NAMES.items()}
 
 
 def _itemsize(dtype: str) -> int:
-    return torch.empty((), dtype=_NAMES[dtype]).element_size()
+    return _ITEMSIZE[dtype]
+
+
+def _sync_file_range():
+    """libc's sync_file_range (Linux), or None."""
+    try:
+        f = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    f.restype = ctypes.c_int
+    return f
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -45,7 +66,7 @@ class TensorReader:
         except Exception:
             os.close(self.fd)
             raise
-        self._bufs: dict[str, bytearray] = {}
+        self._bufs: dict[tuple[str, int], bytearray] = {}
 
     def _parse(self) -> None:
         size = os.fstat(self.fd).st_size
@@ -83,7 +104,8 @@ class TensorReader:
     def read(self, name: str, start: int, stop: int, slot: str = "") -> torch.Tensor:
         """Elements [start, stop) of flattened tensor `name`, in its stored dtype.
 
-        The result is a view of a buffer reused per `slot`: use it before the next read of the slot.
+        The result is a view of a buffer reused per `slot` and thread: use it before this
+        thread's next read of the slot.
         """
         spec = self.specs.get(name)
         if spec is None:
@@ -92,9 +114,10 @@ class TensorReader:
             raise TensorFileError(f"{self.path}: range {start}..{stop} is outside tensor {name!r}")
         item = _itemsize(spec.dtype)
         nbytes = (stop - start) * item
-        buf = self._bufs.get(slot)
+        key = (slot, threading.get_ident())
+        buf = self._bufs.get(key)
         if buf is None or len(buf) < nbytes:
-            buf = self._bufs[slot] = bytearray(max(nbytes, 8))
+            buf = self._bufs[key] = bytearray(max(nbytes, 8))
         view = memoryview(buf)[:nbytes]
         got = os.preadv(self.fd, [view], self.offsets[name] + start * item) if nbytes else 0
         if got != nbytes:
@@ -148,6 +171,8 @@ class TensorWriter:
         self.head, self.offsets = layout_header(self.specs, metadata)
         self.size = len(self.head) + sum(s.nbytes for s in self.specs.values())
         self.fd = -1
+        self._unflushed = 0
+        self._lock = threading.Lock()
 
     def create(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,6 +198,14 @@ class TensorWriter:
         while len(view):
             n = os.pwrite(self.fd, view, pos)
             view, pos = view[n:], pos + n
+        with self._lock:  # writers may be threads
+            self._unflushed += data.nbytes
+            start_writeback = self._unflushed >= WRITEBACK_BYTES
+            if start_writeback:
+                self._unflushed = 0
+        if start_writeback and _SYNC_FILE_RANGE is not None:
+            # Start (not wait for) writeback of the file's dirty pages, so it overlaps the work.
+            _SYNC_FILE_RANGE(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
     def close(self) -> None:
         if self.fd >= 0:
