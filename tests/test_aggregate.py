@@ -237,8 +237,6 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
 # ---------------------------------------------------------------- bounded memory
 
 
-
-
 # ---------------------------------------------------------------- strategies at round level
 
 
