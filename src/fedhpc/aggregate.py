@@ -96,6 +96,16 @@ def aggregate_round(
             f"{s.rule!r} with strategy.faulty_sites = {s.faulty_sites}: {why}"
         )
     receipts = {site: read_json(layout.receipt(r, site)) for site in accepted}
+    # Late updates of earlier rounds join with their own receipts (base_round < r: decayed weight).
+    late = verdicts.get("late_accepted", {})
+    for label, item in sorted(late.items()):
+        path = layout.update(item["round"], item["site"])
+        if sha256_file(path) != item["update_sha256"]:
+            raise AggregationError(f"{path} changed after verification; refusing to aggregate round {r}")
+        receipts[label] = read_json(layout.receipt(item["round"], item["site"]))
+    paths = {site: layout.update(r, site) for site in accepted}
+    paths.update({label: layout.update(item["round"], item["site"]) for label, item in late.items()})
+    contributors = sorted(receipts)
     mix = domain_mix(receipts, load_manifest(layout, trust)) if (s.domain_cap is not None and receipts) else None
     weights, coef, why = round_weights(s, r, receipts, mix)
 
@@ -122,12 +132,12 @@ def aggregate_round(
     inputs = [
         SiteInput(
             site,
-            layout.update(r, site),
+            paths[site],
             weights[site],
             coef[site],
-            layout.control_update(r, site) if s.name == "scaffold" else None,
+            paths[site].with_name("control.safetensors") if s.name == "scaffold" else None,
         )
-        for site in accepted
+        for site in contributors
     ]
     comm = _mpi_comm(s.ranks)
     res = aggregate(
@@ -150,7 +160,7 @@ def aggregate_round(
     prev_meta = read_json(layout.server_meta(r)) if layout.server_meta(r).exists() else {}
     ledger = PrivacyLedger.from_json(prev_meta["privacy"]) if prev_meta.get("privacy") else PrivacyLedger(steps=[])
     epsilon = None
-    if dp.noise_multiplier > 0 and accepted:
+    if dp.noise_multiplier > 0 and contributors:
         # Every configured site takes part in every round: no amplification by sampling (q = 1).
         ledger.record(dp.noise_multiplier, 1.0)
     if ledger.steps:
@@ -159,7 +169,7 @@ def aggregate_round(
         layout.candidate_meta(r),
         {"optimizer": s.name, "rounds": prev_meta.get("rounds", 0) + 1, "privacy": ledger.to_json()},
     )
-    update_bytes = {site: layout.update(r, site).stat().st_size for site in accepted}
+    update_bytes = {site: paths[site].stat().st_size for site in contributors}
     record = {
         "round": r,
         "strategy": s.name,
@@ -185,7 +195,8 @@ def aggregate_round(
         "seconds": res.seconds,
         "ranks": comm.Get_size() if comm is not None else 1,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "note": None if accepted else "no accepted updates: the candidate equals the base model",
+        "late": sorted(late),
+        "note": None if contributors else "no accepted updates: the candidate equals the base model",
     }
     write_json(layout.aggregate_record(r), record)
     AuditLog(layout.audit).append(

@@ -320,6 +320,12 @@ class RoundsConfig:
     quorum: float = opt(
         1.0, "Fraction of planned sites whose updates must arrive by the deadline.", exclusiveMinimum=0, maximum=1
     )
+    late_updates: Literal["drop", "fold"] = opt(
+        "fold",
+        "An update that arrives after its round closed: `drop` it, or `fold` it into a later round's aggregate "
+        "with its weight decayed by staleness (`strategy.staleness`).",
+    )
+    max_staleness: int = opt(1, "Oldest late update folded, in rounds behind the current one.", minimum=1)
 
 
 @dataclass(kw_only=True)

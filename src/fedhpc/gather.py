@@ -29,6 +29,27 @@ def arrived_sites(layout: RunLayout, r: int, planned: list[str]) -> list[str]:
     return arrived
 
 
+def late_arrivals(cfg: Config, layout: RunLayout, r: int) -> list[dict]:
+    """Updates of earlier rounds (up to `rounds.max_staleness` back) that arrived after their
+    round closed and were not already taken up by a round in between."""
+    late = []
+    for k in range(max(0, r - cfg.rounds.max_staleness), r):
+        if not layout.arrivals(k).exists():
+            continue
+        closed = read_json(layout.arrivals(k))
+        seen = {
+            (x["round"], x["site"])
+            for j in range(k + 1, r)
+            if layout.arrivals(j).exists()
+            for x in read_json(layout.arrivals(j)).get("late", [])
+            + read_json(layout.arrivals(j)).get("late_dropped", [])
+        }
+        for site in closed["missing"]:
+            if (k, site) not in seen and arrived_sites(layout, k, [site]):
+                late.append({"round": k, "site": site})
+    return late
+
+
 def gather(
     cfg: Config, layout: RunLayout, trust: TrustStore, r: int, poll_seconds: float = 1.0, now: float | None = None
 ) -> dict:
@@ -67,11 +88,18 @@ def gather(
         )
     for site in missing:
         audit.append("site.dropped", round=r, site=site, reason="no update by the deadline")
+    late = late_arrivals(cfg, layout, r)
+    for item in late:
+        audit.append(
+            "update.late", round=r, site=item["site"], from_round=item["round"], action=cfg.rounds.late_updates
+        )
     record = {
         "round": r,
         "planned": planned,
         "arrived": arrived,
         "missing": missing,
+        "late": late if cfg.rounds.late_updates == "fold" else [],
+        "late_dropped": late if cfg.rounds.late_updates == "drop" else [],
         "quorum": need,
         "waited_seconds": time.time() - t0,
         "deadline": deadline,

@@ -121,6 +121,10 @@ class RunLayout:
     def verdict(self, r: int, site: str) -> Path:
         return self.round_dir(r) / "verdicts" / f"{site}.json"
 
+    def late_verdict(self, r: int, site: str, k: int) -> Path:
+        """Round r's verdict on `site`'s late update from round k."""
+        return self.round_dir(r) / "verdicts" / f"{site}@{round_name(k)}.json"
+
     def verdicts(self, r: int) -> Path:
         return self.round_dir(r) / "verdicts.json"
 

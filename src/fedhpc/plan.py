@@ -14,12 +14,15 @@ from .signing import COORDINATOR, TrustStore, sign_document
 from .sites import batch_shape, site_ranks
 
 
-def missed_shards(layout: RunLayout, r: int) -> list[str]:
-    """Shards planned in round r whose site produced no accepted update."""
+def missed_shards(layout: RunLayout, r: int, fold_late: bool = False) -> list[str]:
+    """Shards planned in round r whose site produced no accepted update. With late folding, a
+    site whose update has arrived since the round closed is not missed: the next round takes it up."""
     if r < 0 or not layout.verdicts(r).exists():
         return []
     plan = read_json(layout.plan(r))
     accepted = set(read_json(layout.verdicts(r))["accepted"])
+    if fold_late:
+        accepted |= {s for s in read_json(layout.arrivals(r))["missing"] if layout.receipt(r, s).exists()}
     return [sid for site, e in sorted(plan["sites"].items()) if site not in accepted for sid in e["shards"]]
 
 
@@ -27,7 +30,7 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
     manifest = load_manifest(layout, trust)
     shards = [Shard(s["id"], s["tokens"], s["residency"]) for s in manifest["shards"]]
     prev = read_json(layout.plan(r - 1))["state"] if r > 0 else None
-    requeue = missed_shards(layout, r - 1)
+    requeue = missed_shards(layout, r - 1, cfg.rounds.late_updates == "fold")
     plan = make_plan(r, shards, cfg.sites, cfg.rounds.tokens_per_round, cfg.seed, prev, requeue)
     vocab = manifest["tokenizer"]["vocab_size"]
     for name, entry in plan["sites"].items():

@@ -157,5 +157,33 @@ def verify_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, base
             summary["update_sha256"][site] = c["update_sha256"]
         else:
             summary["rejected"][site] = c["reasons"]
+    summary["late_accepted"], summary["late_rejected"] = _verify_late(cfg, layout, trust, r, arrivals.get("late", []))
     write_json(layout.verdicts(r), summary)
     return summary
+
+
+def late_label(site: str, k: int) -> str:
+    """How a late update is named among a round's contributions: `site@r0003`."""
+    return f"{site}@r{k:04d}"
+
+
+def _verify_late(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, late: list[dict]) -> tuple[dict, dict]:
+    """Each late update on its own (base: the global model of its own round); no outlier screen,
+    since it is not comparable with this round's updates."""
+    from .checkpoints import load_global_meta
+
+    accepted, rejected = {}, {}
+    audit = AuditLog(layout.audit)
+    for item in late:
+        k, site = item["round"], item["site"]
+        c = check_update(layout, trust, cfg.run, k, site, load_global_meta(layout, trust, k), cfg.verification)
+        verdict = {"round": r, "site": site, "from_round": k, "accepted": not c["reasons"], **c}
+        write_json(layout.late_verdict(r, site, k), sign_document(verdict, COORDINATOR, trust.private_key(COORDINATOR)))
+        audit.append(
+            "update.verdict", round=r, site=site, from_round=k, accepted=verdict["accepted"], reasons=c["reasons"]
+        )
+        if verdict["accepted"]:
+            accepted[late_label(site, k)] = {"round": k, "site": site, "update_sha256": c["update_sha256"]}
+        else:
+            rejected[late_label(site, k)] = c["reasons"]
+    return accepted, rejected
