@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from fedhpc.allocate import SHARED, Shard, make_plan
+from fedhpc.allocate import SHARED, Shard, learned_throughput, make_plan
 from fedhpc.config import ModelConfig, SiteConfig
 from fedhpc.model import param_count
 from fedhpc.sites import batch_shape, fixed_training_bytes, memory_per_sequence, micro_batch_for
@@ -89,6 +89,24 @@ def test_shared_shards_split_in_proportion_to_throughput():
     assert plan["sites"]["fast"]["expected_time"] == plan["sites"]["slow"]["expected_time"] == 1000
     assert plan["tokens"] == 4000 and plan["participants"] == ["fast", "slow"]
     assert sorted(all_shards(plan)) == [s.id for s in shared(40)]
+
+
+def test_a_site_slower_than_it_promised_gets_proportionally_fewer_shards_and_the_plan_says_why():
+    # Declared 3:1, but both measured 1000 tokens/s. Scale: median of 333 and 1000 tokens/s per
+    # declared unit = 667, so both are worth 1.5 units: 1:1, half of fast's promise.
+    measured = learned_throughput({"fast": 3.0, "slow": 1.0}, {"fast": 1000.0, "slow": 1000.0})
+    assert measured["fast"][0] == pytest.approx(1.5) and measured["slow"][0] == pytest.approx(1.5)
+    plan = make_plan(0, shared(40), THREE_ONE, 4000, seed=1, measured=measured)
+    assert {s: len(e["shards"]) for s, e in plan["sites"].items()} == {"fast": 20, "slow": 20}
+    assert plan["sites"]["fast"]["declared_throughput"] == 3.0
+    assert plan["sites"]["fast"]["reason"].startswith("measured 1000 tokens/s = 0.50 × its declared throughput 3")
+
+
+def test_learned_throughput_keeps_a_site_that_kept_its_promise():
+    measured = learned_throughput({"a": 2.0, "b": 1.0, "c": 1.0}, {"a": 2000.0, "b": 1000.0, "c": 500.0})
+    assert measured["a"][0] == pytest.approx(2.0) and measured["b"][0] == pytest.approx(1.0)
+    assert measured["c"][0] == pytest.approx(0.5)  # the straggler: half its promise
+    assert learned_throughput({"a": 1.0}, {}) == {}
 
 
 def test_throughput_split_holds_in_every_round_of_an_epoch():

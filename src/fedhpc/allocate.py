@@ -36,6 +36,7 @@ def make_plan(
     seed: int,
     prev_state: dict | None = None,
     requeue: list[str] | None = None,
+    measured: dict[str, tuple[float, str]] | None = None,
 ) -> dict:
     """Assign shards to sites for round `r`. Pure: the same arguments give the same plan.
 
@@ -45,8 +46,10 @@ def make_plan(
     Pinned shards go to their owner only. Shared shards are then placed, largest first, on
     the site that would finish earliest (load / throughput), which balances finish times.
     `requeue` holds shards of the previous round that produced no accepted update; they are
-    taken first.
+    taken first. `measured` overrides sites' declared throughput with what their receipts
+    showed (value, explanation), so a straggler gets fewer shared shards next time.
     """
+    speed = {n: (measured or {}).get(n, (sites[n].throughput, ""))[0] for n in sites}
     by_id = {s.id: s for s in shards}
     pools: dict[str, list[str]] = {}
     for s in shards:
@@ -105,16 +108,18 @@ def make_plan(
         load[pool] += pinned_tokens[pool]
     for sid in sorted(taken.get(SHARED, []), key=lambda i: (-by_id[i].tokens, i)):
         tok = by_id[sid].tokens
-        best = min(names, key=lambda n: ((load[n] + tok) / sites[n].throughput, sites[n].energy_weight, n))
+        best = min(names, key=lambda n: ((load[n] + tok) / speed[n], sites[n].energy_weight, n))
         assigned[best].append(sid)
         load[best] += tok
 
-    thr_total = sum(sites[n].throughput for n in names)
+    thr_total = sum(speed[n] for n in names)
     round_tokens = sum(load.values())
     plan_sites = {}
     for n in names:
-        share = sites[n].throughput / thr_total
-        reason = f"throughput {sites[n].throughput:g} of {thr_total:g} → target {share:.0%} of {round_tokens} tokens"
+        share = speed[n] / thr_total
+        reason = f"throughput {speed[n]:.3g} of {thr_total:.3g} → target {share:.0%} of {round_tokens} tokens"
+        if measured and n in measured:
+            reason = f"{measured[n][1]}; {reason}"
         if pinned_tokens[n] > share * round_tokens * 1.05:
             reason += f"; its pinned data ({pinned_tokens[n]} tokens) exceeds that share, so it sets the round's pace"
         plan_sites[n] = {
@@ -122,9 +127,10 @@ def make_plan(
             "tokens": load[n],
             "pinned_tokens": pinned_tokens[n],
             "shared_tokens": load[n] - pinned_tokens[n],
-            "throughput": sites[n].throughput,
+            "throughput": speed[n],
+            "declared_throughput": sites[n].throughput,
             "energy_weight": sites[n].energy_weight,
-            "expected_time": load[n] / sites[n].throughput,
+            "expected_time": load[n] / speed[n],
             "reason": reason,
         }
     return {
@@ -135,3 +141,26 @@ def make_plan(
         "state": state,
         "notes": notes,
     }
+
+
+def learned_throughput(declared: dict[str, float], tokens_per_second: dict[str, float]) -> dict[str, tuple[float, str]]:
+    """Relative throughput each measured site showed, on the declared scale, with the reason.
+
+    Declared throughputs are relative units; receipts give tokens/s. The median ratio
+    (tokens/s per declared unit) over the measured sites converts one into the other, so a
+    site that kept its promise keeps its number and one that ran at half speed gets half.
+    """
+    ratios = sorted(tokens_per_second[n] / declared[n] for n in tokens_per_second if tokens_per_second[n] > 0)
+    if not ratios:
+        return {}
+    mid = len(ratios) // 2
+    scale = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    out = {}
+    for n, tps in sorted(tokens_per_second.items()):
+        if tps > 0:
+            eff = tps / scale
+            out[n] = (
+                eff,
+                f"measured {tps:.0f} tokens/s = {eff / declared[n]:.2f} × its declared throughput {declared[n]:g}",
+            )
+    return out

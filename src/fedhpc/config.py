@@ -326,6 +326,12 @@ class RoundsConfig:
         "with its weight decayed by staleness (`strategy.staleness`).",
     )
     max_staleness: int = opt(1, "Oldest late update folded, in rounds behind the current one.", minimum=1)
+    learn_throughput: bool = opt(
+        False,
+        "Plan each round with the throughput sites showed in their last receipts (tokens/s) instead of the "
+        "declared `throughput`, so stragglers get fewer shared shards. Makes plans depend on timing, so two runs "
+        "are no longer bit-identical.",
+    )
 
 
 @dataclass(kw_only=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .allocate import Shard, make_plan
+from .allocate import Shard, learned_throughput, make_plan
 from .audit import AuditLog
 from .config import Config
 from .files import read_json, write_json
@@ -31,7 +31,14 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
     shards = [Shard(s["id"], s["tokens"], s["residency"]) for s in manifest["shards"]]
     prev = read_json(layout.plan(r - 1))["state"] if r > 0 else None
     requeue = missed_shards(layout, r - 1, cfg.rounds.late_updates == "fold")
-    plan = make_plan(r, shards, cfg.sites, cfg.rounds.tokens_per_round, cfg.seed, prev, requeue)
+    measured = None
+    if cfg.rounds.learn_throughput and r > 0:
+        tps = {}
+        for site in cfg.sites:
+            if layout.receipt(r - 1, site).exists():
+                tps[site] = float(read_json(layout.receipt(r - 1, site)).get("tokens_per_second") or 0.0)
+        measured = learned_throughput({n: s.throughput for n, s in cfg.sites.items()}, tps)
+    plan = make_plan(r, shards, cfg.sites, cfg.rounds.tokens_per_round, cfg.seed, prev, requeue, measured)
     vocab = manifest["tokenizer"]["vocab_size"]
     for name, entry in plan["sites"].items():
         shape = batch_shape(
