@@ -320,6 +320,11 @@ class RoundsConfig:
     quorum: float = opt(
         1.0, "Fraction of planned sites whose updates must arrive by the deadline.", exclusiveMinimum=0, maximum=1
     )
+    on_no_quorum: Literal["fail", "wait"] = opt(
+        "fail",
+        "When the deadline passes without quorum: `fail` the round with a message naming who is missing, or "
+        "`wait` past the deadline until quorum is reached (the job's own time limit still applies).",
+    )
     late_updates: Literal["drop", "fold"] = opt(
         "fold",
         "An update that arrives after its round closed: `drop` it, or `fold` it into a later round's aggregate "

@@ -64,19 +64,30 @@ def gather(
     deadline = plan["created"] + cfg.rounds.deadline_minutes * 60
     need = max(1, math.ceil(cfg.rounds.quorum * len(planned) - 1e-9)) if planned else 0
     t0 = time.time()
-    last_report = 0.0
+    last_report, waiting_reported = 0.0, False
     while True:
         arrived = arrived_sites(layout, r, planned)
         clock = now if now is not None else time.time()
-        if len(arrived) == len(planned) or clock >= deadline:
+        if len(arrived) == len(planned):
             break
-        if clock - last_report >= 60:
+        if clock >= deadline:
+            if len(arrived) >= need or cfg.rounds.on_no_quorum == "fail":
+                break
+            if not waiting_reported:
+                AuditLog(layout.audit).append("round.waiting_for_quorum", round=r, arrived=arrived, needed=need)
+                waiting_reported = True
+        if time.time() - last_report >= 60:
+            left = (
+                f"deadline in {deadline - clock:.0f} s"
+                if clock < deadline
+                else f"deadline passed; quorum needs {need} (rounds.on_no_quorum: wait)"
+            )
             print(
                 f"round {r}: {len(arrived)}/{len(planned)} updates in, waiting for "
-                f"{', '.join(s for s in planned if s not in arrived)}; deadline in {deadline - clock:.0f} s",
+                f"{', '.join(s for s in planned if s not in arrived)}; {left}",
                 flush=True,
             )
-            last_report = clock
+            last_report = time.time()
         time.sleep(poll_seconds)
     missing = [s for s in planned if s not in arrived]
     audit = AuditLog(layout.audit)

@@ -1,0 +1,48 @@
+"""Closing a round at its deadline: quorum met, quorum missed (fail or wait, as configured)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from fedhpc.audit import AuditLog
+from fedhpc.gather import QuorumError, gather
+from tests.test_verify import RoundBuilder
+
+SITES = ["a", "b", "c"]
+
+
+def builder(tmp_path, mode: str) -> tuple[RoundBuilder, object]:
+    b = RoundBuilder(tmp_path, SITES)
+    cfg = b.config()
+    cfg.rounds.quorum, cfg.rounds.on_no_quorum = 1.0, mode
+    b.publish("a")
+    b.publish("b")
+    return b, cfg
+
+
+def test_without_quorum_fail_mode_stops_the_round_naming_who_is_missing(tmp_path):
+    b, cfg = builder(tmp_path, "fail")
+    with pytest.raises(
+        QuorumError, match=r"round 1: deadline passed with 2 of 3 planned updates \(a, b\); quorum needs 3. Missing: c"
+    ):
+        gather(cfg, b.layout, b.trust, b.r, poll_seconds=0, now=1e12)
+    assert [e["event"] for e in AuditLog(b.layout.audit).events()][-1] == "round.no_quorum"
+    assert not b.layout.arrivals(b.r).exists()
+
+
+def test_without_quorum_wait_mode_keeps_waiting_past_the_deadline_until_quorum(tmp_path):
+    b, cfg = builder(tmp_path, "wait")
+    result = {}
+    t = threading.Thread(target=lambda: result.update(gather(cfg, b.layout, b.trust, b.r, poll_seconds=0.05, now=1e12)))
+    t.start()
+    time.sleep(1.0)
+    assert t.is_alive() and not b.layout.arrivals(b.r).exists()  # past the deadline, still waiting
+    b.publish("c")
+    t.join(timeout=30)
+    assert not t.is_alive()
+    assert result["arrived"] == SITES and result["missing"] == []
+    events = [e["event"] for e in AuditLog(b.layout.audit).events()]
+    assert events.count("round.waiting_for_quorum") == 1 and events[-1] == "round.gathered"
