@@ -440,3 +440,27 @@ def test_a_verdict_cannot_be_altered_without_breaking_its_signature(builder):
     doc["accepted"] = False
     with pytest.raises(SignatureError):
         verify_document(doc, b.trust, COORDINATOR, "verdict")
+
+
+@pytest.mark.parametrize(
+    "losses, reason",
+    [
+        ([5.0, 4.0, 3.5, 3.0, 2.9], None),
+        ([5.0, 4.0, 3.5, 20.0, 3.0], "training curve: loss spiked to 20 at step 4 (median before 4)"),
+        ([5.0, 4.0, float("nan"), 3.0], "training curve: loss nan at step 3"),
+    ],
+)
+def test_an_anomalous_training_curve_rejects_the_update(tmp_path, losses, reason):
+    import json
+
+    b = RoundBuilder(tmp_path, ["a", "b", "c"])
+    for s in ("a", "b", "c"):
+        b.publish(s)
+    path = b.layout.metrics(b.r, "c")
+    path.write_text("".join(json.dumps({"step": i + 1, "loss": x}) + "\n" for i, x in enumerate(losses)))
+    b.write_arrivals()
+    summary = b.verify()
+    if reason is None:
+        assert summary["accepted"] == ["a", "b", "c"]
+    else:
+        assert summary["rejected"]["c"] == [reason]

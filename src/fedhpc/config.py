@@ -357,6 +357,12 @@ class VerificationConfig:
     divergence_ratio: float = opt(
         1.5, "Reject when the site's local held-out loss after its round exceeds before × this.", exclusiveMinimum=1
     )
+    loss_spike_ratio: float = opt(
+        3.0,
+        "Reject an update whose training curve (metrics.jsonl) logs a loss above this × the median of the "
+        "records before it, or any NaN/Inf loss.",
+        exclusiveMinimum=1,
+    )
     reject_underfit: bool = opt(
         False, "Reject (not only flag) updates that did not lower the site's local held-out loss."
     )

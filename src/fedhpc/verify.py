@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -99,7 +100,40 @@ def check_update(
     elif after >= before:
         msg = f"underfitting: local held-out loss did not improve ({before:.4f} → {after:.4f})"
         (out["reasons"] if v.reject_underfit else out["flags"]).append(msg)
+    curve = curve_anomaly(layout.metrics(r, site), v.loss_spike_ratio)
+    if curve is not None:
+        out["reasons"].append(curve)
     return out
+
+
+def curve_anomaly(metrics: Path, spike_ratio: float) -> str | None:
+    """What is wrong with a site's training curve (a NaN/Inf loss, or a spike), or None.
+
+    A loss more than `spike_ratio` × the median of the (up to 5) records before it is a
+    spike: a blow-up the final held-out numbers can hide when the run recovered by luck.
+    """
+    if not metrics.exists():
+        return None
+    losses = []
+    for line in metrics.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of a killed job
+        loss = rec.get("loss") if isinstance(rec, dict) else None
+        if loss is None:
+            return f"training curve: step {rec.get('step')} logged no finite loss"
+        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            return f"training curve: loss {loss} at step {rec.get('step')}"
+        recent = sorted(losses[-5:])
+        if recent:
+            median = (recent[(len(recent) - 1) // 2] + recent[len(recent) // 2]) / 2
+            if loss > spike_ratio * median:
+                return (
+                    f"training curve: loss spiked to {loss:.4g} at step {rec.get('step')} (median before {median:.4g})"
+                )
+        losses.append(float(loss))
+    return None
 
 
 def update_sq_norm(update: Path, global_specs: dict[str, TensorSpec], chunk: int = 1 << 22) -> tuple[float, str | None]:
