@@ -224,41 +224,9 @@ def aggregate(
                     merged.update(part)
                 stats = merged
 
-        # Per-site, per-tensor scales: layer-wise normalisation, then clipping of the whole update.
-        n_sites = len(ups)
-        w = {i.site: i.weight for i in inputs}
-        scale = [{n: 1.0 for n in specs} for _ in inputs]
-        if stats:
-            names = sorted(stats)
-            if combine.layerwise:
-                for n in names:
-                    norms = {inputs[i].site: math.sqrt(stats[n][0][i]) for i in range(n_sites)}
-                    sc = st.layerwise_scales(norms, w)
-                    for i in range(n_sites):
-                        scale[i][n] = sc[inputs[i].site]
-            for i in range(n_sites):
-                norm = math.sqrt(sum(scale[i][n] ** 2 * stats[n][0][i] for n in names))
-                res.norms[inputs[i].site] = norm
-                f = st.clip_factor(norm, combine.clip)
-                res.scales[inputs[i].site] = f
-                for n in names:
-                    scale[i][n] *= f
-        chosen = list(range(n_sites))
-        if combine.rule in ("krum", "multikrum") and ups:
-            gram = torch.zeros(n_sites, n_sites, dtype=torch.float64)
-            for n in sorted(stats):
-                k = torch.tensor([scale[i][n] for i in range(n_sites)], dtype=torch.float64)
-                gram += torch.tensor(stats[n][1], dtype=torch.float64) * (k[:, None] * k[None, :])
-            select = 1 if combine.rule == "krum" else (combine.select or n_sites - combine.faulty)
-            chosen = st.krum_select(st.pairwise_sq_distances(gram), combine.faulty, select)
+        scale, res.norms, res.scales = _site_scales(inputs, specs, stats, combine)
+        chosen, coef = _choose(inputs, stats, scale, combine)
         res.selected = [inputs[i].site for i in chosen]
-        # Mean-type rules weight the chosen sites by their coefficients, renormalised to the chosen share.
-        share = sum(inputs[i].weight for i in chosen) or 1.0
-        coef = {i: (inputs[i].coef if inputs[i].coef is not None else inputs[i].weight) / share for i in chosen}
-        if combine.rule == "krum":
-            coef = {chosen[0]: 1.0}
-        elif combine.rule in ("median", "trimmed_mean"):
-            coef = {i: 1.0 / len(chosen) for i in chosen}
         res.coefficients = {inputs[i].site: c for i, c in coef.items()}
         if combine.noise_multiplier > 0 and ups:
             if combine.clip is None:
@@ -337,6 +305,59 @@ def aggregate(
         res.bytes_read = sum(u.reader.path.stat().st_size for u in ups) + base.stat().st_size
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _site_scales(
+    inputs: list[SiteInput], specs: dict[str, TensorSpec], stats: dict, combine: Combine
+) -> tuple[list[dict[str, float]], dict[str, float], dict[str, float]]:
+    """Per-site, per-tensor scales (layer-wise normalisation, then clipping of the whole update),
+    with each site's norm after normalisation and its clip factor."""
+    n_sites = len(inputs)
+    w = {i.site: i.weight for i in inputs}
+    scale = [{n: 1.0 for n in specs} for _ in inputs]
+    norms, factors = {}, {}
+    if not stats:
+        return scale, norms, factors
+    names = sorted(stats)
+    if combine.layerwise:
+        for n in names:
+            sc = st.layerwise_scales({inputs[i].site: math.sqrt(stats[n][0][i]) for i in range(n_sites)}, w)
+            for i in range(n_sites):
+                scale[i][n] = sc[inputs[i].site]
+    for i in range(n_sites):
+        norm = math.sqrt(sum(scale[i][n] ** 2 * stats[n][0][i] for n in names))
+        norms[inputs[i].site] = norm
+        f = factors[inputs[i].site] = st.clip_factor(norm, combine.clip)
+        for n in names:
+            scale[i][n] *= f
+    return scale, norms, factors
+
+
+def _choose(
+    inputs: list[SiteInput], stats: dict, scale: list[dict[str, float]], combine: Combine
+) -> tuple[list[int], dict[int, float]]:
+    """The sites the rule combines and their coefficients.
+
+    Krum's distances are those of the scaled updates, from the per-tensor Gram matrices.
+    Mean-type rules weight the chosen sites by their coefficients, renormalised to the chosen share.
+    """
+    n_sites = len(inputs)
+    chosen = list(range(n_sites))
+    if combine.rule in ("krum", "multikrum") and inputs:
+        gram = torch.zeros(n_sites, n_sites, dtype=torch.float64)
+        for n in sorted(stats):
+            k = torch.tensor([scale[i][n] for i in range(n_sites)], dtype=torch.float64)
+            gram += torch.tensor(stats[n][1], dtype=torch.float64) * (k[:, None] * k[None, :])
+        select = 1 if combine.rule == "krum" else (combine.select or n_sites - combine.faulty)
+        chosen = st.krum_select(st.pairwise_sq_distances(gram), combine.faulty, select)
+    if not chosen:
+        return [], {}
+    if combine.rule == "krum":
+        return chosen, {chosen[0]: 1.0}
+    if combine.rule in ("median", "trimmed_mean"):
+        return chosen, {i: 1.0 / len(chosen) for i in chosen}
+    share = sum(inputs[i].weight for i in chosen) or 1.0
+    return chosen, {i: (inputs[i].coef if inputs[i].coef is not None else inputs[i].weight) / share for i in chosen}
 
 
 def _map(fn, items: list, workers: int) -> list:
