@@ -10,7 +10,7 @@ from .config import Config
 from .files import read_json, write_json
 from .layout import RunLayout
 from .shards import load_manifest
-from .signing import COORDINATOR, TrustStore, sign_document
+from .signing import COORDINATOR, TrustStore, create_keypair, sign_document
 from .sites import batch_shape, site_ranks
 
 
@@ -26,7 +26,24 @@ def missed_shards(layout: RunLayout, r: int, fold_late: bool = False) -> list[st
     return [sid for site, e in sorted(plan["sites"].items()) if site not in accepted for sid in e["shards"]]
 
 
+def identified_sites(cfg: Config, trust: TrustStore, r: int) -> tuple[dict, list[str]]:
+    """The sites that can take part in round r: those with a public key. A site added to the
+    config between rounds gets its key pair here when this machine makes keys
+    (trust.generate_missing); otherwise it waits, with a note, until its key is installed."""
+    usable, notes = {}, []
+    for name, site in sorted(cfg.sites.items()):
+        if not (trust.keys_dir / f"{name}.pub").exists():
+            if not cfg.trust.generate_missing:
+                notes.append(f"site {name!r} has no public key in {trust.keys_dir}; not planned until it does")
+                continue
+            create_keypair(trust.keys_dir, name)
+            notes.append(f"site {name!r} joined in round {r}: created its identity in {trust.keys_dir}")
+        usable[name] = site
+    return usable, notes
+
+
 def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dict:
+    sites, joined = identified_sites(cfg, trust, r)
     manifest = load_manifest(layout, trust)
     shards = [Shard(s["id"], s["tokens"], s["residency"]) for s in manifest["shards"]]
     prev = read_json(layout.plan(r - 1))["state"] if r > 0 else None
@@ -34,11 +51,12 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
     measured = None
     if cfg.rounds.learn_throughput and r > 0:
         tps = {}
-        for site in cfg.sites:
+        for site in sites:
             if layout.receipt(r - 1, site).exists():
                 tps[site] = float(read_json(layout.receipt(r - 1, site)).get("tokens_per_second") or 0.0)
-        measured = learned_throughput({n: s.throughput for n, s in cfg.sites.items()}, tps)
-    plan = make_plan(r, shards, cfg.sites, cfg.rounds.tokens_per_round, cfg.seed, prev, requeue, measured)
+        measured = learned_throughput({n: s.throughput for n, s in sites.items()}, tps)
+    plan = make_plan(r, shards, sites, cfg.rounds.tokens_per_round, cfg.seed, prev, requeue, measured)
+    plan["notes"] = joined + plan["notes"]
     vocab = manifest["tokenizer"]["vocab_size"]
     for name, entry in plan["sites"].items():
         shape = batch_shape(
@@ -62,5 +80,6 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
         tokens=plan["tokens"],
         assignment={s: e["shards"] for s, e in plan["sites"].items()},
         requeued=requeue,
+        notes=plan["notes"],
     )
     return plan

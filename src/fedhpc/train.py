@@ -96,6 +96,7 @@ def _precheck(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: s
     entry = load_plan(layout, trust, r)["sites"].get(site)
     if not entry or not entry["shards"]:
         return {"state": "not-planned"}
+    trust.private_key(site)  # fail now, not after training, when this site cannot sign its receipt
     base = load_global_meta(layout, trust, r)
     if (done := existing_receipt(layout, trust, r, site, base["sha256"])) is not None:
         return {"state": "published", "reused": True, "update_sha256": done["update_sha256"]}
