@@ -325,3 +325,13 @@ def test_round_weights_decay_stale_updates_then_cap_domains_then_normalise_effor
     # FedNova: τ = 0.6·1 + 0.4·4 = 2.2; coefficients p·τ/a.
     assert coef["a"] == pytest.approx(0.6 * 2.2 / 1.0) and coef["b"] == pytest.approx(0.4 * 2.2 / 4.0)
     assert why["effort"] == {"a": 1.0, "b": 4.0}
+
+
+def test_aggregation_clears_temporaries_a_killed_attempt_left_in_the_candidate_directory(tmp_path):
+    b = build(tmp_path, accepted=["a", "b"])
+    stale = b.layout.candidate(b.r).parent / ".server_state.json.x1y2z3.part"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text('{"half": ')
+    aggregate(b)
+    assert not stale.exists()
+    assert sorted(p.name for p in b.layout.candidate(b.r).parent.iterdir()) == ["model.safetensors", "server_state.json"]

@@ -10,7 +10,7 @@ from .aggregator import Combine, ServerOpt, SiteInput, aggregate
 from .audit import AuditLog
 from .config import Config, StrategyConfig
 from .errors import FedhpcError
-from .files import read_json, sha256_file, write_json
+from .files import clear_stale_parts, read_json, sha256_file, write_json
 from .layout import RunLayout
 from .privacy import PrivacyLedger
 from .shards import load_manifest
@@ -140,6 +140,11 @@ def aggregate_round(
         for site in contributors
     ]
     comm = _mpi_comm(s.ranks)
+    if comm is None or comm.Get_rank() == 0:
+        # An aggregation killed mid-write leaves temporaries Snakemake does not know about.
+        clear_stale_parts(layout.candidate(r).parent)
+    if comm is not None:
+        comm.Barrier()
     res = aggregate(
         layout.global_model(r),
         inputs,

@@ -50,6 +50,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def clear_stale_parts(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files writers killed mid-write left in `directory`; return them.
+
+    Only the stage that owns the directory may call this, before it writes: a concurrent
+    writer's live temporary file would go too.
+    """
+    gone = sorted(Path(directory).glob(".*.part"))
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
