@@ -334,4 +334,7 @@ def test_aggregation_clears_temporaries_a_killed_attempt_left_in_the_candidate_d
     stale.write_text('{"half": ')
     aggregate(b)
     assert not stale.exists()
-    assert sorted(p.name for p in b.layout.candidate(b.r).parent.iterdir()) == ["model.safetensors", "server_state.json"]
+    assert sorted(p.name for p in b.layout.candidate(b.r).parent.iterdir()) == [
+        "model.safetensors",
+        "server_state.json",
+    ]

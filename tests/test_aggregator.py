@@ -108,17 +108,7 @@ def expected(base, updates, weights, state, rule: str, faulty: int, server: Serv
                 [updates[sites[i]][k] for i in chosen], [weights[sites[i]] / share * scale[i] for i in chosen]
             )
         prev = {key: state[f"{k}@{key}"] for key in SERVER_STATE[server.name]} if state else {}
-        x, s = server_step(
-            server.name,
-            base[k],
-            delta,
-            prev,
-            lr=server.lr,
-            momentum=server.momentum,
-            beta1=server.beta1,
-            beta2=server.beta2,
-            tau=server.tau,
-        )
+        x, s = server.step(base[k], delta, prev)
         model[k] = x.to(base[k].dtype)
         new_state.update({f"{k}@{key}": v for key, v in s.items()})
     return model, new_state, [sites[i] for i in chosen]

@@ -42,6 +42,20 @@ class ServerOpt:
     beta2: float = 0.99
     tau: float = 1e-3
 
+    def step(self, x: torch.Tensor, delta: torch.Tensor, state) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """strategies.server_step with these settings."""
+        return st.server_step(
+            self.name,
+            x,
+            delta,
+            state,
+            lr=self.lr,
+            momentum=self.momentum,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            tau=self.tau,
+        )
+
 
 @dataclass(frozen=True)
 class Combine:
@@ -269,17 +283,7 @@ def aggregate(
                         old = state_r.read(f"{name}@{k}", a, b, slot=k).clone()
                     sout.write(f"{name}@{k}", a, old if old is not None else torch.zeros(b - a))
                 return
-            new_x, new_state = st.server_step(
-                server.name,
-                x,
-                delta,
-                prev,
-                lr=server.lr,
-                momentum=server.momentum,
-                beta1=server.beta1,
-                beta2=server.beta2,
-                tau=server.tau,
-            )
+            new_x, new_state = server.step(x, delta, prev)
             if keys == ("control",):
                 c = state_r.read(f"{name}@control", a, b, slot="c").clone() if state_r else torch.zeros(b - a)
                 for r in ctrls:
