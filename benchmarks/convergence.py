@@ -71,6 +71,8 @@ VARIANTS: dict[str, dict] = {
     "fedadam_hetero": {"name": "fedadam", "server_lr": 0.05, "heterogeneity_aware": True},
     "diloco_hetero": {"name": "diloco", "heterogeneity_aware": True},
     "fedavgm": {"name": "fedavgm"},
+    "scaffold": {"name": "scaffold"},
+    "fedprox": {"name": "fedprox", "proximal_mu": 0.01},
 }
 DEFAULT_VARIANTS = ["central", "fedavg", "fedavg_hetero", "fedadam", "diloco"]
 

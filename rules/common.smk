@@ -20,7 +20,9 @@ except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 
 RUN = f"{CFG.output_dir}/{CFG.run}"
-SITES = sorted(CFG.sites)
+ROLE = CFG.exchange.role
+# A site's Snakemake trains for that site alone.
+SITES = [CFG.exchange.site] if ROLE == "site" else sorted(CFG.sites)
 ROUNDS = list(range(CFG.rounds.count))
 KEYS = CFG.trust.keys_dir or f"{RUN}/keys"
 # Every job reads the validated config from this snapshot, so `--config` overrides on the
@@ -164,6 +166,21 @@ def aggregate_launch(wildcards, threads, resources):
     return f"mpiexec -n {ranks} --oversubscribe "
 
 
+def previous_publish(wildcards):
+    r = int(wildcards.r)
+    return [f"{rdir(r - 1)}/sites/{CFG.exchange.site}/bundle.json"] if r > 0 else []
+
+
+def gather_inputs(wildcards):
+    """The plan, and in multi-site mode the round's offer to the sites, before waiting on them."""
+    offer = [f"{rdir(wildcards.r)}/bundle.json"] if ROLE == "coordinator" else []
+    return [f"{rdir(wildcards.r)}/plan.json", *offer]
+
+
 def all_targets():
-    trains = [f"{rdir(r)}/sites/{s}/status.json" for r in ROUNDS for s in SITES]
-    return [f"{RUN}/summary.json", f"{RUN}/report/index.html", *trains]
+    if ROLE == "site":
+        return [f"{rdir(r)}/sites/{CFG.exchange.site}/bundle.json" for r in ROUNDS]
+    done = [f"{RUN}/summary.json", f"{RUN}/report/index.html"]
+    if ROLE == "coordinator":
+        return [*done, f"{RUN}/data/bundle.json"]
+    return [*done, *(f"{rdir(r)}/sites/{s}/status.json" for r in ROUNDS for s in SITES)]

@@ -3,7 +3,7 @@
 
 rule gather:
     input:
-        f"{RUN}/rounds/r{{r}}/plan.json",
+        gather_inputs,
     output:
         f"{RUN}/rounds/r{{r}}/arrivals.json",
     log:

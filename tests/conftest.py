@@ -1,13 +1,15 @@
-"""Shared fixtures of the end-to-end tests: one real tiny federation, one Slurm cluster, per session."""
+"""Shared fixtures of the end-to-end tests: one real tiny federation, one Slurm cluster, one sshd, per session."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
+from tests.sshd_hub import SshdHub, SshdUnavailable
 from tests.workflow_util import run_workflow, tiny_config, write_config
 
 
@@ -32,3 +34,16 @@ def slurm(tmp_path_factory):
         pytest.skip(f"no Slurm cluster on this machine: {exc}")
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def sshd_hub(tmp_path_factory):
+    """An sshd on 127.0.0.1 that the rsync exchange logs in to; in CI its failure fails the test."""
+    try:
+        hub = SshdHub(tmp_path_factory.mktemp("sshd")).start()
+    except (SshdUnavailable, PermissionError, OSError, subprocess.CalledProcessError) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the rsync-over-SSH tests, but sshd did not start: {exc}")
+        pytest.skip(f"no sshd on this machine: {exc}")
+    yield hub
+    hub.stop()

@@ -242,11 +242,42 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exchange(a: argparse.Namespace) -> int:
+    from . import exchange as ex
+    from .signing import COORDINATOR
+
+    ctx = context(a.config)
+    cfg, layout, trust = ctx.cfg, ctx.layout, ctx.trust
+    site = cfg.exchange.site
+    if a.action in ("outbox", "outbox-data"):
+        d = layout.round_dir(a.round) if a.action == "outbox" else layout.data
+        names = ex.present(d, ex.ROUND_FILES if a.action == "outbox" else ex.DATA_FILES)
+        ex.write_index(d, names, COORDINATOR, trust.private_key(COORDINATOR))
+        print(f"{d}: offered {', '.join(names)}")
+        return 0
+    if cfg.exchange.role != "site":
+        raise SystemExit(f"fedhpc exchange {a.action}: only a site pulls and publishes (exchange.role is site)")
+    transport = ex.transport_for(cfg.exchange)
+    if a.action == "publish":
+        d = layout.site_dir(a.round, site)
+        rel = d.relative_to(layout.root).as_posix()
+        names = ex.present(d, ex.SITE_FILES)
+        ex.publish(transport, d, names, rel, site, trust.private_key(site))
+        print(f"published {', '.join(names) or 'nothing (no update this round)'} to {transport.describe()}/{rel}")
+        return 0
+    d = layout.round_dir(a.round) if a.action == "pull" else layout.data
+    rel = d.relative_to(layout.root).as_posix()
+    wait = cfg.exchange.wait_minutes * 60
+    doc = ex.wait_pull(transport, rel, d, trust, COORDINATOR, cfg.exchange.poll_seconds, wait)
+    print(f"pulled {', '.join(sorted(doc['files']))} from {transport.describe()}/{rel}, hashes verified")
+    return 0
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from .launch import run
 
     extra = a.snakemake_args[1:] if a.snakemake_args[:1] == ["--"] else a.snakemake_args
-    return run(a.profile, a.configfile, a.directory, extra)
+    return run(a.profile, a.configfile, a.directory, extra, a.role, a.site)
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
@@ -333,10 +364,15 @@ def parser() -> argparse.ArgumentParser:
     verb("promote", cmd_promote, "gate the candidate: next global model, or roll back", round=True)
     verb("track", cmd_track, "log a finished round to MLflow", round=True)
     verb("report", cmd_report, "write summary.json and report/index.html")
+    x = verb("exchange", cmd_exchange, "offer (coordinator), pull or publish (site) a round's signed bundle")
+    x.add_argument("action", choices=["outbox", "outbox-data", "pull", "pull-data", "publish"])
+    x.add_argument("--round", type=int, default=0)
     rn = verb("run", cmd_run, "run the workflow (rerun the same command to resume after any crash)", config=False)
     rn.add_argument("--profile", default="profiles/local", help="Snakemake profile (default: profiles/local)")
     rn.add_argument("--configfile", help="config file (default: the workflow's config.yaml)")
     rn.add_argument("--directory", default=".", help="working directory (default: .)")
+    rn.add_argument("--role", choices=["all", "coordinator", "site"], help="multi-site mode: what this side runs")
+    rn.add_argument("--site", help="multi-site mode: the site this side is (implies --role site)")
     rn.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="further arguments, passed to snakemake")
     sb = verb("submit", cmd_submit, "run the workflow's head process as its own Slurm job (submitit)", config=False)
     sb.add_argument("--profile", required=True, help="Snakemake profile; its head.yaml sets the head job")

@@ -404,6 +404,38 @@ class TrustConfig:
 
 
 @dataclass(kw_only=True)
+class ExchangeConfig:
+    """How round directories move between the coordinator's hub and the sites (multi-site mode)."""
+
+    kind: Literal["local", "shared", "rsync"] = opt(
+        "local",
+        "`local`: every stage works in one run directory (one machine, or one cluster's shared filesystem); "
+        "`shared`: the hub is a directory both sides mount; `rsync`: the hub is reached with rsync over SSH, "
+        "sites connecting out to it.",
+    )
+    role: Literal["all", "coordinator", "site"] = opt(
+        "all",
+        "What this invocation runs: `all` (every stage, local exchange), `coordinator` (plan, gather, verify, "
+        "aggregate, evaluate, promote on the hub) or `site` (pull, train, publish for `exchange.site`). Usually "
+        "given on the command line: `fedhpc run --role site --site NAME`.",
+    )
+    site: str | None = opt(None, "The site this invocation acts for when `role` is `site`.")
+    hub: str | None = opt(
+        None,
+        "The coordinator's run directory as the sites reach it: a path (`shared`) or `[user@]host:/path` (`rsync`).",
+    )
+    ssh_port: int = opt(22, "SSH port of the hub.", minimum=1, maximum=65535)
+    ssh_key: str | None = opt(None, "Private key the site logs in to the hub with (null: ssh's default).")
+    known_hosts: str | None = opt(
+        None, "known_hosts file pinning the hub's host key (null: ssh's default; unknown hosts are refused)."
+    )
+    poll_seconds: float = opt(10.0, "How often a site looks for the next round on the hub.", exclusiveMinimum=0)
+    wait_minutes: float = opt(
+        1440.0, "How long a site waits for the next round to appear on the hub before it stops.", exclusiveMinimum=0
+    )
+
+
+@dataclass(kw_only=True)
 class Config:
     """A federation: who takes part, on what data, training what, for how long."""
 
@@ -425,3 +457,4 @@ class Config:
     evaluation: EvaluationConfig = opt(EvaluationConfig, "Evaluation.")
     tracking: TrackingConfig = opt(TrackingConfig, "Tracking.")
     trust: TrustConfig = opt(TrustConfig, "Trust.")
+    exchange: ExchangeConfig = opt(ExchangeConfig, "Multi-site exchange.")

@@ -157,7 +157,22 @@ def _semantic_problems(cfg: Config) -> list[str]:
         problems.append("data.tokenizer.path: required when data.tokenizer.kind is 'pretrained'")
     if cfg.model.d_model % cfg.model.n_head:
         problems.append(f"model.n_head: {cfg.model.n_head} does not divide model.d_model ({cfg.model.d_model})")
-    return problems + _strategy_problems(cfg)
+    return problems + _strategy_problems(cfg) + _exchange_problems(cfg)
+
+
+def _exchange_problems(cfg: Config) -> list[str]:
+    ex, problems = cfg.exchange, []
+    if ex.role == "site" and ex.site not in cfg.sites:
+        problems.append(
+            f"exchange.site: role 'site' needs one of the sites ({', '.join(sorted(cfg.sites))}), not {ex.site!r}"
+        )
+    if ex.role != "all" and ex.kind == "local":
+        problems.append(f"exchange.kind: role {ex.role!r} needs a hub to exchange through ('shared' or 'rsync')")
+    if ex.kind != "local" and ex.role == "site" and not ex.hub:
+        problems.append(f"exchange.hub: required when a site exchanges through {ex.kind!r}")
+    if ex.kind == "rsync" and ex.hub and ":" not in ex.hub:
+        problems.append(f"exchange.hub: {ex.hub!r} is not `[user@]host:/path` (rsync over SSH)")
+    return problems
 
 
 def _strategy_problems(cfg: Config) -> list[str]:

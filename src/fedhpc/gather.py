@@ -8,6 +8,7 @@ import time
 from .audit import AuditLog
 from .config import Config
 from .errors import FedhpcError
+from .exchange import complete
 from .files import read_json, write_json
 from .layout import RunLayout
 from .signing import TrustStore
@@ -18,21 +19,28 @@ class QuorumError(FedhpcError, RuntimeError):
     """The deadline passed before enough sites published an update."""
 
 
-def arrived_sites(layout: RunLayout, r: int, planned: list[str]) -> list[str]:
+def arrived_sites(
+    layout: RunLayout, r: int, planned: list[str], trust: TrustStore | None = None, staged: bool = False
+) -> list[str]:
+    """The planned sites whose receipt is in. With staged transfer (`staged`), only those whose
+    signed bundle index is in and matches every file: a partial or corrupted transfer is not
+    an arrival, and the site's next publish attempt can still complete it."""
     arrived = []
     for site in planned:
         try:
             read_json(layout.receipt(r, site))
-            arrived.append(site)
         except (FileNotFoundError, ValueError):
-            pass  # not there yet, or not parseable yet: not an arrival
+            continue  # not there yet, or not parseable yet: not an arrival
+        if staged and not complete(layout.site_dir(r, site), trust, site):
+            continue
+        arrived.append(site)
     return arrived
 
 
-def late_arrivals(cfg: Config, layout: RunLayout, r: int) -> list[dict]:
+def late_arrivals(cfg: Config, layout: RunLayout, r: int, trust: TrustStore | None = None) -> list[dict]:
     """Updates of earlier rounds (up to `rounds.max_staleness` back) that arrived after their
     round closed and were not already taken up by a round in between."""
-    late = []
+    late, staged = [], cfg.exchange.kind != "local"
     for k in range(max(0, r - cfg.rounds.max_staleness), r):
         if not layout.arrivals(k).exists():
             continue
@@ -45,7 +53,7 @@ def late_arrivals(cfg: Config, layout: RunLayout, r: int) -> list[dict]:
             + read_json(layout.arrivals(j)).get("late_dropped", [])
         }
         for site in closed["missing"]:
-            if (k, site) not in seen and arrived_sites(layout, k, [site]):
+            if (k, site) not in seen and arrived_sites(layout, k, [site], trust, staged):
                 late.append({"round": k, "site": site})
     return late
 
@@ -66,7 +74,7 @@ def gather(
     t0 = time.time()
     last_report, waiting_reported = 0.0, False
     while True:
-        arrived = arrived_sites(layout, r, planned)
+        arrived = arrived_sites(layout, r, planned, trust, cfg.exchange.kind != "local")
         clock = now if now is not None else time.time()
         if len(arrived) == len(planned):
             break
@@ -99,7 +107,7 @@ def gather(
         )
     for site in missing:
         audit.append("site.dropped", round=r, site=site, reason="no update by the deadline")
-    late = late_arrivals(cfg, layout, r)
+    late = late_arrivals(cfg, layout, r, trust)
     for item in late:
         audit.append(
             "update.late", round=r, site=item["site"], from_round=item["round"], action=cfg.rounds.late_updates

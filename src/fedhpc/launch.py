@@ -9,6 +9,7 @@ process is alive in this directory and a leftover Snakemake lock is stale.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -46,7 +47,25 @@ def acquire_head_lock(directory: Path) -> int:
     return fd
 
 
-def run(profile: str, configfile: str | None, directory: str, extra: list[str]) -> int:
+def role_config(role: str | None, site: str | None) -> list[str]:
+    """`--config` arguments that make this Snakemake the coordinator or one site (multi-site mode)."""
+    if role is None and site is None:
+        return []
+    role = role or "site"
+    if role == "site" and not site:
+        raise SystemExit("fedhpc run --role site needs --site NAME")
+    value = {"role": role, **({"site": site} if site else {})}
+    return ["--config", "exchange=" + json.dumps(value)]
+
+
+def run(
+    profile: str,
+    configfile: str | None,
+    directory: str,
+    extra: list[str],
+    role: str | None = None,
+    site: str | None = None,
+) -> int:
     """Run Snakemake under the head lock; afterwards show where the federation stands."""
     workdir = Path(directory).resolve()
     fd = acquire_head_lock(workdir)
@@ -55,7 +74,7 @@ def run(profile: str, configfile: str | None, directory: str, extra: list[str]) 
     if configfile:
         argv += ["--configfile", str(Path(configfile).resolve())]
     # Snakemake inherits the lock, so it stays held while Snakemake lives even if we die.
-    child = subprocess.Popen(argv + extra, pass_fds=(fd,))
+    child = subprocess.Popen(argv + role_config(role, site) + extra, pass_fds=(fd,))
     # Ctrl-C reaches Snakemake too (same process group); we wait for its clean shutdown.
     signal.signal(signal.SIGINT, lambda *_: None)
     signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum))

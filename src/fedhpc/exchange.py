@@ -1,0 +1,259 @@
+"""Staged transfer of signed file bundles between a site and the coordinator's hub: pull and publish.
+
+A bundle is a directory's worth of named files plus `bundle.json`, an index signed by its
+publisher that lists every file's sha256 and size. The index always travels last, so its
+presence at the receiving end is the "complete" mark; the receiver checks the signature and
+every hash before a file takes its final name, so a partial or corrupted transfer is never
+taken for a finished one. Transfers resume: rsync keeps its partial file and sends only what
+is missing; a shared-filesystem copy continues from the partial file's length.
+
+Sites only ever open outbound connections: they pull the round's plan and global model from
+the hub and publish their update into it. The hub is the coordinator's run directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FedhpcError
+from .files import fsync_dir, read_json, sha256_file, write_json
+from .signing import SignatureError, TrustStore, sign_document, verify_document
+
+INDEX = "bundle.json"
+STAGING = ".exchange-staging"
+
+
+class TransferError(FedhpcError, RuntimeError):
+    """A transfer failed, or what arrived does not match its signed index; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Shared:
+    """The hub is a directory this machine mounts (a shared filesystem)."""
+
+    root: Path
+
+    def fetch(self, rel: str, dest: Path) -> bool:
+        """Copy hub/rel to dest, continuing a partial dest; False when hub/rel does not exist."""
+        src = self.root / rel
+        if not src.is_file():
+            return False
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        have = dest.stat().st_size if dest.exists() else 0
+        if have > src.stat().st_size:
+            dest.unlink()
+            have = 0
+        with open(src, "rb") as fi, open(dest, "ab") as fo:
+            fi.seek(have)
+            shutil.copyfileobj(fi, fo, 1 << 22)
+            fo.flush()
+            os.fsync(fo.fileno())
+        return True
+
+    def send(self, src: Path, rel: str) -> None:
+        """Copy src to hub/rel under a temporary name and rename it into place."""
+        dest = self.root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.exchange.part")
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+
+    def describe(self) -> str:
+        return str(self.root)
+
+
+@dataclass(frozen=True)
+class Rsync:
+    """The hub is `[user@]host:/path`, reached with rsync over SSH, host key pinned, no prompts."""
+
+    remote: str
+    port: int = 22
+    key: str | None = None
+    known_hosts: str | None = None
+    timeout: int = 60
+
+    def _ssh(self) -> str:
+        parts = ["ssh", "-p", str(self.port), "-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.timeout}"]
+        if self.key:
+            parts += ["-i", self.key, "-o", "IdentitiesOnly=yes"]
+        if self.known_hosts:
+            parts += ["-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes"]
+        return " ".join(parts)
+
+    def _rsync(self, src: str, dest: str) -> subprocess.CompletedProcess:
+        # --partial keeps an interrupted file so the next attempt sends only what is missing;
+        # rsync writes the receiving side under a temporary name and renames it when complete.
+        argv = ["rsync", "-s", "--partial", "--timeout", str(self.timeout), "--mkpath", "-e", self._ssh(), src, dest]
+        return subprocess.run(argv, capture_output=True, text=True)
+
+    def fetch(self, rel: str, dest: Path) -> bool:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        proc = self._rsync(f"{self.remote.rstrip('/')}/{rel}", str(dest))
+        if proc.returncode == 23 and "No such file or directory" in proc.stderr:
+            return False
+        if proc.returncode != 0:
+            raise TransferError(f"rsync from {self.remote}/{rel} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return True
+
+    def send(self, src: Path, rel: str) -> None:
+        proc = self._rsync(str(src), f"{self.remote.rstrip('/')}/{rel}")
+        if proc.returncode != 0:
+            raise TransferError(
+                f"rsync of {src} to {self.remote}/{rel} failed ({proc.returncode}): {proc.stderr.strip()}"
+            )
+
+    def describe(self) -> str:
+        return self.remote
+
+
+Transport = Shared | Rsync
+
+
+def transport_for(exchange) -> Transport:
+    """The transport an `ExchangeConfig` names."""
+    if exchange.kind == "shared":
+        return Shared(Path(exchange.hub))
+    if exchange.kind == "rsync":
+        return Rsync(exchange.hub, exchange.ssh_port, exchange.ssh_key, exchange.known_hosts)
+    raise ValueError(f"exchange.kind {exchange.kind!r} moves nothing: every stage already works in one run directory")
+
+
+def write_index(directory: Path, files: Iterable[str], signer: str, key) -> dict:
+    """Sign and write `directory/bundle.json` listing `files` (relative to `directory`)."""
+    entries = {}
+    for name in sorted(files):
+        path = directory / name
+        if not path.is_file():
+            raise TransferError(f"{path}: listed for publishing but missing")
+        entries[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    doc = sign_document({"files": entries, "created": time.time()}, signer, key)
+    write_json(directory / INDEX, doc)
+    return doc
+
+
+def check_index(doc: dict, trust: TrustStore, signer: str, what: str) -> dict[str, dict]:
+    """The index's files after checking its signature and that no name escapes the bundle."""
+    verify_document(doc, trust, signer, what)
+    files = doc.get("files")
+    if not isinstance(files, dict):
+        raise TransferError(f"{what}: no file list")
+    for name in files:
+        p = Path(name)
+        if p.is_absolute() or ".." in p.parts or name == INDEX or p.parts[0] == STAGING:
+            raise TransferError(f"{what}: refuses file name {name!r}")
+    return files
+
+
+def verified(path: Path, entry: dict) -> bool:
+    return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
+
+
+def pull(transport: Transport, rel: str, dest: Path, trust: TrustStore, signer: str, attempts: int = 3) -> dict | None:
+    """Fetch bundle `rel` from the hub into `dest`, every file checked against the signed index.
+
+    None when the hub has no complete bundle there yet. Files already present with the right
+    hash are not fetched again; each new file takes its final name only once its hash
+    matches, and the index is installed last, so `dest/bundle.json` marks a complete pull.
+    """
+    stage = dest / STAGING
+    stage.mkdir(parents=True, exist_ok=True)
+    index_tmp = stage / INDEX
+    index_tmp.unlink(missing_ok=True)  # an index is small; always take the hub's current one
+    if not transport.fetch(f"{rel}/{INDEX}", index_tmp):
+        return None
+    what = f"{transport.describe()}/{rel}/{INDEX}"
+    try:
+        doc = read_json(index_tmp)
+        files = check_index(doc, trust, signer, what)
+    except (ValueError, SignatureError) as exc:
+        raise TransferError(f"{what}: {exc}") from None
+    for name, entry in files.items():
+        final = dest / name
+        if verified(final, entry):
+            continue
+        part = stage / name.replace("/", "__")
+        for attempt in range(1, attempts + 1):
+            if not transport.fetch(f"{rel}/{name}", part):
+                raise TransferError(f"{transport.describe()}/{rel}/{name}: listed in the index but missing on the hub")
+            if verified(part, entry):
+                break
+            # A corrupted or mismatched file: start that file again from nothing.
+            part.unlink(missing_ok=True)
+            if attempt == attempts:
+                raise TransferError(
+                    f"{transport.describe()}/{rel}/{name}: sha256 differs from the signed index after "
+                    f"{attempts} attempts (corrupted in transit or on the hub); nothing installed"
+                )
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, final)
+        fsync_dir(final.parent)
+    os.replace(index_tmp, dest / INDEX)
+    fsync_dir(dest)
+    shutil.rmtree(stage, ignore_errors=True)
+    return doc
+
+
+def publish(transport: Transport, src: Path, files: Iterable[str], rel: str, signer: str, key) -> dict:
+    """Send `files` of `src` to hub/rel, then their signed index: the index's arrival marks the
+    bundle complete. Only the named files go, whatever else `src` holds."""
+    names = sorted(files)
+    doc = write_index(src, names, signer, key)
+    for name in names:
+        transport.send(src / name, f"{rel}/{name}")
+    transport.send(src / INDEX, f"{rel}/{INDEX}")
+    return doc
+
+
+def complete(directory: Path, trust: TrustStore, signer: str) -> bool:
+    """Whether `directory` holds a bundle whose signed index matches every file (the receiving
+    side of a publish: the hub checks before it counts an update as arrived)."""
+    index = directory / INDEX
+    try:
+        files = check_index(read_json(index), trust, signer, str(index))
+    except (FileNotFoundError, ValueError, SignatureError):
+        return False
+    return all(verified(directory / name, entry) for name, entry in files.items())
+
+
+# What each side hands over. Sites publish only these names from their round directory.
+SITE_FILES = ("update.safetensors", "control.safetensors", "metrics.jsonl", "receipt.json")
+ROUND_FILES = ("plan.json", "global/model.safetensors", "global/model.json", "global/server_state.safetensors")
+DATA_FILES = ("manifest.json", "manifest.sig", "tokenizer.json")
+
+
+def present(directory: Path, names: Iterable[str]) -> list[str]:
+    return [n for n in names if (directory / n).is_file()]
+
+
+def wait_pull(
+    transport: Transport,
+    rel: str,
+    dest: Path,
+    trust: TrustStore,
+    signer: str,
+    poll_seconds: float,
+    wait_seconds: float,
+    say=print,
+) -> dict:
+    """`pull`, polling the hub until the bundle appears; a TransferError after `wait_seconds`."""
+    t0 = last = time.monotonic()
+    while (doc := pull(transport, rel, dest, trust, signer)) is None:
+        waited = time.monotonic() - t0
+        if waited >= wait_seconds:
+            raise TransferError(
+                f"{transport.describe()}/{rel}: not published after {waited / 60:.1f} min (exchange.wait_minutes)"
+            )
+        if time.monotonic() - last >= 60:
+            say(f"waiting for {transport.describe()}/{rel} ({waited / 60:.0f} min so far)")
+            last = time.monotonic()
+        time.sleep(poll_seconds)
+    return doc

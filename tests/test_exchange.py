@@ -1,0 +1,141 @@
+"""Staged transfer: signed bundles pulled and published, hash-checked, resumable, over a directory or rsync+SSH."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fedhpc import exchange as ex
+from fedhpc.files import read_json, write_json
+from fedhpc.signing import TrustStore, create_keypair
+
+
+@pytest.fixture
+def trust(tmp_path) -> TrustStore:
+    keys = tmp_path / "keys"
+    for name in ("coordinator", "lumi"):
+        create_keypair(keys, name)
+    return TrustStore(keys)
+
+
+def offer(hub: Path, trust: TrustStore, sizes: dict[str, int]) -> dict:
+    """The coordinator's side: files in its round directory and their signed index."""
+    for name, n in sizes.items():
+        (hub / name).parent.mkdir(parents=True, exist_ok=True)
+        (hub / name).write_bytes(os.urandom(n))
+    return ex.write_index(hub, list(sizes), "coordinator", trust.private_key("coordinator"))
+
+
+@pytest.fixture(params=["shared", "rsync"])
+def transport(request, tmp_path):
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    if request.param == "shared":
+        return ex.Shared(hub), hub
+    h = request.getfixturevalue("sshd_hub")
+    return ex.Rsync(h.remote(hub), h.port, str(h.client_key), str(h.known_hosts)), hub
+
+
+def test_pull_installs_every_file_checked_and_the_index_last(transport, trust, tmp_path):
+    t, hub = transport
+    doc = offer(hub / "rounds/r0001", trust, {"plan.json": 300, "global/model.safetensors": 3 << 20})
+    dest = tmp_path / "site/rounds/r0001"
+    assert ex.pull(t, "rounds/r0001", dest, trust, "coordinator") == doc
+    for name in ("plan.json", "global/model.safetensors"):
+        assert (dest / name).read_bytes() == (hub / "rounds/r0001" / name).read_bytes()
+    assert read_json(dest / ex.INDEX) == doc
+    assert not (dest / ex.STAGING).exists()
+
+
+def test_nothing_offered_yet_is_none_not_an_error(transport, trust, tmp_path):
+    t, _ = transport
+    assert ex.pull(t, "rounds/r0003", tmp_path / "site", trust, "coordinator") is None
+
+
+def test_a_file_corrupted_in_transit_is_never_installed(transport, trust, tmp_path):
+    t, hub = transport
+    offer(hub / "r", trust, {"plan.json": 100, "model.bin": 1 << 20})
+    blob = bytearray((hub / "r/model.bin").read_bytes())
+    blob[12345] ^= 0xFF  # what a bad link or disk does: same size, one byte off
+    (hub / "r/model.bin").write_bytes(bytes(blob))
+    dest = tmp_path / "site"
+    with pytest.raises(ex.TransferError, match=r"model.bin: sha256 differs from the signed index"):
+        ex.pull(t, "r", dest, trust, "coordinator", attempts=2)
+    assert not (dest / "model.bin").exists() and not (dest / ex.INDEX).exists()
+
+
+def test_an_interrupted_pull_resumes_from_its_partial_file(transport, trust, tmp_path):
+    t, hub = transport
+    offer(hub / "r", trust, {"model.bin": 4 << 20})
+    dest = tmp_path / "site"
+    part = dest / ex.STAGING / "model.bin"
+    part.parent.mkdir(parents=True)
+    part.write_bytes((hub / "r/model.bin").read_bytes()[: 3 << 20])  # a transfer killed 3/4 through
+    ex.pull(t, "r", dest, trust, "coordinator")
+    assert (dest / "model.bin").read_bytes() == (hub / "r/model.bin").read_bytes()
+
+
+def test_a_garbage_partial_file_is_replaced_not_installed(transport, trust, tmp_path):
+    t, hub = transport
+    offer(hub / "r", trust, {"model.bin": 1 << 20})
+    dest = tmp_path / "site"
+    (dest / ex.STAGING).mkdir(parents=True)
+    (dest / ex.STAGING / "model.bin").write_bytes(os.urandom(1 << 19))
+    ex.pull(t, "r", dest, trust, "coordinator")
+    assert (dest / "model.bin").read_bytes() == (hub / "r/model.bin").read_bytes()
+
+
+def test_an_index_signed_by_someone_else_is_refused(transport, trust, tmp_path):
+    t, hub = transport
+    (hub / "r").mkdir()
+    (hub / "r/plan.json").write_text("{}")
+    ex.write_index(hub / "r", ["plan.json"], "lumi", trust.private_key("lumi"))  # not the coordinator
+    with pytest.raises(ex.TransferError, match="bundle.json"):
+        ex.pull(t, "r", tmp_path / "site", trust, "coordinator")
+    assert not (tmp_path / "site/plan.json").exists()
+
+
+def test_an_index_naming_files_outside_its_bundle_is_refused(trust, tmp_path):
+    from fedhpc.signing import sign_document
+
+    doc = sign_document(
+        {"files": {"../../etc/x": {"sha256": "0", "bytes": 1}}}, "coordinator", trust.private_key("coordinator")
+    )
+    with pytest.raises(ex.TransferError, match="refuses file name"):
+        ex.check_index(doc, trust, "coordinator", "x")
+
+
+def test_publish_sends_only_the_named_files_and_the_hub_sees_it_complete_only_at_the_end(transport, trust, tmp_path):
+    t, hub = transport
+    src = tmp_path / "site/rounds/r0000/sites/lumi"
+    src.mkdir(parents=True)
+    (src / "update.safetensors").write_bytes(os.urandom(1 << 20))
+    write_json(src / "receipt.json", {"site": "lumi"})
+    (src / "status.json").write_text("{}")  # the site's own bookkeeping: not published
+    (src / "secret.zarr").write_bytes(b"raw data")
+    rel = "rounds/r0000/sites/lumi"
+    ex.publish(t, src, ex.present(src, ex.SITE_FILES), rel, "lumi", trust.private_key("lumi"))
+    got = sorted(p.name for p in (hub / rel).iterdir())
+    assert got == ["bundle.json", "receipt.json", "update.safetensors"]
+    assert ex.complete(hub / rel, trust, "lumi")
+    # A truncated update on the hub (a publish cut short, or tampering) is not complete.
+    with open(hub / rel / "update.safetensors", "r+b") as fh:
+        fh.truncate(1000)
+    assert not ex.complete(hub / rel, trust, "lumi")
+    # The site publishing again (what a retried job does) completes it.
+    ex.publish(t, src, ex.present(src, ex.SITE_FILES), rel, "lumi", trust.private_key("lumi"))
+    assert ex.complete(hub / rel, trust, "lumi")
+
+
+def test_rsync_errors_name_the_hub(tmp_path, sshd_hub):
+    t = ex.Rsync(
+        f"{sshd_hub.user}@127.0.0.1:/nonexistent-root-dir",
+        sshd_hub.port + 1 if sshd_hub.port < 65535 else 1,
+        str(sshd_hub.client_key),
+        str(sshd_hub.known_hosts),
+        timeout=5,
+    )
+    with pytest.raises(ex.TransferError, match="127.0.0.1:/nonexistent-root-dir"):
+        t.send(Path(__file__), "x")
