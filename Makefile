@@ -18,12 +18,15 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --no-build-isolation 'deepspeed>=0.15'
 	touch $@
 
-# The Slurm tests start a single-host cluster from Debian's slurm-wlm and munge.
+# The Slurm tests start a single-host cluster from Debian's slurm-wlm and munge; the
+# multi-site tests an sshd on loopback that rsync logs in to.
 .slurm-installed:
-	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v rsync >/dev/null \
+	  && [ -x /usr/sbin/sshd ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
-	else echo "Slurm is not installed and cannot be installed here: the Slurm tests will be skipped (outside CI)"; fi
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge \
+	    openssh-server rsync >/dev/null; \
+	else echo "Slurm, sshd or rsync is missing and cannot be installed here: their tests will be skipped (outside CI)"; fi
 	@touch $@
 
 # Rerun after any interruption (even kill -9) to resume: fedhpc run clears a stale lock.

@@ -46,3 +46,24 @@ def test_without_quorum_wait_mode_keeps_waiting_past_the_deadline_until_quorum(t
     assert result["arrived"] == SITES and result["missing"] == []
     events = [e["event"] for e in AuditLog(b.layout.audit).events()]
     assert events.count("round.waiting_for_quorum") == 1 and events[-1] == "round.gathered"
+
+
+def test_a_staged_update_that_does_not_match_its_signed_index_is_not_an_arrival(tmp_path):
+    from fedhpc.exchange import SITE_FILES, present, write_index
+
+    b, cfg = builder(tmp_path, "fail")
+    b.publish("c")
+    cfg.exchange.kind, cfg.rounds.quorum = "rsync", 0.5
+    for s in SITES:
+        d = b.layout.site_dir(b.r, s)
+        write_index(d, present(d, SITE_FILES), s, b.trust.private_key(s))
+    # c's update is damaged on the hub after it was published (disk, or someone tampering).
+    with open(b.layout.update(b.r, "c"), "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\xff\xfe")
+    rec = gather(cfg, b.layout, b.trust, b.r, poll_seconds=0, now=1e12)
+    assert rec["arrived"] == ["a", "b"] and rec["missing"] == ["c"]
+    dropped = [e for e in AuditLog(b.layout.audit).events() if e["event"] == "site.dropped"]
+    assert [(e["site"], e["reason"]) for e in dropped] == [
+        ("c", "its update arrived incomplete or corrupted (files do not match the signed bundle index)")
+    ]

@@ -106,7 +106,11 @@ def gather(
             f"({', '.join(arrived) or 'none'}); quorum needs {need}. Missing: {', '.join(missing)}"
         )
     for site in missing:
-        audit.append("site.dropped", round=r, site=site, reason="no update by the deadline")
+        reason = "no update by the deadline"
+        if layout.receipt(r, site).exists():
+            # Staged transfer: something arrived but does not match its signed index.
+            reason = "its update arrived incomplete or corrupted (files do not match the signed bundle index)"
+        audit.append("site.dropped", round=r, site=site, reason=reason)
     late = late_arrivals(cfg, layout, r, trust)
     for item in late:
         audit.append(
