@@ -3,7 +3,10 @@ sharing nothing but the coordinator's run directory reached with rsync over SSH 
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -27,7 +30,11 @@ def start(side: Path, *extra: str) -> subprocess.Popen:
     argv = [str(BIN / "fedhpc"), "run", "--profile", str(REPO / "profiles/local"), "--directory", str(side)]
     log = open(side / "run.log", "w")
     return subprocess.Popen(
-        [*argv, "--configfile", str(side / "config.yaml"), *extra], stdout=log, stderr=log, env=env()
+        [*argv, "--configfile", str(side / "config.yaml"), *extra],
+        stdout=log,
+        stderr=log,
+        env=env(),
+        start_new_session=True,  # its own process group, so a test can kill the whole side
     )
 
 
@@ -53,6 +60,7 @@ def test_a_federation_across_a_coordinator_and_two_sites_over_rsync(tmp_path, ss
     cfg = tiny_config(tmp_path, rounds=2)
     cfg["output_dir"] = "results"  # each side's own directory
     del cfg["sites"]["laptop"]
+    cfg["sites"]["lumi"]["batch_tokens"] = 128  # enough steps to be killed in the middle of them
     cfg["trust"] = {"generate_missing": False}  # identities are made where they live, public halves swapped
     cfg["exchange"] = sshd_hub.exchange_config(hub)
     for side in (coord, *sides.values()):
@@ -87,6 +95,18 @@ def test_a_federation_across_a_coordinator_and_two_sites_over_rsync(tmp_path, ss
                 )
             held[s] = {e["id"] for e in mine}
         procs = {s: start(side, "--site", s) for s, side in sides.items()}
+        # Fault: lumi's whole side (Snakemake and its training job) is SIGKILLed mid-round,
+        # once its training has logged progress; rerunning the same command resumes it.
+        metrics = sides["lumi"] / "results/tiny/rounds/r0000/sites/lumi/metrics.jsonl"
+        deadline = time.time() + 300
+        while not metrics.exists():
+            assert procs["lumi"].poll() is None, (sides["lumi"] / "run.log").read_text()[-4000:]
+            assert time.time() < deadline, "lumi never started training"
+            time.sleep(0.02)
+        assert not metrics.with_name("receipt.json").exists(), "lumi finished training before it could be killed"
+        os.killpg(procs["lumi"].pid, signal.SIGKILL)
+        procs["lumi"].wait()
+        procs["lumi"] = start(sides["lumi"], "--site", "lumi")
         for s, p in procs.items():
             wait(p, sides[s], timeout=900)
         wait(coordinator, coord, timeout=300)
@@ -117,6 +137,15 @@ def test_a_federation_across_a_coordinator_and_two_sites_over_rsync(tmp_path, ss
             planned = set(read_json(layout.plan(r))["sites"][s]["shards"])
             assert planned <= held[s], f"{s} was planned shards it does not hold"
     assert verify_ledger(layout.audit).ok
+    # The killed round counted once: one receipt, no drop, no late update.
+    events = [json.loads(x) for x in layout.audit.read_text().splitlines()]
+    assert not [e for e in events if e["event"] in ("site.dropped", "update.late")]
+    verdicts = [e for e in events if e["event"] == "update.verdict" and e["round"] == 0 and e["site"] == "lumi"]
+    assert len(verdicts) == 1 and verdicts[0]["accepted"]
+    # The site's own ledger tells its side: training started twice in round 0, published once.
+    lumi = [json.loads(x) for x in (sides["lumi"] / "results/tiny/audit.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in lumi if e["round"] == 0] == ["train.started", "train.started", "update.published"]
+    assert verify_ledger(sides["lumi"] / "results/tiny/audit.jsonl").ok
 
     # No raw data ever leaves a site: nothing under a site's data directory, whole file or
     # any 64-byte piece of it, is in what the site published.
