@@ -24,7 +24,7 @@ SITE_KEYS = (
     "nodes, ranks_per_node, throughput, zero_stage"
 )
 TOP_KEYS = (
-    "container, data, evaluation, model, output_dir, rounds, run, seed, sites, strategy, tracking, training, trust, "
+    "container, data, evaluation, exchange, model, output_dir, rounds, run, seed, sites, strategy, tracking, training, trust, "
     "verification"
 )
 
@@ -325,3 +325,28 @@ def test_a_robust_configuration_with_enough_sites_validates():
     cfg = validate(raw)
     assert (cfg.strategy.rule, cfg.strategy.faulty_sites, cfg.strategy.multikrum_select) == ("multikrum", 1, 3)
     assert cfg.strategy.server_lr is None and cfg.strategy.privacy.noise_multiplier == 0.0
+
+
+@pytest.mark.parametrize(
+    "exchange, message",
+    [
+        ({"kind": "rsync", "role": "site", "site": "mars", "hub": "h:/x"}, "exchange.site: role 'site' needs one of"),
+        ({"role": "coordinator"}, "exchange.kind: role 'coordinator' needs a hub"),
+        ({"kind": "shared", "role": "site", "site": "laptop"}, "exchange.hub: required when a site exchanges"),
+        ({"kind": "rsync", "hub": "/just/a/path"}, "exchange.hub: '/just/a/path' is not `[user@]host:/path`"),
+    ],
+)
+def test_multi_site_settings_that_cannot_work_are_refused_naming_the_key(exchange, message):
+    raw = minimal(exchange=exchange)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(raw)
+
+
+def test_run_role_and_site_become_a_nested_config_override():
+    from fedhpc.launch import role_config
+
+    assert role_config(None, None) == []
+    assert role_config(None, "lumi") == ["--config", 'exchange={"role": "site", "site": "lumi"}']
+    assert role_config("coordinator", None) == ["--config", 'exchange={"role": "coordinator"}']
+    with pytest.raises(SystemExit, match="needs --site"):
+        role_config("site", None)

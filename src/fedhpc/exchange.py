@@ -14,6 +14,7 @@ the hub and publish their update into it. The hub is the coordinator's run direc
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import time
@@ -84,10 +85,11 @@ class Rsync:
     def _ssh(self) -> str:
         parts = ["ssh", "-p", str(self.port), "-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.timeout}"]
         if self.key:
-            parts += ["-i", self.key, "-o", "IdentitiesOnly=yes"]
+            parts += ["-i", os.path.expanduser(self.key), "-o", "IdentitiesOnly=yes"]
         if self.known_hosts:
-            parts += ["-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes"]
-        return " ".join(parts)
+            kh = os.path.expanduser(self.known_hosts)
+            parts += ["-o", f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes"]
+        return " ".join(shlex.quote(p) for p in parts)  # rsync splits -e like a shell
 
     def _rsync(self, src: str, dest: str) -> subprocess.CompletedProcess:
         # --partial keeps an interrupted file so the next attempt sends only what is missing;
