@@ -37,6 +37,20 @@ def slurm(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def slurm_b(tmp_path_factory, slurm):
+    """A second, independent single-host Slurm cluster (own config, ports, state, munge socket)."""
+    root = tmp_path_factory.mktemp("slurm-b")
+    try:
+        cluster = SlurmCluster(root, name="fedhpc-b", ctld_port=16827, d_port=16828, conf=root / "slurm.conf").start()
+    except (SlurmUnavailable, PermissionError, OSError) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the Slurm tests, but the second cluster did not start: {exc}")
+        pytest.skip(f"no second Slurm cluster on this machine: {exc}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
 def sshd_hub(tmp_path_factory):
     """An sshd on 127.0.0.1 that the rsync exchange logs in to; in CI its failure fails the test."""
     try:

@@ -1,14 +1,10 @@
-"""Multi-site mode: a coordinator and two sites, each its own `fedhpc run` in its own directory,
+"""Multi-site mode: a coordinator and sites, each its own `fedhpc run` in its own directory,
 sharing nothing but the coordinator's run directory reached with rsync over SSH (loopback sshd)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,112 +15,65 @@ from fedhpc.files import read_json, sha256_file
 from fedhpc.layout import RunLayout
 from fedhpc.signing import TrustStore
 
-from .workflow_util import BIN, REPO, env, tiny_config, write_config
+from .multisite_util import (
+    RUN,
+    env_with,
+    fault_shim,
+    hand_out_shards,
+    kill,
+    offered_data,
+    prepare,
+    side_config,
+    start,
+    wait,
+    wait_for,
+)
+from .workflow_util import tiny_config
 
 pytestmark = pytest.mark.e2e
 
-SITES = ("lumi", "a100")
 
-
-def start(side: Path, *extra: str) -> subprocess.Popen:
-    argv = [str(BIN / "fedhpc"), "run", "--profile", str(REPO / "profiles/local"), "--directory", str(side)]
-    log = open(side / "run.log", "w")
-    return subprocess.Popen(
-        [*argv, "--configfile", str(side / "config.yaml"), *extra],
-        stdout=log,
-        stderr=log,
-        env=env(),
-        start_new_session=True,  # its own process group, so a test can kill the whole side
-    )
-
-
-def wait(proc: subprocess.Popen, side: Path, timeout: float) -> None:
-    try:
-        code = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"{side.name} did not finish:\n{(side / 'run.log').read_text()[-4000:]}") from None
-    assert code == 0, f"{side.name} failed ({code}):\n{(side / 'run.log').read_text()[-6000:]}"
-
-
-def keys(side: Path, name: str) -> Path:
-    d = side / "results/tiny/keys"
-    subprocess.run([str(BIN / "fedhpc"), "keys", "init", "--site", name, "--dir", str(d)], check=True, env=env())
-    return d
+def events(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
 
 
 def test_a_federation_across_a_coordinator_and_two_sites_over_rsync(tmp_path, sshd_hub):
-    coord = tmp_path / "coordinator"
-    sides = {s: tmp_path / s for s in SITES}
-    hub = coord / "results/tiny"
+    sites = ["lumi", "a100"]
     cfg = tiny_config(tmp_path, rounds=2)
-    cfg["output_dir"] = "results"  # each side's own directory
     del cfg["sites"]["laptop"]
     cfg["sites"]["lumi"]["batch_tokens"] = 128  # enough steps to be killed in the middle of them
-    cfg["trust"] = {"generate_missing": False}  # identities are made where they live, public halves swapped
-    cfg["exchange"] = sshd_hub.exchange_config(hub)
-    for side in (coord, *sides.values()):
-        side.mkdir()
-        write_config(side, cfg)
-
-    # Identities: each side makes its own key pair; only public keys travel, out of band.
-    ckeys = keys(coord, "coordinator")
-    for s, side in sides.items():
-        skeys = keys(side, s)
-        shutil.copy(skeys / f"{s}.pub", ckeys)
-        shutil.copy(ckeys / "coordinator.pub", skeys)
-
-    coordinator = start(coord, "--role", "coordinator")
+    coord, sides = prepare(tmp_path, side_config(cfg, sshd_hub.exchange_config(tmp_path / "coordinator" / RUN)), sites)
+    hub = coord / RUN
+    procs = {}
     try:
-        # The demo corpus is generated on the coordinator; a real site holds its data before
-        # the federation starts. Hand each site the shards it may train on: its own domain and
-        # the shared one, never another site's.
-        deadline = time.time() + 300
-        while not (hub / "data" / INDEX).exists():
-            assert coordinator.poll() is None, (coord / "run.log").read_text()[-4000:]
-            assert time.time() < deadline, "the coordinator never offered its data manifest"
-            time.sleep(1)
-        manifest = read_json(hub / "data/manifest.json")
-        held = {}
-        for s, side in sides.items():
-            mine = [e for e in manifest["shards"] if e["residency"] in (None, s)]
-            assert mine and any(e["residency"] == s for e in mine)
-            for e in mine:
-                shutil.copytree(
-                    hub / "data/shards" / f"{e['id']}.zarr", side / "results/tiny/data/shards" / f"{e['id']}.zarr"
-                )
-            held[s] = {e["id"] for e in mine}
-        procs = {s: start(side, "--site", s) for s, side in sides.items()}
+        procs["coordinator"] = start(coord, "--role", "coordinator")
+        wait_for(offered_data(hub), "the data manifest offered", procs["coordinator"], coord)
+        held = hand_out_shards(hub, sides)
+        procs.update({s: start(side, "--site", s) for s, side in sides.items()})
         # Fault: lumi's whole side (Snakemake and its training job) is SIGKILLed mid-round,
         # once its training has logged progress; rerunning the same command resumes it.
-        metrics = sides["lumi"] / "results/tiny/rounds/r0000/sites/lumi/metrics.jsonl"
-        deadline = time.time() + 300
-        while not metrics.exists():
-            assert procs["lumi"].poll() is None, (sides["lumi"] / "run.log").read_text()[-4000:]
-            assert time.time() < deadline, "lumi never started training"
-            time.sleep(0.02)
+        metrics = sides["lumi"] / RUN / "rounds/r0000/sites/lumi/metrics.jsonl"
+        wait_for(metrics, "lumi training", procs["lumi"], sides["lumi"], poll=0.02)
         assert not metrics.with_name("receipt.json").exists(), "lumi finished training before it could be killed"
-        os.killpg(procs["lumi"].pid, signal.SIGKILL)
-        procs["lumi"].wait()
+        kill(procs["lumi"])
         procs["lumi"] = start(sides["lumi"], "--site", "lumi")
-        for s, p in procs.items():
-            wait(p, sides[s], timeout=900)
-        wait(coordinator, coord, timeout=300)
+        for s in sites:
+            wait(procs[s], sides[s], timeout=900)
+        wait(procs["coordinator"], coord, timeout=300)
     finally:
-        for p in [coordinator, *locals().get("procs", {}).values()]:
+        for p in procs.values():
             if p.poll() is None:
-                p.kill()
+                kill(p)
 
     layout = RunLayout(hub)
     trust = TrustStore(hub / "keys")
-    summary = read_json(layout.summary)
-    assert summary["rounds_completed"] == 2
+    assert read_json(layout.summary)["rounds_completed"] == 2
     for r in range(2):
         arrivals = read_json(layout.arrivals(r))
-        assert sorted(arrivals["arrived"]) == sorted(SITES) and arrivals["missing"] == []
-        assert sorted(read_json(layout.verdicts(r))["accepted"]) == sorted(SITES)
+        assert sorted(arrivals["arrived"]) == sorted(sites) and arrivals["missing"] == []
+        assert sorted(read_json(layout.verdicts(r))["accepted"]) == sorted(sites)
         for s, side in sides.items():
-            there = RunLayout(side / "results/tiny")
+            there = RunLayout(side / RUN)
             # What the site trained from is bit for bit the coordinator's global model and plan.
             assert sha256_file(there.global_model(r)) == sha256_file(layout.global_model(r))
             assert read_json(there.plan(r)) == read_json(layout.plan(r))
@@ -137,23 +86,23 @@ def test_a_federation_across_a_coordinator_and_two_sites_over_rsync(tmp_path, ss
             planned = set(read_json(layout.plan(r))["sites"][s]["shards"])
             assert planned <= held[s], f"{s} was planned shards it does not hold"
     assert verify_ledger(layout.audit).ok
-    # The killed round counted once: one receipt, no drop, no late update.
-    events = [json.loads(x) for x in layout.audit.read_text().splitlines()]
-    assert not [e for e in events if e["event"] in ("site.dropped", "update.late")]
-    verdicts = [e for e in events if e["event"] == "update.verdict" and e["round"] == 0 and e["site"] == "lumi"]
+    # The killed round counted once: one verdict, no drop, no late update.
+    coord_events = events(layout.audit)
+    assert not [e for e in coord_events if e["event"] in ("site.dropped", "update.late")]
+    verdicts = [e for e in coord_events if e["event"] == "update.verdict" and e["round"] == 0 and e["site"] == "lumi"]
     assert len(verdicts) == 1 and verdicts[0]["accepted"]
     # The site's own ledger tells its side: training started twice in round 0, published once.
-    lumi = [json.loads(x) for x in (sides["lumi"] / "results/tiny/audit.jsonl").read_text().splitlines()]
+    lumi = events(sides["lumi"] / RUN / "audit.jsonl")
     assert [e["event"] for e in lumi if e["round"] == 0] == ["train.started", "train.started", "update.published"]
-    assert verify_ledger(sides["lumi"] / "results/tiny/audit.jsonl").ok
+    assert verify_ledger(sides["lumi"] / RUN / "audit.jsonl").ok
 
     # No raw data ever leaves a site: nothing under a site's data directory, whole file or
     # any 64-byte piece of it, is in what the site published.
     for s, side in sides.items():
-        published = [p for r in range(2) for p in RunLayout(hub).site_dir(r, s).iterdir()]
+        published = [p for r in range(2) for p in layout.site_dir(r, s).iterdir()]
         blobs = [p.read_bytes() for p in published]
         hashes = {sha256_file(p) for p in published}
-        data_files = [p for p in (side / "results/tiny/data/shards").rglob("*") if p.is_file()]
+        data_files = [p for p in (side / RUN / "data/shards").rglob("*") if p.is_file()]
         assert data_files
         for f in data_files:
             raw = f.read_bytes()
@@ -162,3 +111,94 @@ def test_a_federation_across_a_coordinator_and_two_sites_over_rsync(tmp_path, ss
                 piece = raw[i : i + 64]
                 if len(piece) == 64 and len(set(piece)) > 4:  # headers of zeros prove nothing
                     assert not any(piece in b for b in blobs), f"{f} leaked into {s}'s publications"
+
+
+def scontrol_job(cluster, job_id: str) -> dict[str, str]:
+    out = subprocess.run(
+        ["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True, env=cluster.env()
+    ).stdout
+    return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+
+def test_two_slurm_clusters_a_late_site_a_coordinator_killed_while_aggregating_and_rollbacks(
+    tmp_path, sshd_hub, slurm, slurm_b
+):
+    """lumi trains on one Slurm cluster and a100 on another; a100 is held past round 0's
+    deadline, the coordinator is SIGKILLed in round 1's aggregation and rerun, and a server
+    step far too large makes every candidate regress, so each round rolls back."""
+    sites = ["lumi", "a100"]
+    cfg = tiny_config(tmp_path, rounds=2)
+    del cfg["sites"]["laptop"]
+    cfg["rounds"].update(deadline_minutes=1.0, quorum=0.5)
+    cfg["strategy"] = {"name": "fedavg", "server_lr": 40.0}
+    coord, sides = prepare(tmp_path, side_config(cfg, sshd_hub.exchange_config(tmp_path / "coordinator" / RUN)), sites)
+    hub = coord / RUN
+    hung = tmp_path / "aggregate-r0001-hung"
+    coord_env = env_with(
+        fault_shim(
+            tmp_path / "shim-coordinator",
+            # The first attempt at round 1's aggregation hangs (and is killed with the coordinator).
+            f'if [[ "$1" == aggregate && " $* " == *" --round 0001 "* && ! -e {hung} ]]; then '
+            f"touch {hung}; sleep 600; fi",
+        )
+    )
+    a100_env = env_with(
+        fault_shim(
+            tmp_path / "shim-a100",
+            # a100's round 0 training starts only once the coordinator closed round 0 without it.
+            f'if [[ "$1" == train && " $* " == *" --round 0000 "* ]]; then '
+            f"while [ ! -e {hub}/rounds/r0000/arrivals.json ]; do sleep 0.5; done; fi",
+        ),
+        SLURM_CONF=str(slurm_b.conf),
+    )
+    procs = {}
+    try:
+        procs["coordinator"] = start(coord, "--role", "coordinator", environ=coord_env)
+        wait_for(offered_data(hub), "the data manifest offered", procs["coordinator"], coord)
+        hand_out_shards(hub, sides)
+        procs["lumi"] = start(sides["lumi"], "--site", "lumi", profile="ci-slurm", environ=env_with(**slurm.env()))
+        procs["a100"] = start(sides["a100"], "--site", "a100", profile="ci-slurm", environ=a100_env)
+        wait_for(hung, "round 1's aggregation", procs["coordinator"], coord, timeout=600)
+        kill(procs["coordinator"])
+        procs["coordinator"] = start(coord, "--role", "coordinator", environ=coord_env)
+        for s in sites:
+            wait(procs[s], sides[s], timeout=600)
+        wait(procs["coordinator"], coord, timeout=300)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                kill(p)
+
+    layout = RunLayout(hub)
+    story = events(layout.audit)
+    assert verify_ledger(layout.audit).ok
+    assert read_json(layout.summary)["rounds_completed"] == 2
+    # Round 0 closed at its deadline with lumi alone; a100 was dropped for it...
+    assert read_json(layout.arrivals(0))["missing"] == ["a100"]
+    assert [(e["round"], e["site"], e["reason"]) for e in story if e["event"] == "site.dropped"][0] == (
+        0,
+        "a100",
+        "no update by the deadline",
+    )
+    # ...and its late round-0 update was folded into round 1 with a staleness-decayed weight.
+    assert [(e["site"], e["from_round"]) for e in story if e["event"] == "update.late" and e["round"] == 1] == [
+        ("a100", 0)
+    ]
+    assert "a100@r0000" in read_json(layout.verdicts(1))["late_accepted"]
+    weights = read_json(layout.aggregate_record(1))["weights"]
+    assert 0 < weights["a100@r0000"] < weights["lumi"]
+    # The coordinator killed mid-aggregation redid it once on rerun: one aggregation per round.
+    assert [e["round"] for e in story if e["event"] == "round.aggregated"] == [0, 1]
+    # Every candidate regressed: each round was rolled back, with the numbers, and the global
+    # model the sites pulled next is the previous one, restored bit for bit.
+    rolled = [e for e in story if e["event"] == "round.rolled_back"]
+    assert [e["round"] for e in rolled] == [1, 2]
+    assert all("held-out loss regressed from" in e["reason"] for e in rolled)
+    assert sha256_file(layout.global_model(2)) == sha256_file(layout.global_model(0))
+    assert sha256_file(RunLayout(sides["lumi"] / RUN).global_model(1)) == sha256_file(layout.global_model(0))
+    # Each site's jobs ran on its own cluster.
+    for s, cluster in (("lumi", slurm), ("a100", slurm_b)):
+        receipt = read_json(layout.receipt(0, s))
+        assert receipt["slurm_cluster"] == cluster.name
+        job = scontrol_job(cluster, receipt["slurm_job_id"])
+        assert job["JobState"] == "COMPLETED" and job["WorkDir"] == str(sides[s])

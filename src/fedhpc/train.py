@@ -140,6 +140,7 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
             ranks=world.size,
             engine=site_cfg.engine,
             slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            slurm_cluster=os.environ.get("SLURM_CLUSTER_NAME"),
         )
 
     manifest = load_manifest(layout, trust)
@@ -276,6 +277,7 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         "optimizer_state_from_round": state_round,
         "optimizer_state_kept": cfg.training.keep_optimizer_state and engine.keeps_optimizer_state,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME"),
         "host": socket.gethostname(),
     }
     receipt = sign_document(receipt, site, trust.private_key(site))

@@ -1,0 +1,117 @@
+"""Helpers for multi-site tests: a coordinator and sites, each a `fedhpc run` in its own directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from fedhpc.exchange import INDEX
+from fedhpc.files import read_json
+
+from .workflow_util import BIN, REPO, env, write_config
+
+RUN = "results/tiny"
+
+
+def side_config(cfg: dict, hub_exchange: dict) -> dict:
+    cfg = {**cfg, "output_dir": "results"}  # each side's own directory
+    cfg["trust"] = {"generate_missing": False}  # identities are made where they live, public halves swapped
+    cfg["exchange"] = hub_exchange
+    return cfg
+
+
+def prepare(tmp: Path, cfg: dict, sites: list[str]) -> tuple[Path, dict[str, Path]]:
+    """Directories, configs and identities of a coordinator and `sites`: each side makes its own
+    key pair; only public keys travel, out of band."""
+    coord, sides = tmp / "coordinator", {s: tmp / s for s in sites}
+    for side in (coord, *sides.values()):
+        side.mkdir()
+        write_config(side, cfg)
+    ckeys = keys(coord, "coordinator")
+    for s, side in sides.items():
+        skeys = keys(side, s)
+        shutil.copy(skeys / f"{s}.pub", ckeys)
+        shutil.copy(ckeys / "coordinator.pub", skeys)
+    return coord, sides
+
+
+def keys(side: Path, name: str) -> Path:
+    d = side / RUN / "keys"
+    subprocess.run([str(BIN / "fedhpc"), "keys", "init", "--site", name, "--dir", str(d)], check=True, env=env())
+    return d
+
+
+def start(side: Path, *extra: str, profile: str = "local", environ: dict | None = None) -> subprocess.Popen:
+    argv = [str(BIN / "fedhpc"), "run", "--profile", str(REPO / "profiles" / profile), "--directory", str(side)]
+    log = open(side / "run.log", "a")
+    return subprocess.Popen(
+        [*argv, "--configfile", str(side / "config.yaml"), *extra],
+        stdout=log,
+        stderr=log,
+        env=environ or env(),
+        start_new_session=True,  # its own process group, so a test can kill the whole side
+    )
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL a side: its Snakemake and every job it started."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def wait(proc: subprocess.Popen, side: Path, timeout: float) -> None:
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill(proc)
+        raise AssertionError(f"{side.name} did not finish:\n{(side / 'run.log').read_text()[-4000:]}") from None
+    assert code == 0, f"{side.name} failed ({code}):\n{(side / 'run.log').read_text()[-6000:]}"
+
+
+def wait_for(path: Path, what: str, proc: subprocess.Popen, side: Path, timeout: float = 300, poll: float = 0.2):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"{side.name} exited before {what}:\n{(side / 'run.log').read_text()[-4000:]}"
+        assert time.time() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(poll)
+
+
+def hand_out_shards(hub: Path, sides: dict[str, Path]) -> dict[str, set[str]]:
+    """The demo corpus is generated on the coordinator; a real site holds its data before the
+    federation starts. Give each site the shards it may train on: its own domain's and the
+    shared ones, never another site's."""
+    manifest = read_json(hub / "data/manifest.json")
+    held = {}
+    for s, side in sides.items():
+        mine = [e for e in manifest["shards"] if e["residency"] in (None, s)]
+        assert mine and any(e["residency"] == s for e in mine)
+        for e in mine:
+            name = f"{e['id']}.zarr"
+            shutil.copytree(hub / "data/shards" / name, side / RUN / "data/shards" / name)
+        held[s] = {e["id"] for e in mine}
+    return held
+
+
+def offered_data(hub: Path) -> Path:
+    return hub / "data" / INDEX
+
+
+def fault_shim(directory: Path, rules: str) -> Path:
+    """A `fedhpc` first on PATH that runs `rules` (bash, with "$@" the arguments) before it
+    execs the real command: fault injection without touching the code under test."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shim = directory / "fedhpc"
+    shim.write_text(f'#!/bin/bash\n{rules}\nexec {BIN / "fedhpc"} "$@"\n')
+    shim.chmod(0o755)
+    return directory
+
+
+def env_with(path_first: Path | None = None, **extra: str) -> dict[str, str]:
+    e = env()
+    if path_first is not None:
+        e["PATH"] = f"{path_first}{os.pathsep}{e['PATH']}"
+    return {**e, **extra}
