@@ -23,15 +23,20 @@ def finished(tmp_path_factory) -> tuple[Path, dict, Path]:
     return tmp, cfg, Path(cfg["output_dir"]) / cfg["run"]
 
 
+def _started(cluster: SlurmCluster, what: str) -> SlurmCluster:
+    """The cluster, started; in CI a cluster that cannot start fails the test, elsewhere skips it."""
+    try:
+        return cluster.start()
+    except (SlurmUnavailable, PermissionError, OSError) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the Slurm tests, but {what} did not start: {exc}")
+        pytest.skip(f"no {what} on this machine: {exc}")
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     """A running single-host Slurm cluster; in CI its failure to start fails the test."""
-    try:
-        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    except (SlurmUnavailable, PermissionError, OSError) as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the Slurm tests, but Slurm did not start: {exc}")
-        pytest.skip(f"no Slurm cluster on this machine: {exc}")
+    cluster = _started(SlurmCluster(tmp_path_factory.mktemp("slurm")), "Slurm")
     yield cluster
     cluster.stop()
 
@@ -40,12 +45,8 @@ def slurm(tmp_path_factory):
 def slurm_b(tmp_path_factory, slurm):
     """A second, independent single-host Slurm cluster (own config, ports, state, munge socket)."""
     root = tmp_path_factory.mktemp("slurm-b")
-    try:
-        cluster = SlurmCluster(root, name="fedhpc-b", ctld_port=16827, d_port=16828, conf=root / "slurm.conf").start()
-    except (SlurmUnavailable, PermissionError, OSError) as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the Slurm tests, but the second cluster did not start: {exc}")
-        pytest.skip(f"no second Slurm cluster on this machine: {exc}")
+    b = SlurmCluster(root, name="fedhpc-b", ctld_port=16827, d_port=16828, conf=root / "slurm.conf")
+    cluster = _started(b, "a second Slurm cluster")
     yield cluster
     cluster.stop()
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedhpc.exchange import INDEX
@@ -55,6 +57,18 @@ def start(side: Path, *extra: str, profile: str = "local", environ: dict | None 
         env=environ or env(),
         start_new_session=True,  # its own process group, so a test can kill the whole side
     )
+
+
+@contextlib.contextmanager
+def running() -> Iterator[dict[str, subprocess.Popen]]:
+    """The sides a test starts, by name; whatever is still running at the end is killed."""
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        yield procs
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                kill(p)
 
 
 def kill(proc: subprocess.Popen) -> None:

@@ -23,6 +23,7 @@ from .multisite_util import (
     kill,
     offered_data,
     prepare,
+    running,
     side_config,
     start,
     wait,
@@ -44,8 +45,7 @@ def test_a_federation_across_a_coordinator_and_two_sites_over_rsync(tmp_path, ss
     cfg["sites"]["lumi"]["batch_tokens"] = 128  # enough steps to be killed in the middle of them
     coord, sides = prepare(tmp_path, side_config(cfg, sshd_hub.exchange_config(tmp_path / "coordinator" / RUN)), sites)
     hub = coord / RUN
-    procs = {}
-    try:
+    with running() as procs:
         procs["coordinator"] = start(coord, "--role", "coordinator")
         wait_for(offered_data(hub), "the data manifest offered", procs["coordinator"], coord)
         held = hand_out_shards(hub, sides)
@@ -60,10 +60,6 @@ def test_a_federation_across_a_coordinator_and_two_sites_over_rsync(tmp_path, ss
         for s in sites:
             wait(procs[s], sides[s], timeout=900)
         wait(procs["coordinator"], coord, timeout=300)
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                kill(p)
 
     layout = RunLayout(hub)
     trust = TrustStore(hub / "keys")
@@ -151,8 +147,7 @@ def test_two_slurm_clusters_a_late_site_a_coordinator_killed_while_aggregating_a
         ),
         SLURM_CONF=str(slurm_b.conf),
     )
-    procs = {}
-    try:
+    with running() as procs:
         procs["coordinator"] = start(coord, "--role", "coordinator", environ=coord_env)
         wait_for(offered_data(hub), "the data manifest offered", procs["coordinator"], coord)
         hand_out_shards(hub, sides)
@@ -164,10 +159,6 @@ def test_two_slurm_clusters_a_late_site_a_coordinator_killed_while_aggregating_a
         for s in sites:
             wait(procs[s], sides[s], timeout=600)
         wait(procs["coordinator"], coord, timeout=300)
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                kill(p)
 
     layout = RunLayout(hub)
     story = events(layout.audit)
