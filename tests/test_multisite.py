@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -116,17 +117,19 @@ def scontrol_job(cluster, job_id: str) -> dict[str, str]:
     return dict(f.split("=", 1) for f in out.split() if "=" in f)
 
 
-def test_two_slurm_clusters_a_late_site_a_coordinator_killed_while_aggregating_and_rollbacks(
+def test_two_slurm_clusters_a_late_site_a_requeued_job_a_coordinator_killed_while_aggregating_and_rollbacks(
     tmp_path, sshd_hub, slurm, slurm_b
 ):
     """lumi trains on one Slurm cluster and a100 on another; a100 is held past round 0's
-    deadline, the coordinator is SIGKILLed in round 1's aggregation and rerun, and a server
-    step far too large makes every candidate regress, so each round rolls back."""
+    deadline, lumi's round-1 job is requeued by Slurm mid-training, the coordinator is
+    SIGKILLed in round 1's aggregation and rerun, and a server step far too large makes
+    every candidate regress, so each round rolls back."""
     sites = ["lumi", "a100"]
     cfg = tiny_config(tmp_path, rounds=2)
     del cfg["sites"]["laptop"]
     cfg["rounds"].update(deadline_minutes=1.0, quorum=0.5)
     cfg["strategy"] = {"name": "fedavg", "server_lr": 40.0}
+    cfg["sites"]["lumi"]["batch_tokens"] = 128  # enough steps for its job to be requeued in the middle
     coord, sides = prepare(tmp_path, side_config(cfg, sshd_hub.exchange_config(tmp_path / "coordinator" / RUN)), sites)
     hub = coord / RUN
     hung = tmp_path / "aggregate-r0001-hung"
@@ -153,6 +156,19 @@ def test_two_slurm_clusters_a_late_site_a_coordinator_killed_while_aggregating_a
         hand_out_shards(hub, sides)
         procs["lumi"] = start(sides["lumi"], "--site", "lumi", profile="ci-slurm", environ=env_with(**slurm.env()))
         procs["a100"] = start(sides["a100"], "--site", "a100", profile="ci-slurm", environ=a100_env)
+        # Fault: the node under lumi's round-1 training job "fails": Slurm requeues the job
+        # (what slurm-requeue asks for), and it trains again under the same job id.
+        metrics = sides["lumi"] / RUN / "rounds/r0001/sites/lumi/metrics.jsonl"
+        wait_for(metrics, "lumi's round-1 training", procs["lumi"], sides["lumi"], timeout=600, poll=0.05)
+        assert not metrics.with_name("receipt.json").exists(), "lumi finished before its job could be requeued"
+        [job] = [e["slurm_job_id"] for e in events(sides["lumi"] / RUN / "audit.jsonl") if e["round"] == 1]
+        subprocess.run(["scontrol", "requeue", job], check=True, env=slurm.env())
+        # Slurm holds a requeued job back for about two minutes (node clean-up); let it start now.
+        deadline = time.time() + 60
+        while scontrol_job(slurm, job)["JobState"] != "PENDING":
+            assert time.time() < deadline, f"job {job} never went back to PENDING after requeue"
+            time.sleep(0.2)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=slurm.env())
         wait_for(hung, "round 1's aggregation", procs["coordinator"], coord, timeout=600)
         kill(procs["coordinator"])
         procs["coordinator"] = start(coord, "--role", "coordinator", environ=coord_env)
@@ -187,6 +203,12 @@ def test_two_slurm_clusters_a_late_site_a_coordinator_killed_while_aggregating_a
     assert all("held-out loss regressed from" in e["reason"] for e in rolled)
     assert sha256_file(layout.global_model(2)) == sha256_file(layout.global_model(0))
     assert sha256_file(RunLayout(sides["lumi"] / RUN).global_model(1)) == sha256_file(layout.global_model(0))
+    # lumi's requeued job trained round 1 twice under one job id and published once; the
+    # coordinator saw one update from it, in time.
+    lumi = [e for e in events(sides["lumi"] / RUN / "audit.jsonl") if e["round"] == 1]
+    assert [e["event"] for e in lumi] == ["train.started", "train.started", "update.published"]
+    assert len({e["slurm_job_id"] for e in lumi if e["event"] == "train.started"}) == 1
+    assert "lumi" in read_json(layout.arrivals(1))["arrived"]
     # Each site's jobs ran on its own cluster.
     for s, cluster in (("lumi", slurm), ("a100", slurm_b)):
         receipt = read_json(layout.receipt(0, s))
