@@ -139,3 +139,18 @@ def test_rsync_errors_name_the_hub(tmp_path, sshd_hub):
     )
     with pytest.raises(ex.TransferError, match="127.0.0.1:/nonexistent-root-dir"):
         t.send(Path(__file__), "x")
+
+
+def test_the_completeness_cache_hashes_again_only_when_a_file_changed(trust, tmp_path, monkeypatch):
+    d = tmp_path / "hub/rounds/r0000/sites/lumi"
+    d.mkdir(parents=True)
+    (d / "update.safetensors").write_bytes(os.urandom(1 << 16))
+    ex.write_index(d, ["update.safetensors"], "lumi", trust.private_key("lumi"))
+    hashed = []
+    real = ex.sha256_file
+    monkeypatch.setattr(ex, "sha256_file", lambda p: hashed.append(p) or real(p))
+    cache = ex.CompletenessCache(trust)
+    assert cache.complete(d, "lumi") and cache.complete(d, "lumi") and len(hashed) == 1
+    with open(d / "update.safetensors", "r+b") as fh:  # damaged: same size, new mtime
+        fh.write(b"\0\0\0\0")
+    assert not cache.complete(d, "lumi") and not cache.complete(d, "lumi") and len(hashed) == 2

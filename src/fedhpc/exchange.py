@@ -226,6 +226,32 @@ def complete(directory: Path, trust: TrustStore, signer: str) -> bool:
     return all(verified(directory / name, entry) for name, entry in files.items())
 
 
+def _stamp(directory: Path) -> tuple:
+    """Size and mtime of every file in `directory`: what must change before a check can change."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()))
+    except FileNotFoundError:
+        return ()
+
+
+class CompletenessCache:
+    """`complete()` for a poll loop: a bundle is hashed again only when its files changed, so
+    waiting on a 64 GB update costs a directory listing per poll, not a read of 64 GB."""
+
+    def __init__(self, trust: TrustStore):
+        self.trust = trust
+        self._seen: dict[Path, tuple[tuple, bool]] = {}
+
+    def complete(self, directory: Path, signer: str) -> bool:
+        stamp = _stamp(directory)
+        hit = self._seen.get(directory)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        ok = complete(directory, self.trust, signer)
+        self._seen[directory] = (stamp, ok)
+        return ok
+
+
 # What each side hands over. Sites publish only these names from their round directory.
 SITE_FILES = ("update.safetensors", "control.safetensors", "metrics.jsonl", "receipt.json")
 ROUND_FILES = ("plan.json", "global/model.safetensors", "global/model.json", "global/server_state.safetensors")

@@ -8,7 +8,7 @@ import time
 from .audit import AuditLog
 from .config import Config
 from .errors import FedhpcError
-from .exchange import complete
+from .exchange import CompletenessCache
 from .files import read_json, write_json
 from .layout import RunLayout
 from .signing import TrustStore
@@ -19,28 +19,31 @@ class QuorumError(FedhpcError, RuntimeError):
     """The deadline passed before enough sites published an update."""
 
 
-def arrived_sites(
-    layout: RunLayout, r: int, planned: list[str], trust: TrustStore | None = None, staged: bool = False
-) -> list[str]:
-    """The planned sites whose receipt is in. With staged transfer (`staged`), only those whose
-    signed bundle index is in and matches every file: a partial or corrupted transfer is not
-    an arrival, and the site's next publish attempt can still complete it."""
+def arrived_sites(layout: RunLayout, r: int, planned: list[str], bundles: CompletenessCache | None = None) -> list[str]:
+    """The planned sites whose receipt is in. With staged transfer (`bundles` given), only those
+    whose signed bundle index is in and matches every file: a partial or corrupted transfer is
+    not an arrival, and the site's next publish attempt can still complete it."""
     arrived = []
     for site in planned:
         try:
             read_json(layout.receipt(r, site))
         except (FileNotFoundError, ValueError):
             continue  # not there yet, or not parseable yet: not an arrival
-        if staged and not complete(layout.site_dir(r, site), trust, site):
+        if bundles is not None and not bundles.complete(layout.site_dir(r, site), site):
             continue
         arrived.append(site)
     return arrived
 
 
+def bundle_checks(cfg: Config, trust: TrustStore) -> CompletenessCache | None:
+    """With staged transfer, what checks a site's bundle; None when sites write in place."""
+    return CompletenessCache(trust) if cfg.exchange.kind != "local" else None
+
+
 def late_arrivals(cfg: Config, layout: RunLayout, r: int, trust: TrustStore | None = None) -> list[dict]:
     """Updates of earlier rounds (up to `rounds.max_staleness` back) that arrived after their
     round closed and were not already taken up by a round in between."""
-    late, staged = [], cfg.exchange.kind != "local"
+    late, bundles = [], bundle_checks(cfg, trust)
     for k in range(max(0, r - cfg.rounds.max_staleness), r):
         if not layout.arrivals(k).exists():
             continue
@@ -53,7 +56,7 @@ def late_arrivals(cfg: Config, layout: RunLayout, r: int, trust: TrustStore | No
             + read_json(layout.arrivals(j)).get("late_dropped", [])
         }
         for site in closed["missing"]:
-            if (k, site) not in seen and arrived_sites(layout, k, [site], trust, staged):
+            if (k, site) not in seen and arrived_sites(layout, k, [site], bundles):
                 late.append({"round": k, "site": site})
     return late
 
@@ -72,9 +75,10 @@ def gather(
     deadline = plan["created"] + cfg.rounds.deadline_minutes * 60
     need = max(1, math.ceil(cfg.rounds.quorum * len(planned) - 1e-9)) if planned else 0
     t0 = time.time()
+    bundles = bundle_checks(cfg, trust)
     last_report, waiting_reported = 0.0, False
     while True:
-        arrived = arrived_sites(layout, r, planned, trust, cfg.exchange.kind != "local")
+        arrived = arrived_sites(layout, r, planned, bundles)
         clock = now if now is not None else time.time()
         if len(arrived) == len(planned):
             break
