@@ -62,3 +62,27 @@ def sshd_hub(tmp_path_factory):
         pytest.skip(f"no sshd on this machine: {exc}")
     yield hub
     hub.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_hub():
+    """An S3 API on 127.0.0.1 (moto's server) with one bucket; its endpoint and credentials are
+    in the environment, so subprocesses reach it too."""
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="fedhpc-test", AWS_SECRET_ACCESS_KEY="fedhpc-test", AWS_DEFAULT_REGION="us-east-1"
+    )
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="federation")
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

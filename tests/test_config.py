@@ -334,6 +334,8 @@ def test_a_robust_configuration_with_enough_sites_validates():
         ({"role": "coordinator"}, "exchange.kind: role 'coordinator' needs a hub"),
         ({"kind": "shared", "role": "site", "site": "laptop"}, "exchange.hub: required when a site exchanges"),
         ({"kind": "rsync", "hub": "/just/a/path"}, "exchange.hub: '/just/a/path' is not `[user@]host:/path`"),
+        ({"kind": "s3", "hub": "lumidata.eu/bucket"}, "exchange.hub: 'lumidata.eu/bucket' is not `s3://bucket/prefix`"),
+        ({"kind": "s3", "role": "coordinator"}, "exchange.hub: required when a site exchanges through 's3'"),
     ],
 )
 def test_multi_site_settings_that_cannot_work_are_refused_naming_the_key(exchange, message):

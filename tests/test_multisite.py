@@ -1,5 +1,6 @@
 """Multi-site mode: a coordinator and sites, each its own `fedhpc run` in its own directory,
-sharing nothing but the coordinator's run directory reached with rsync over SSH (loopback sshd)."""
+sharing nothing but the hub: an S3 object store (moto on loopback), or the coordinator's run
+directory reached with rsync over SSH (loopback sshd)."""
 
 from __future__ import annotations
 
@@ -39,12 +40,15 @@ def events(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_a_federation_across_a_coordinator_and_two_sites_over_rsync(tmp_path, sshd_hub):
+def test_a_federation_across_a_coordinator_and_two_sites_over_an_s3_hub(tmp_path, s3_hub):
+    """The hub is an object store (as LUMI-O would be): everyone is a client of it."""
     sites = ["lumi", "a100"]
     cfg = tiny_config(tmp_path, rounds=2)
     del cfg["sites"]["laptop"]
     cfg["sites"]["lumi"]["batch_tokens"] = 128  # enough steps to be killed in the middle of them
-    coord, sides = prepare(tmp_path, side_config(cfg, sshd_hub.exchange_config(tmp_path / "coordinator" / RUN)), sites)
+    hub_url = f"s3://federation/{tmp_path.name}"
+    exchange = {"kind": "s3", "hub": hub_url, "s3_endpoint": s3_hub, "poll_seconds": 1}
+    coord, sides = prepare(tmp_path, side_config(cfg, exchange), sites)
     hub = coord / RUN
     with running() as procs:
         procs["coordinator"] = start(coord, "--role", "coordinator")
@@ -80,6 +84,7 @@ def test_a_federation_across_a_coordinator_and_two_sites_over_rsync(tmp_path, ss
             assert sha256_file(layout.update(r, s)) == sha256_file(there.update(r, s))
             # Only the published names reach the hub: no status, logs, site state or data.
             assert {p.name for p in layout.site_dir(r, s).iterdir()} <= {*SITE_FILES, INDEX}
+            assert set(object_names(s3_hub, hub_url, f"rounds/r{r:04d}/sites/{s}/")) <= {*SITE_FILES, INDEX}
             planned = set(read_json(layout.plan(r))["sites"][s]["shards"])
             assert planned <= held[s], f"{s} was planned shards it does not hold"
     assert verify_ledger(layout.audit).ok
@@ -108,6 +113,16 @@ def test_a_federation_across_a_coordinator_and_two_sites_over_rsync(tmp_path, ss
                 piece = raw[i : i + 64]
                 if len(piece) == 64 and len(set(piece)) > 4:  # headers of zeros prove nothing
                     assert not any(piece in b for b in blobs), f"{f} leaked into {s}'s publications"
+
+
+def object_names(endpoint: str, hub_url: str, under: str) -> list[str]:
+    import boto3
+
+    bucket, _, prefix = hub_url.removeprefix("s3://").partition("/")
+    listing = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/{under}")
+    names = [o["Key"].removeprefix(f"{prefix}/{under}") for o in listing.get("Contents", [])]
+    assert names, f"nothing in {hub_url}/{under}"
+    return names
 
 
 def scontrol_job(cluster, job_id: str) -> dict[str, str]:

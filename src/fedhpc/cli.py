@@ -252,6 +252,13 @@ def cmd_exchange(a: argparse.Namespace) -> int:
     if a.action in ("outbox", "outbox-data"):
         d = layout.round_dir(a.round) if a.action == "outbox" else layout.data
         names = ex.present(d, ex.ROUND_FILES if a.action == "outbox" else ex.DATA_FILES)
+        if cfg.exchange.kind == "s3":  # the hub is not this directory: upload the offer to it
+            transport = ex.transport_for(cfg.exchange)
+            ex.publish(
+                transport, d, names, d.relative_to(layout.root).as_posix(), COORDINATOR, trust.private_key(COORDINATOR)
+            )
+            print(f"{d}: offered {', '.join(names)} at {transport.describe()}")
+            return 0
         ex.write_index(d, names, COORDINATOR, trust.private_key(COORDINATOR))
         print(f"{d}: offered {', '.join(names)}")
         return 0

@@ -407,11 +407,12 @@ class TrustConfig:
 class ExchangeConfig:
     """How round directories move between the coordinator's hub and the sites (multi-site mode)."""
 
-    kind: Literal["local", "shared", "rsync"] = opt(
+    kind: Literal["local", "shared", "rsync", "s3"] = opt(
         "local",
         "`local`: every stage works in one run directory (one machine, or one cluster's shared filesystem); "
         "`shared`: the hub is a directory both sides mount; `rsync`: the hub is reached with rsync over SSH, "
-        "sites connecting out to it.",
+        "sites connecting out to it; `s3`: the hub is a prefix in an S3-compatible object store (e.g. LUMI-O) "
+        "that the coordinator and the sites all reach as clients.",
     )
     role: Literal["all", "coordinator", "site"] = opt(
         "all",
@@ -422,7 +423,13 @@ class ExchangeConfig:
     site: str | None = opt(None, "The site this invocation acts for when `role` is `site`.")
     hub: str | None = opt(
         None,
-        "The coordinator's run directory as the sites reach it: a path (`shared`) or `[user@]host:/path` (`rsync`).",
+        "The coordinator's run directory as the sites reach it: a path (`shared`) or `[user@]host:/path` (`rsync`); "
+        "for `s3`, `s3://bucket/prefix`.",
+    )
+    s3_endpoint: str | None = opt(
+        None,
+        "S3 endpoint URL (LUMI-O: `https://lumidata.eu`); null: AWS. Credentials come from the usual AWS "
+        "variables or files.",
     )
     ssh_port: int = opt(22, "SSH port of the hub.", minimum=1, maximum=65535)
     ssh_key: str | None = opt(None, "Private key the site logs in to the hub with (null: ssh's default).")

@@ -168,8 +168,10 @@ def _exchange_problems(cfg: Config) -> list[str]:
         )
     if ex.role != "all" and ex.kind == "local":
         problems.append(f"exchange.kind: role {ex.role!r} needs a hub to exchange through ('shared' or 'rsync')")
-    if ex.kind != "local" and ex.role == "site" and not ex.hub:
+    if ex.kind != "local" and (ex.role == "site" or ex.kind == "s3") and not ex.hub:
         problems.append(f"exchange.hub: required when a site exchanges through {ex.kind!r}")
+    if ex.kind == "s3" and ex.hub and not ex.hub.startswith("s3://"):
+        problems.append(f"exchange.hub: {ex.hub!r} is not `s3://bucket/prefix`")
     if ex.kind == "rsync" and ex.hub and ":" not in ex.hub:
         problems.append(f"exchange.hub: {ex.hub!r} is not `[user@]host:/path` (rsync over SSH)")
     return problems

@@ -13,6 +13,7 @@ the hub and publish their update into it. The hub is the coordinator's run direc
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import shutil
@@ -117,7 +118,80 @@ class Rsync:
         return self.remote
 
 
-Transport = Shared | Rsync
+@functools.lru_cache(maxsize=8)
+def _s3_client(endpoint: str | None):
+    try:
+        import boto3
+    except ImportError:
+        raise TransferError("exchange.kind 's3' needs boto3: pip install 'fedhpc[s3]'") from None
+    # Credentials come the usual AWS ways (AWS_ACCESS_KEY_ID/..., ~/.aws/credentials, a profile).
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+@dataclass(frozen=True)
+class S3:
+    """The hub is `s3://bucket/prefix` on an S3-compatible object store (LUMI-O: https://lumidata.eu).
+
+    Both sides are clients here: the coordinator publishes its offers and pulls the sites'
+    bundles like a site does. An object appears only once its upload completed.
+    """
+
+    url: str
+    endpoint: str | None = None
+
+    def _where(self, rel: str) -> tuple[str, str]:
+        bucket, _, prefix = self.url.removeprefix("s3://").partition("/")
+        return bucket, f"{prefix.strip('/')}/{rel}".lstrip("/")
+
+    def _fail(self, what: str, rel: str, exc: Exception) -> TransferError:
+        return TransferError(f"{what} {self.url.rstrip('/')}/{rel} failed: {exc}")
+
+    def fetch(self, rel: str, dest: Path) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = self._where(rel)
+        client = _s3_client(self.endpoint)
+        try:
+            head = client.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._fail("reading", rel, exc) from None
+        except BotoCoreError as exc:
+            raise self._fail("reading", rel, exc) from None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        size, have = head["ContentLength"], dest.stat().st_size if dest.exists() else 0
+        if have > size:
+            dest.unlink()
+            have = 0
+        with open(dest, "ab") as fo:
+            if have < size:
+                try:
+                    # The rest of the object, and only if it is still the object we started on.
+                    body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={have}-", IfMatch=head["ETag"])
+                    for block in body["Body"].iter_chunks(1 << 22):
+                        fo.write(block)
+                except (ClientError, BotoCoreError) as exc:
+                    raise self._fail("reading", rel, exc) from None
+            fo.flush()
+            os.fsync(fo.fileno())
+        return True
+
+    def send(self, src: Path, rel: str) -> None:
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = self._where(rel)
+        try:
+            _s3_client(self.endpoint).upload_file(str(src), bucket, key)
+        except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
+            raise self._fail("writing", rel, exc) from None
+
+    def describe(self) -> str:
+        return self.url.rstrip("/")
+
+
+Transport = Shared | Rsync | S3
 
 
 def transport_for(exchange) -> Transport:
@@ -126,6 +200,8 @@ def transport_for(exchange) -> Transport:
         return Shared(Path(exchange.hub))
     if exchange.kind == "rsync":
         return Rsync(exchange.hub, exchange.ssh_port, exchange.ssh_key, exchange.known_hosts)
+    if exchange.kind == "s3":
+        return S3(exchange.hub, exchange.s3_endpoint)
     raise ValueError(f"exchange.kind {exchange.kind!r} moves nothing: every stage already works in one run directory")
 
 

@@ -8,7 +8,7 @@ import time
 from .audit import AuditLog
 from .config import Config
 from .errors import FedhpcError
-from .exchange import CompletenessCache
+from .exchange import CompletenessCache, TransferError, pull, transport_for
 from .files import read_json, write_json
 from .layout import RunLayout
 from .signing import TrustStore
@@ -40,6 +40,25 @@ def bundle_checks(cfg: Config, trust: TrustStore) -> CompletenessCache | None:
     return CompletenessCache(trust) if cfg.exchange.kind != "local" else None
 
 
+def fetch_bundles(
+    cfg: Config, layout: RunLayout, trust: TrustStore, r: int, sites: list[str], bundles: CompletenessCache | None
+) -> None:
+    """Where the hub is remote to the coordinator too (an object store), pull each site's
+    bundle of round r that is not complete here yet; sites publishing into this run directory
+    (rsync, shared) need nothing."""
+    if cfg.exchange.kind != "s3" or bundles is None:
+        return
+    transport = transport_for(cfg.exchange)
+    for site in sites:
+        d = layout.site_dir(r, site)
+        if bundles.complete(d, site):
+            continue
+        try:
+            pull(transport, d.relative_to(layout.root).as_posix(), d, trust, site)
+        except TransferError as exc:
+            print(f"round {r}: {site}'s update is not usable yet: {exc}", flush=True)
+
+
 def late_arrivals(cfg: Config, layout: RunLayout, r: int, trust: TrustStore | None = None) -> list[dict]:
     """Updates of earlier rounds (up to `rounds.max_staleness` back) that arrived after their
     round closed and were not already taken up by a round in between."""
@@ -55,6 +74,7 @@ def late_arrivals(cfg: Config, layout: RunLayout, r: int, trust: TrustStore | No
             for x in read_json(layout.arrivals(j)).get("late", [])
             + read_json(layout.arrivals(j)).get("late_dropped", [])
         }
+        fetch_bundles(cfg, layout, trust, k, [s for s in closed["missing"] if (k, s) not in seen], bundles)
         for site in closed["missing"]:
             if (k, site) not in seen and arrived_sites(layout, k, [site], bundles):
                 late.append({"round": k, "site": site})
@@ -78,6 +98,7 @@ def gather(
     bundles = bundle_checks(cfg, trust)
     last_report, waiting_reported = 0.0, False
     while True:
+        fetch_bundles(cfg, layout, trust, r, planned, bundles)
         arrived = arrived_sites(layout, r, planned, bundles)
         clock = now if now is not None else time.time()
         if len(arrived) == len(planned):
