@@ -61,9 +61,11 @@ def test_a_file_corrupted_in_transit_is_never_installed(transport, trust, tmp_pa
     blob[12345] ^= 0xFF  # what a bad link or disk does: same size, one byte off
     (hub / "r/model.bin").write_bytes(bytes(blob))
     dest = tmp_path / "site"
+    rejected = []
     with pytest.raises(ex.TransferError, match=r"model.bin: sha256 differs from the signed index"):
-        ex.pull(t, "r", dest, trust, "coordinator", attempts=2)
+        ex.pull(t, "r", dest, trust, "coordinator", attempts=2, on_reject=lambda *a: rejected.append(a))
     assert not (dest / "model.bin").exists() and not (dest / ex.INDEX).exists()
+    assert rejected == [("model.bin", 1), ("model.bin", 2)]
 
 
 def test_an_interrupted_pull_resumes_from_its_partial_file(transport, trust, tmp_path):
@@ -226,3 +228,17 @@ def test_s3_errors_name_the_object(tmp_path, s3_hub):
     t = ex.S3("s3://no-such-bucket/x", s3_hub)
     with pytest.raises(ex.TransferError, match="s3://no-such-bucket/x/f"):
         t.send(Path(__file__), "f")
+
+
+def test_rejected_transfers_are_recorded_in_the_audit_log_with_their_round(tmp_path):
+    from fedhpc.audit import AuditLog
+    from fedhpc.layout import RunLayout
+
+    layout = RunLayout(tmp_path / "run")
+    ex.audit_rejects(layout, "rounds/r0003")("global/model.safetensors", 1)
+    ex.audit_rejects(layout, "data")("manifest.json", 2)
+    got = [(e["event"], e["round"], e["bundle"], e["file"], e["attempt"]) for e in AuditLog(layout.audit).events()]
+    assert got == [
+        ("transfer.rejected", 3, "rounds/r0003", "global/model.safetensors", 1),
+        ("transfer.rejected", None, "data", "manifest.json", 2),
+    ]

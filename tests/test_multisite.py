@@ -5,7 +5,9 @@ directory reached with rsync over SSH (loopback sshd)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -136,7 +138,8 @@ def test_two_slurm_clusters_a_late_site_a_requeued_job_a_coordinator_killed_whil
     tmp_path, sshd_hub, slurm, slurm_b
 ):
     """lumi trains on one Slurm cluster and a100 on another; a100 is held past round 0's
-    deadline, lumi's round-1 job is requeued by Slurm mid-training, the coordinator is
+    deadline, round 1's global model is corrupted on its way to a100, lumi's round-1 job is
+    requeued by Slurm mid-training, the coordinator is
     SIGKILLed in round 1's aggregation and rerun, and a server step far too large makes
     every candidate regress, so each round rolls back."""
     sites = ["lumi", "a100"]
@@ -156,15 +159,31 @@ def test_two_slurm_clusters_a_late_site_a_requeued_job_a_coordinator_killed_whil
             f"touch {hung}; sleep 600; fi",
         )
     )
-    a100_env = env_with(
-        fault_shim(
-            tmp_path / "shim-a100",
-            # a100's round 0 training starts only once the coordinator closed round 0 without it.
-            f'if [[ "$1" == train && " $* " == *" --round 0000 "* ]]; then '
-            f"while [ ! -e {hub}/rounds/r0000/arrivals.json ]; do sleep 0.5; done; fi",
-        ),
-        SLURM_CONF=str(slurm_b.conf),
+    shims = fault_shim(
+        tmp_path / "shim-a100",
+        # a100's round 0 training starts only once the coordinator closed round 0 without it.
+        f'if [[ "$1" == train && " $* " == *" --round 0000 "* ]]; then '
+        f"while [ ! -e {hub}/rounds/r0000/arrivals.json ]; do sleep 0.5; done; fi",
     )
+    # A bad link: the first copy of round 1's global model that reaches a100 has one byte flipped.
+    flipped = tmp_path / "model-flipped"
+    real_rsync = shutil.which("rsync")
+    (shims / "rsync").write_text(
+        f"#!{sys.executable}\n"
+        "import subprocess, sys\n"
+        f"code = subprocess.call([{real_rsync!r}, *sys.argv[1:]])\n"
+        "dest = sys.argv[-1]\n"
+        f"if code == 0 and dest.endswith('/r0001/.exchange-staging/global__model.safetensors'):\n"
+        f"    import pathlib\n"
+        f"    mark = pathlib.Path({str(flipped)!r})\n"
+        "    if not mark.exists():\n"
+        "        mark.touch()\n"
+        "        with open(dest, 'r+b') as fh:\n"
+        "            fh.seek(4096); b = fh.read(1); fh.seek(4096); fh.write(bytes([b[0] ^ 0xFF]))\n"
+        "sys.exit(code)\n"
+    )
+    (shims / "rsync").chmod(0o755)
+    a100_env = env_with(shims, SLURM_CONF=str(slurm_b.conf))
     with running() as procs:
         procs["coordinator"] = start(coord, "--role", "coordinator", environ=coord_env)
         wait_for(offered_data(hub), "the data manifest offered", procs["coordinator"], coord)
@@ -224,6 +243,15 @@ def test_two_slurm_clusters_a_late_site_a_requeued_job_a_coordinator_killed_whil
     assert [e["event"] for e in lumi] == ["train.started", "train.started", "update.published"]
     assert len({e["slurm_job_id"] for e in lumi if e["event"] == "train.started"}) == 1
     assert "lumi" in read_json(layout.arrivals(1))["arrived"]
+    # The corrupted copy was caught by its hash, recorded, fetched again, and a100 trained
+    # round 1 from the coordinator's model, bit for bit.
+    assert flipped.exists()
+    a100 = events(sides["a100"] / RUN / "audit.jsonl")
+    assert [(e["round"], e["file"], e["attempt"]) for e in a100 if e["event"] == "transfer.rejected"] == [
+        (1, "global/model.safetensors", 1)
+    ]
+    there = RunLayout(sides["a100"] / RUN)
+    assert sha256_file(there.global_model(1)) == sha256_file(layout.global_model(1))
     # Each site's jobs ran on its own cluster.
     for s, cluster in (("lumi", slurm), ("a100", slurm_b)):
         receipt = read_json(layout.receipt(0, s))

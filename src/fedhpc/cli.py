@@ -275,7 +275,9 @@ def cmd_exchange(a: argparse.Namespace) -> int:
     d = layout.round_dir(a.round) if a.action == "pull" else layout.data
     rel = d.relative_to(layout.root).as_posix()
     wait = cfg.exchange.wait_minutes * 60
-    doc = ex.wait_pull(transport, rel, d, trust, COORDINATOR, cfg.exchange.poll_seconds, wait)
+    doc = ex.wait_pull(
+        transport, rel, d, trust, COORDINATOR, cfg.exchange.poll_seconds, wait, on_reject=ex.audit_rejects(layout, rel)
+    )
     print(f"pulled {', '.join(sorted(doc['files']))} from {transport.describe()}/{rel}, hashes verified")
     return 0
 

@@ -19,7 +19,7 @@ import shlex
 import shutil
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,12 +235,21 @@ def verified(path: Path, entry: dict) -> bool:
     return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
 
 
-def pull(transport: Transport, rel: str, dest: Path, trust: TrustStore, signer: str, attempts: int = 3) -> dict | None:
+def pull(
+    transport: Transport,
+    rel: str,
+    dest: Path,
+    trust: TrustStore,
+    signer: str,
+    attempts: int = 3,
+    on_reject: Callable[[str, int], None] | None = None,
+) -> dict | None:
     """Fetch bundle `rel` from the hub into `dest`, every file checked against the signed index.
 
     None when the hub has no complete bundle there yet. Files already present with the right
     hash are not fetched again; each new file takes its final name only once its hash
     matches, and the index is installed last, so `dest/bundle.json` marks a complete pull.
+    `on_reject(name, attempt)` hears of every fetched file that did not match (for the audit log).
     """
     stage = dest / STAGING
     stage.mkdir(parents=True, exist_ok=True)
@@ -266,6 +275,8 @@ def pull(transport: Transport, rel: str, dest: Path, trust: TrustStore, signer: 
                 break
             # A corrupted or mismatched file: start that file again from nothing.
             part.unlink(missing_ok=True)
+            if on_reject is not None:
+                on_reject(name, attempt)
             if attempt == attempts:
                 raise TransferError(
                     f"{transport.describe()}/{rel}/{name}: sha256 differs from the signed index after "
@@ -338,6 +349,26 @@ def present(directory: Path, names: Iterable[str]) -> list[str]:
     return [n for n in names if (directory / n).is_file()]
 
 
+def audit_rejects(layout, rel: str) -> Callable[[str, int], None]:
+    """An `on_reject` that records each rejected file in the run's audit log."""
+    from .audit import AuditLog
+
+    parts = rel.split("/")
+    r = int(parts[1][1:]) if len(parts) > 1 and parts[0] == "rounds" else None
+
+    def record(name: str, attempt: int) -> None:
+        AuditLog(layout.audit).append(
+            "transfer.rejected",
+            round=r,
+            bundle=rel,
+            file=name,
+            attempt=attempt,
+            reason="sha256 differs from the signed index; fetched again",
+        )
+
+    return record
+
+
 def wait_pull(
     transport: Transport,
     rel: str,
@@ -347,10 +378,11 @@ def wait_pull(
     poll_seconds: float,
     wait_seconds: float,
     say=print,
+    on_reject: Callable[[str, int], None] | None = None,
 ) -> dict:
     """`pull`, polling the hub until the bundle appears; a TransferError after `wait_seconds`."""
     t0 = last = time.monotonic()
-    while (doc := pull(transport, rel, dest, trust, signer)) is None:
+    while (doc := pull(transport, rel, dest, trust, signer, on_reject=on_reject)) is None:
         waited = time.monotonic() - t0
         if waited >= wait_seconds:
             raise TransferError(

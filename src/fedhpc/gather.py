@@ -8,7 +8,7 @@ import time
 from .audit import AuditLog
 from .config import Config
 from .errors import FedhpcError
-from .exchange import CompletenessCache, TransferError, pull, transport_for
+from .exchange import CompletenessCache, TransferError, audit_rejects, pull, transport_for
 from .files import read_json, write_json
 from .layout import RunLayout
 from .signing import TrustStore
@@ -54,7 +54,8 @@ def fetch_bundles(
         if bundles.complete(d, site):
             continue
         try:
-            pull(transport, d.relative_to(layout.root).as_posix(), d, trust, site)
+            rel = d.relative_to(layout.root).as_posix()
+            pull(transport, rel, d, trust, site, on_reject=audit_rejects(layout, rel))
         except TransferError as exc:
             print(f"round {r}: {site}'s update is not usable yet: {exc}", flush=True)
 
