@@ -72,6 +72,7 @@ VARIANTS: dict[str, dict] = {
     "diloco_hetero": {"name": "diloco", "heterogeneity_aware": True},
     "fedavgm": {"name": "fedavgm"},
     "scaffold": {"name": "scaffold"},
+    "scaffold_hetero": {"name": "scaffold", "heterogeneity_aware": True},
     "fedprox": {"name": "fedprox", "proximal_mu": 0.01},
 }
 DEFAULT_VARIANTS = ["central", "fedavg", "fedavg_hetero", "fedadam", "diloco"]

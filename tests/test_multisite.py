@@ -18,6 +18,7 @@ from fedhpc.exchange import INDEX, SITE_FILES, complete
 from fedhpc.files import read_json, sha256_file
 from fedhpc.layout import RunLayout
 from fedhpc.signing import TrustStore
+from fedhpc.status import round_states
 
 from .multisite_util import (
     RUN,
@@ -99,6 +100,12 @@ def test_a_federation_across_a_coordinator_and_two_sites_over_an_s3_hub(tmp_path
     lumi = events(sides["lumi"] / RUN / "audit.jsonl")
     assert [e["event"] for e in lumi if e["round"] == 0] == ["train.started", "train.started", "update.published"]
     assert verify_ledger(sides["lumi"] / RUN / "audit.jsonl").ok
+    # `fedhpc status` on a site shows that site's own rounds, nothing of the others.
+    for s, side in sides.items():
+        assert [(row["round"], row["sites"]) for row in round_states(RunLayout(side / RUN))] == [
+            (0, {s: "published"}),
+            (1, {s: "published"}),
+        ]
 
     # No raw data ever leaves a site: nothing under a site's data directory, whole file or
     # any 64-byte piece of it, is in what the site published.

@@ -14,8 +14,42 @@ def _read(path):
         return None
 
 
+def _own_site(layout: RunLayout) -> str | None:
+    """The site whose run directory this is, in multi-site mode (from the config snapshot)."""
+    exchange = (_read(layout.config) or {}).get("exchange") or {}
+    return exchange.get("site") if exchange.get("role") == "site" else None
+
+
+def _site_view(layout: RunLayout, site: str, started: set) -> list[dict]:
+    """A site's own rounds: what it pulled, trained and published (it sees no other site)."""
+    rows = []
+    for r in layout.rounds_present():
+        plan = _read(layout.plan(r))
+        if plan is None:
+            continue
+        if site not in plan["participants"]:
+            cell = "-"
+        elif (layout.site_dir(r, site) / "bundle.json").exists():
+            cell = "published"
+        elif layout.receipt(r, site).exists():
+            cell = "trained"
+        elif (r, site) in started:
+            cell = "training"
+        else:
+            cell = "pulled"
+        nxt = _read(layout.global_meta(r + 1))
+        if nxt is not None:
+            state = "rolled back" if nxt["source"] == "rollback" else "done"
+        else:
+            state = "waiting for the coordinator" if cell in ("published", "-") else "training"
+        rows.append({"round": r, "state": state, "sites": {site: cell}, "eval_loss": None})
+    return rows
+
+
 def round_states(layout: RunLayout) -> list[dict]:
     started = {(e["round"], e["site"]) for e in AuditLog(layout.audit).events() if e["event"] == "train.started"}
+    if (site := _own_site(layout)) is not None:
+        return _site_view(layout, site, started)
     rows = []
     for r in layout.rounds_present():
         plan = _read(layout.plan(r))
