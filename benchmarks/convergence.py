@@ -21,7 +21,9 @@ rounds are the scarce resource. What was tried (seed 1234, gap to centralized):
 - the local lr does not (0.0015 / 0.003 / 0.006 alike, 0.012 worse), nor resetting the sites'
   AdamW moments each round, nor FedAvg/FedNova server lr 2;
 - heterogeneity_aware helps FedAvg and DiLoCo alike; DiLoCo's default outer step overshoots in
-  few rounds (lr 0.4 better at 10 rounds); FedAdam needs a server lr tuned to the round count.
+  few rounds (lr 0.4 better at 10 rounds); FedAdam needs a server lr tuned to the round count;
+- SCAFFOLD is the best at 6 rounds (+4.46%); with heterogeneity_aware +4.92%; FedProx
+  (mu 0.01) +10.15%.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,39 @@ def test_rejected_transfers_are_recorded_in_the_audit_log_with_their_round(tmp_p
         ("transfer.rejected", 3, "rounds/r0003", "global/model.safetensors", 1),
         ("transfer.rejected", None, "data", "manifest.json", 2),
     ]
+
+
+@pytest.mark.parametrize("kind", ["shared", "s3"])
+def test_a_stopped_federation_stops_the_sites_waiting_for_its_next_round(kind, trust, tmp_path, request):
+    from types import SimpleNamespace
+
+    from fedhpc.layout import RunLayout
+
+    coordinator = RunLayout(tmp_path / "coordinator")
+    coordinator.root.mkdir()
+    if kind == "s3":
+        endpoint = request.getfixturevalue("s3_hub")
+        exchange = SimpleNamespace(kind="s3", hub=f"s3://federation/{tmp_path.name}", s3_endpoint=endpoint)
+    else:
+        exchange = SimpleNamespace(kind="shared", hub=str(coordinator.root))
+    t = ex.transport_for(exchange)
+    ex.announce_stop(exchange, coordinator, trust, 1, "round 1: deadline passed with 0 of 2 planned updates")
+    t0 = time.monotonic()
+    with pytest.raises(ex.TransferError, match=r"stopped the federation \(round 1: round 1: deadline passed"):
+        ex.wait_pull(t, "rounds/r0002", tmp_path / "site/rounds/r0002", trust, "coordinator", 0.01, 600, round_=2)
+    assert time.monotonic() - t0 < 30  # not exchange.wait_minutes
+    # A notice about a later round does not stop a site still waiting for an earlier one.
+    with pytest.raises(ex.TransferError, match="not published after"):
+        ex.wait_pull(t, "rounds/r0001", tmp_path / "site/rounds/r0001", trust, "coordinator", 0.01, 0.2, round_=1)
+    # The coordinator resuming takes the notice back: sites wait again.
+    ex.withdraw_stop(exchange, coordinator)
+    assert ex.stop_notice(t, tmp_path / "probe", trust, 5) is None
+
+
+def test_a_stop_notice_not_signed_by_the_coordinator_is_ignored(trust, tmp_path):
+    from fedhpc.signing import sign_document
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    write_json(hub / ex.STOPPED, sign_document({"round": 0, "reason": "forged"}, "lumi", trust.private_key("lumi")))
+    assert ex.stop_notice(ex.Shared(hub), tmp_path / "probe", trust, 3) is None

@@ -67,3 +67,30 @@ def test_a_staged_update_that_does_not_match_its_signed_index_is_not_an_arrival(
     assert [(e["site"], e["reason"]) for e in dropped] == [
         ("c", "its update arrived incomplete or corrupted (files do not match the signed bundle index)")
     ]
+
+
+def test_a_coordinator_that_fails_a_round_tells_the_sites_through_the_hub_and_takes_it_back_on_rerun(tmp_path):
+    import yaml
+
+    from fedhpc.cli import main
+    from fedhpc.exchange import SITE_FILES, STOPPED, Shared, present, stop_notice, write_index
+
+    b = RoundBuilder(tmp_path, SITES, run="run")  # its run directory is tmp_path/run
+    raw = {
+        "run": b.run,
+        "output_dir": str(tmp_path),
+        "sites": {s: {} for s in SITES},
+        "data": {"synth": {"domains": [{"name": "web"}]}},
+        "rounds": {"quorum": 1.0, "on_no_quorum": "fail"},
+        "exchange": {"kind": "shared", "role": "coordinator", "hub": str(b.layout.root)},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["gather", "--config", str(tmp_path / "c.yaml"), "--round", str(b.r)]) == 1  # nobody published
+    why = stop_notice(Shared(b.layout.root), tmp_path / "probe", b.trust, b.r + 1)
+    assert why.startswith(f"round {b.r}: round {b.r}: deadline passed with 0 of 3 planned updates")
+    for s in SITES:  # the sites publish after all; the operator reruns the coordinator
+        b.publish(s)
+        d = b.layout.site_dir(b.r, s)
+        write_index(d, present(d, SITE_FILES), s, b.trust.private_key(s))
+    assert main(["gather", "--config", str(tmp_path / "c.yaml"), "--round", str(b.r)]) == 0
+    assert not (b.layout.root / STOPPED).exists()

@@ -153,10 +153,19 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_gather(a: argparse.Namespace) -> int:
-    from .gather import gather
+    from .exchange import announce_stop, withdraw_stop
+    from .gather import QuorumError, gather
 
     ctx = context(a.config)
-    rec = gather(ctx.cfg, ctx.layout, ctx.trust, a.round)
+    staged = ctx.cfg.exchange.kind != "local"
+    if staged:
+        withdraw_stop(ctx.cfg.exchange, ctx.layout)
+    try:
+        rec = gather(ctx.cfg, ctx.layout, ctx.trust, a.round)
+    except QuorumError as exc:
+        if staged:
+            announce_stop(ctx.cfg.exchange, ctx.layout, ctx.trust, a.round, str(exc))
+        raise
     print(
         f"round {a.round}: arrived {', '.join(rec['arrived']) or 'none'}; missing {', '.join(rec['missing']) or 'none'}"
     )
@@ -276,7 +285,15 @@ def cmd_exchange(a: argparse.Namespace) -> int:
     rel = d.relative_to(layout.root).as_posix()
     wait = cfg.exchange.wait_minutes * 60
     doc = ex.wait_pull(
-        transport, rel, d, trust, COORDINATOR, cfg.exchange.poll_seconds, wait, on_reject=ex.audit_rejects(layout, rel)
+        transport,
+        rel,
+        d,
+        trust,
+        COORDINATOR,
+        cfg.exchange.poll_seconds,
+        wait,
+        on_reject=ex.audit_rejects(layout, rel),
+        round_=a.round if a.action == "pull" else None,
     )
     print(f"pulled {', '.join(sorted(doc['files']))} from {transport.describe()}/{rel}, hashes verified")
     return 0

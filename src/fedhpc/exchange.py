@@ -187,6 +187,15 @@ class S3:
         except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
             raise self._fail("writing", rel, exc) from None
 
+    def remove(self, rel: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = self._where(rel)
+        try:
+            _s3_client(self.endpoint).delete_object(Bucket=bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail("deleting", rel, exc) from None
+
     def describe(self) -> str:
         return self.url.rstrip("/")
 
@@ -349,6 +358,49 @@ def present(directory: Path, names: Iterable[str]) -> list[str]:
     return [n for n in names if (directory / n).is_file()]
 
 
+STOPPED = "stopped.json"  # at the hub's root: the coordinator stopped the federation
+
+
+def announce_stop(exchange, layout, trust: TrustStore, r: int, reason: str) -> None:
+    """Tell the sites, through the hub, that the federation stopped in round r, so they stop
+    waiting for a round that will not come (instead of waiting `exchange.wait_minutes`)."""
+    from .signing import COORDINATOR
+
+    doc = sign_document(
+        {"round": r, "reason": reason, "time": time.time()}, COORDINATOR, trust.private_key(COORDINATOR)
+    )
+    write_json(layout.root / STOPPED, doc)
+    if exchange.kind == "s3":
+        transport_for(exchange).send(layout.root / STOPPED, STOPPED)
+
+
+def withdraw_stop(exchange, layout) -> None:
+    """A coordinator that resumes takes its stop notice back."""
+    if not (layout.root / STOPPED).exists():
+        return
+    if exchange.kind == "s3":
+        transport_for(exchange).remove(STOPPED)
+    (layout.root / STOPPED).unlink()
+
+
+def stop_notice(transport: Transport, stage: Path, trust: TrustStore, before: int) -> str | None:
+    """The coordinator's reason, if it announced a stop in a round before `before`."""
+    from .signing import COORDINATOR
+
+    path = stage / STOPPED
+    path.unlink(missing_ok=True)
+    if not transport.fetch(STOPPED, path):
+        return None
+    try:
+        doc = read_json(path)
+        verify_document(doc, trust, COORDINATOR, f"{transport.describe()}/{STOPPED}")
+    except (ValueError, SignatureError):
+        return None  # not a notice the coordinator signed: keep waiting
+    finally:
+        path.unlink(missing_ok=True)
+    return f"round {doc['round']}: {doc['reason']}" if doc["round"] < before else None
+
+
 def audit_rejects(layout, rel: str) -> Callable[[str, int], None]:
     """An `on_reject` that records each rejected file in the run's audit log."""
     from .audit import AuditLog
@@ -379,10 +431,17 @@ def wait_pull(
     wait_seconds: float,
     say=print,
     on_reject: Callable[[str, int], None] | None = None,
+    round_: int | None = None,
 ) -> dict:
-    """`pull`, polling the hub until the bundle appears; a TransferError after `wait_seconds`."""
+    """`pull`, polling the hub until the bundle appears; a TransferError after `wait_seconds`,
+    or as soon as the coordinator announces it stopped before round `round_`."""
     t0 = last = time.monotonic()
     while (doc := pull(transport, rel, dest, trust, signer, on_reject=on_reject)) is None:
+        if round_ is not None and (why := stop_notice(transport, dest / STAGING, trust, round_)):
+            raise TransferError(
+                f"{transport.describe()}/{rel}: the coordinator stopped the federation ({why}); "
+                "rerun this command when it resumes"
+            )
         waited = time.monotonic() - t0
         if waited >= wait_seconds:
             raise TransferError(
