@@ -182,5 +182,9 @@ def all_targets():
         return [f"{rdir(r)}/sites/{CFG.exchange.site}/bundle.json" for r in ROUNDS]
     done = [f"{RUN}/summary.json", f"{RUN}/report/index.html"]
     if ROLE == "coordinator":
-        return [*done, f"{RUN}/data/bundle.json"]
+        # Every round's offer and the last global model by name, so that raising
+        # rounds.count schedules the new rounds (a finished report alone would not).
+        offers = [f"{rdir(r)}/bundle.json" for r in ROUNDS]
+        last = f"{rdir(CFG.rounds.count)}/global/model.json"
+        return [*done, f"{RUN}/data/bundle.json", *offers, last]
     return [*done, *(f"{rdir(r)}/sites/{s}/status.json" for r in ROUNDS for s in SITES)]

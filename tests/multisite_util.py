@@ -29,16 +29,23 @@ def side_config(cfg: dict, hub_exchange: dict) -> dict:
 def prepare(tmp: Path, cfg: dict, sites: list[str]) -> tuple[Path, dict[str, Path]]:
     """Directories, configs and identities of a coordinator and `sites`: each side makes its own
     key pair; only public keys travel, out of band."""
-    coord, sides = tmp / "coordinator", {s: tmp / s for s in sites}
+    coord = tmp / "coordinator"
+    coord.mkdir()
+    keys(coord, "coordinator")
+    sides = {s: join(tmp, coord, s) for s in sites}
     for side in (coord, *sides.values()):
-        side.mkdir()
         write_config(side, cfg)
-    ckeys = keys(coord, "coordinator")
-    for s, side in sides.items():
-        skeys = keys(side, s)
-        shutil.copy(skeys / f"{s}.pub", ckeys)
-        shutil.copy(ckeys / "coordinator.pub", skeys)
     return coord, sides
+
+
+def join(tmp: Path, coord: Path, site: str) -> Path:
+    """A new site's directory and identity; its public key goes to the coordinator, the
+    coordinator's to it."""
+    side = tmp / site
+    side.mkdir()
+    shutil.copy(keys(side, site) / f"{site}.pub", coord / RUN / "keys")
+    shutil.copy(coord / RUN / "keys" / "coordinator.pub", side / RUN / "keys")
+    return side
 
 
 def keys(side: Path, name: str) -> Path:
@@ -94,15 +101,15 @@ def wait_for(path: Path, what: str, proc: subprocess.Popen, side: Path, timeout:
         time.sleep(poll)
 
 
-def hand_out_shards(hub: Path, sides: dict[str, Path]) -> dict[str, set[str]]:
+def hand_out_shards(hub: Path, sides: dict[str, Path], pinned: bool = True) -> dict[str, set[str]]:
     """The demo corpus is generated on the coordinator; a real site holds its data before the
     federation starts. Give each site the shards it may train on: its own domain's and the
-    shared ones, never another site's."""
+    shared ones, never another site's. With `pinned`, each site must have a domain of its own."""
     manifest = read_json(hub / "data/manifest.json")
     held = {}
     for s, side in sides.items():
         mine = [e for e in manifest["shards"] if e["residency"] in (None, s)]
-        assert mine and any(e["residency"] == s for e in mine)
+        assert mine and (not pinned or any(e["residency"] == s for e in mine))
         for e in mine:
             name = f"{e['id']}.zarr"
             shutil.copytree(hub / "data/shards" / name, side / RUN / "data/shards" / name)

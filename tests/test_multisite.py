@@ -25,6 +25,7 @@ from .multisite_util import (
     env_with,
     fault_shim,
     hand_out_shards,
+    join,
     kill,
     offered_data,
     prepare,
@@ -34,7 +35,7 @@ from .multisite_util import (
     wait,
     wait_for,
 )
-from .workflow_util import tiny_config
+from .workflow_util import tiny_config, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -43,15 +44,17 @@ def events(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_a_federation_across_a_coordinator_and_two_sites_over_an_s3_hub(tmp_path, s3_hub):
-    """The hub is an object store (as LUMI-O would be): everyone is a client of it."""
-    sites = ["lumi", "a100"]
-    cfg = tiny_config(tmp_path, rounds=2)
-    del cfg["sites"]["laptop"]
+def test_a_federation_over_an_s3_hub_with_a_site_killed_and_a_site_joining_between_rounds(tmp_path, s3_hub):
+    """The hub is an object store (as LUMI-O would be): everyone is a client of it. Round 0
+    runs with lumi and a100 (lumi SIGKILLed mid-training and rerun); then laptop joins: its
+    key is installed at the coordinator, every side's config gains it and a second round,
+    and every side reruns its command."""
+    cfg = tiny_config(tmp_path, rounds=1)
+    laptop = cfg["sites"].pop("laptop")
     cfg["sites"]["lumi"]["batch_tokens"] = 128  # enough steps to be killed in the middle of them
     hub_url = f"s3://federation/{tmp_path.name}"
     exchange = {"kind": "s3", "hub": hub_url, "s3_endpoint": s3_hub, "poll_seconds": 1}
-    coord, sides = prepare(tmp_path, side_config(cfg, exchange), sites)
+    coord, sides = prepare(tmp_path, side_config(cfg, exchange), ["lumi", "a100"])
     hub = coord / RUN
     with running() as procs:
         procs["coordinator"] = start(coord, "--role", "coordinator")
@@ -65,19 +68,38 @@ def test_a_federation_across_a_coordinator_and_two_sites_over_an_s3_hub(tmp_path
         assert not metrics.with_name("receipt.json").exists(), "lumi finished training before it could be killed"
         kill(procs["lumi"])
         procs["lumi"] = start(sides["lumi"], "--site", "lumi")
-        for s in sites:
+        for s in sides:
+            wait(procs[s], sides[s], timeout=900)
+        wait(procs["coordinator"], coord, timeout=300)
+
+    # laptop joins for round 1.
+    cfg["sites"]["laptop"], cfg["rounds"]["count"] = laptop, 2
+    sides["laptop"] = join(tmp_path, coord, "laptop")
+    for side in (coord, *sides.values()):
+        write_config(side, side_config(cfg, exchange))
+    held |= hand_out_shards(hub, {"laptop": sides["laptop"]}, pinned=False)  # laptop holds only shared data
+    with running() as procs:
+        procs["coordinator"] = start(coord, "--role", "coordinator")
+        procs.update({s: start(side, "--site", s) for s, side in sides.items()})
+        for s in sides:
             wait(procs[s], sides[s], timeout=900)
         wait(procs["coordinator"], coord, timeout=300)
 
     layout = RunLayout(hub)
     trust = TrustStore(hub / "keys")
     assert read_json(layout.summary)["rounds_completed"] == 2
+    assert [read_json(layout.plan(r))["participants"] for r in range(2)] == [
+        ["a100", "lumi"],
+        ["a100", "laptop", "lumi"],
+    ]
+    assert "laptop" in read_json(layout.aggregate_record(1))["weights"]
     for r in range(2):
+        participants = read_json(layout.plan(r))["participants"]
         arrivals = read_json(layout.arrivals(r))
-        assert sorted(arrivals["arrived"]) == sorted(sites) and arrivals["missing"] == []
-        assert sorted(read_json(layout.verdicts(r))["accepted"]) == sorted(sites)
-        for s, side in sides.items():
-            there = RunLayout(side / RUN)
+        assert arrivals["arrived"] == participants and arrivals["missing"] == []
+        assert sorted(read_json(layout.verdicts(r))["accepted"]) == participants
+        for s in participants:
+            there = RunLayout(sides[s] / RUN)
             # What the site trained from is bit for bit the coordinator's global model and plan.
             assert sha256_file(there.global_model(r)) == sha256_file(layout.global_model(r))
             assert read_json(there.plan(r)) == read_json(layout.plan(r))
@@ -96,6 +118,9 @@ def test_a_federation_across_a_coordinator_and_two_sites_over_an_s3_hub(tmp_path
     assert not [e for e in coord_events if e["event"] in ("site.dropped", "update.late")]
     verdicts = [e for e in coord_events if e["event"] == "update.verdict" and e["round"] == 0 and e["site"] == "lumi"]
     assert len(verdicts) == 1 and verdicts[0]["accepted"]
+    # Round 0 was not redone when the federation grew: planned and aggregated once.
+    assert [e["round"] for e in coord_events if e["event"] == "round.planned"] == [0, 1]
+    assert [e["round"] for e in coord_events if e["event"] == "round.aggregated"] == [0, 1]
     # The site's own ledger tells its side: training started twice in round 0, published once.
     lumi = events(sides["lumi"] / RUN / "audit.jsonl")
     assert [e["event"] for e in lumi if e["round"] == 0] == ["train.started", "train.started", "update.published"]
@@ -103,14 +128,14 @@ def test_a_federation_across_a_coordinator_and_two_sites_over_an_s3_hub(tmp_path
     # `fedhpc status` on a site shows that site's own rounds, nothing of the others.
     for s, side in sides.items():
         assert [(row["round"], row["sites"]) for row in round_states(RunLayout(side / RUN))] == [
-            (0, {s: "published"}),
+            (0, {s: "published" if s != "laptop" else "-"}),
             (1, {s: "published"}),
         ]
 
     # No raw data ever leaves a site: nothing under a site's data directory, whole file or
     # any 64-byte piece of it, is in what the site published.
     for s, side in sides.items():
-        published = [p for r in range(2) for p in layout.site_dir(r, s).iterdir()]
+        published = [p for r in range(2) if layout.site_dir(r, s).is_dir() for p in layout.site_dir(r, s).iterdir()]
         blobs = [p.read_bytes() for p in published]
         hashes = {sha256_file(p) for p in published}
         data_files = [p for p in (side / RUN / "data/shards").rglob("*") if p.is_file()]
