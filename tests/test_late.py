@@ -95,3 +95,15 @@ def test_shards_of_a_late_update_that_will_be_folded_are_not_requeued(tmp_path):
     b, cfg = late_round(tmp_path)
     assert missed_shards(b.layout, 1) == ["c-r1"]
     assert missed_shards(b.layout, 1, fold_late=True) == []
+
+
+def test_with_staged_transfer_only_a_complete_late_bundle_keeps_its_shards_from_being_requeued(tmp_path):
+    from fedhpc.exchange import SITE_FILES, CompletenessCache, present, write_index
+
+    b, cfg = late_round(tmp_path)
+    bundles = CompletenessCache(b.trust)
+    # c's receipt is in, but its signed index is not: the transfer is not complete.
+    assert missed_shards(b.layout, 1, fold_late=True, bundles=bundles) == ["c-r1"]
+    d = b.layout.site_dir(1, "c")
+    write_index(d, present(d, SITE_FILES), "c", b.trust.private_key("c"))
+    assert missed_shards(b.layout, 1, fold_late=True, bundles=bundles) == []

@@ -7,22 +7,27 @@ import time
 from .allocate import Shard, learned_throughput, make_plan
 from .audit import AuditLog
 from .config import Config
+from .exchange import CompletenessCache
 from .files import read_json, write_json
+from .gather import arrived_sites, bundle_checks
 from .layout import RunLayout
 from .shards import load_manifest
 from .signing import COORDINATOR, TrustStore, create_keypair, sign_document
 from .sites import batch_shape, site_ranks
 
 
-def missed_shards(layout: RunLayout, r: int, fold_late: bool = False) -> list[str]:
+def missed_shards(
+    layout: RunLayout, r: int, fold_late: bool = False, bundles: CompletenessCache | None = None
+) -> list[str]:
     """Shards planned in round r whose site produced no accepted update. With late folding, a
-    site whose update has arrived since the round closed is not missed: the next round takes it up."""
+    site whose update has arrived since the round closed (by the same test `gather` applies:
+    with staged transfer, a complete bundle) is not missed: the next round takes it up."""
     if r < 0 or not layout.verdicts(r).exists():
         return []
     plan = read_json(layout.plan(r))
     accepted = set(read_json(layout.verdicts(r))["accepted"])
     if fold_late:
-        accepted |= {s for s in read_json(layout.arrivals(r))["missing"] if layout.receipt(r, s).exists()}
+        accepted |= set(arrived_sites(layout, r, read_json(layout.arrivals(r))["missing"], bundles))
     return [sid for site, e in sorted(plan["sites"].items()) if site not in accepted for sid in e["shards"]]
 
 
@@ -47,7 +52,7 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
     manifest = load_manifest(layout, trust)
     shards = [Shard(s["id"], s["tokens"], s["residency"]) for s in manifest["shards"]]
     prev = read_json(layout.plan(r - 1))["state"] if r > 0 else None
-    requeue = missed_shards(layout, r - 1, cfg.rounds.late_updates == "fold")
+    requeue = missed_shards(layout, r - 1, cfg.rounds.late_updates == "fold", bundle_checks(cfg, trust))
     measured = None
     if cfg.rounds.learn_throughput and r > 0:
         tps = {}
