@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FedhpcError
-from .files import fsync_dir, read_json, sha256_file, write_json
+from .files import atomic_path, fsync_dir, read_json, sha256_file, write_json
 from .signing import SignatureError, TrustStore, sign_document, verify_document
 
 INDEX = "bundle.json"
@@ -60,14 +60,8 @@ class Shared:
 
     def send(self, src: Path, rel: str) -> None:
         """Copy src to hub/rel under a temporary name and rename it into place."""
-        dest = self.root / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.exchange.part")
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
+        with atomic_path(self.root / rel) as tmp:
+            shutil.copyfile(src, tmp)
 
     def describe(self) -> str:
         return str(self.root)
