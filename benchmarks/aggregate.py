@@ -27,7 +27,10 @@ carries ru_maxrss across exec, so a child inherits at most the parent's few tens
 Throughput = GB (1e9 bytes) of input, the N update files plus the base, per second, for both
 contenders, so the speedup is the ratio of wall times. The memory-bandwidth bound is measured
 in the same run: the median time of `torch.sum` over a 1 GiB fp32 tensor, all torch threads
-(one thread reported alongside), -> GB/s.
+(one thread reported alongside), -> GB/s. Beside it, the read floor: the median time to
+pread the same N + 1 input files once (1 MiB blocks, --workers threads, no arithmetic, no
+output), the most any aggregator that reads these files can reach on this machine; ours is
+reported as a fraction of both.
 
 Medians of --repeats runs (default 5 for sizes up to 512 MiB, 3 above), contenders alternating
 order, the bound measured once per repeat. Other load on the machine is reported (1-minute
@@ -134,6 +137,39 @@ def child_bandwidth(job: dict) -> dict:
     return out
 
 
+def child_read_floor(job: dict) -> dict:
+    """The fastest any file-based aggregator can get its input: pread every input file once in
+    1 MiB blocks into reused per-thread buffers, no arithmetic, no output (page cache warm)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    fds = [os.open(p, os.O_RDONLY) for p in job["paths"]]
+    blocks = [(fd, off) for fd in fds for off in range(0, os.fstat(fd).st_size, MIB)]
+    local = threading.local()
+
+    def read(block: tuple[int, int]) -> None:
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = bytearray(MIB)
+        os.preadv(block[0], [buf], block[1])
+
+    times = []
+    try:
+        for _ in range(job["repeats"]):
+            t0 = time.perf_counter()
+            if job["workers"] <= 1:
+                for b in blocks:
+                    read(b)
+            else:
+                with ThreadPoolExecutor(job["workers"]) as pool:
+                    list(pool.map(read, blocks, chunksize=16))
+            times.append(time.perf_counter() - t0)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return {"seconds": statistics.median(times)}
+
+
 def child_workload(job: dict) -> dict:
     """Write the base and N site updates, seeded, into job["dir"]."""
     import torch
@@ -179,6 +215,7 @@ CHILDREN = {
     "ours": child_ours,
     "flower": child_flower,
     "bandwidth": child_bandwidth,
+    "read_floor": child_read_floor,
     "workload": child_workload,
     "check": child_check,
 }
@@ -271,6 +308,7 @@ def bench_size(a: argparse.Namespace, size_mib: int, flower_py: str, tmp_root: P
     repeats = a.repeats or (5 if size_mib <= 512 else 3)
     runs: dict[str, list[dict]] = {"ours": [], "flower": []}
     bounds: list[dict] = []
+    floors: list[float] = []
     with tempfile.TemporaryDirectory(prefix="fedhpc-aggbench-", dir=tmp_root) as tmpdir:
         tmp = Path(tmpdir)
         t0 = time.perf_counter()
@@ -329,6 +367,10 @@ def bench_size(a: argparse.Namespace, size_mib: int, flower_py: str, tmp_root: P
                 f"{bounds[-1]['gbps_1_thread']:.2f} GB/s (1 thread); load average {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
+            warm(files)
+            floor_job = {"paths": files, "repeats": 5, "workers": a.workers}
+            floors.append(in_bytes / run_child(sys.executable, "read_floor", floor_job)["seconds"] / 1e9)
+            print(f"repeat {i} floor  pread of the inputs alone: {floors[-1]:.2f} GB/s", flush=True)
         load.append(os.getloadavg()[0])
         max_err = run_child(sys.executable, "check", {"base": w["base"], **outs})["max_abs_diff"]
 
@@ -353,6 +395,9 @@ def bench_size(a: argparse.Namespace, size_mib: int, flower_py: str, tmp_root: P
         "rss_ratio": med("ours", "peak_rss_mb") / med("flower", "peak_rss_mb"),
         "bandwidth_gbps": bound,
         "fraction_of_bandwidth": in_bytes / ours_s / 1e9 / bound,
+        "read_floor_gbps": statistics.median(floors),
+        "read_floor_fraction_of_bandwidth": statistics.median(floors) / bound,
+        "fraction_of_read_floor": in_bytes / ours_s / 1e9 / statistics.median(floors),
         "ours_seconds": ours_s,
         "flower_seconds": flower_s,
         "flower_load_seconds": med("flower", "load_seconds"),
@@ -391,6 +436,11 @@ def table(results: dict[str, dict]) -> None:
             mem = f"{peak:13.0f} {delta:10.0f}" if peak is not None else ""
             print(f"{size:>5} {name:26s} {s:7.2f} {r['input_bytes'] / s / 1e9:7.2f} {mem}")
         print(f"{size:>5} {'bound: torch.sum, 1 GiB':26s} {'':7s} {r['bandwidth_gbps']:7.2f}")
+        print(
+            f"{size:>5} {'floor: pread of the inputs':26s} {'':7s} {r['read_floor_gbps']:7.2f}  "
+            f"({r['read_floor_fraction_of_bandwidth']:.0%} of the bound: the most any reader of these files reaches; "
+            f"ours is {r['fraction_of_read_floor']:.0%} of it)"
+        )
         met = {k: "met" if v else "MISSED" for k, v in r["met"].items()}
         print(
             f"{size:>5} speedup {r['speedup']:.1f}x ({met['speedup']}; {r['speedup_vs_aggregate_call']:.1f}x the "
@@ -437,6 +487,7 @@ def main() -> None:
                 "ours_timed_work": "fedhpc.aggregator.aggregate(): base + N update files -> fsynced output file",
                 "throughput": "GB (1e9 B) of input (N update files + base) per second, both contenders",
                 "bandwidth": "median torch.sum over 1 GiB fp32, all torch threads",
+                "read_floor": "median pread of the N + 1 input files in 1 MiB blocks, --workers threads, nothing else",
                 "goals": GOALS,
                 "sizes": results,
                 "all_met": all(all(r["met"].values()) for r in results.values()),

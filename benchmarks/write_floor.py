@@ -80,7 +80,9 @@ def main() -> None:
         read_warm(out, size)
         read = median_seconds(lambda: read_warm(out, size), a.repeats)
     best = min(write.values())
-    print(f"bound {bound:.1f} GB/s ({threads} threads); budget at 50 % for {a.sites}+1 files of {a.mib} MiB: {budget:.3f} s")
+    print(
+        f"bound {bound:.1f} GB/s ({threads} threads); budget at 50 % for {a.sites}+1 files of {a.mib} MiB: {budget:.3f} s"
+    )
     for w, s in write.items():
         print(f"write {a.mib} MiB into a new file, {w} thread(s): {s:.3f} s = {s / budget:.0%} of the budget")
     print(f"warm pread of the same bytes: {read:.3f} s ({size / read / 1e9:.1f} GB/s)")
