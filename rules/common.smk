@@ -48,6 +48,7 @@ if CFG.container:
 wildcard_constraints:
     r=r"\d{4}",
     site="|".join(SITES),
+    which="global|candidate",
 
 
 def rdir(r):
@@ -58,8 +59,40 @@ def key_files(wildcards=None):
     return [f"{KEYS}/{name}.pub" for name in ["coordinator", *SITES]]
 
 
+def generated(site):
+    """The generated demo domains `site` holds (None: the shared ones)."""
+    return [
+        d for d in (CFG.data.synth.domains if CFG.data.synth else []) if d.site == site
+    ]
+
+
+def holds_data(site):
+    """Whether a site packs data of its own (and so keeps held-out splits to score models on)."""
+    return bool(generated(site)) or any(s.site == site for s in CFG.data.sources)
+
+
 def corpus_inputs(wildcards):
-    return [f"{RUN}/data/corpus/corpus.json"] if CFG.data.synth is not None else []
+    return [f"{RUN}/data/corpus/corpus.json"] if generated(None) else []
+
+
+def site_corpus_inputs(wildcards):
+    site = wildcards.site
+    return [f"{RUN}/data/sites/{site}/corpus/corpus.json"] if generated(site) else []
+
+
+def catalogue_inputs(wildcards):
+    """In one run directory the plan waits for every site's catalogue through the DAG. `ancient`:
+    a catalogue rebuilt later (a site joining, new data) must not redo rounds already planned.
+    The multi-site coordinator has no such edges: its planner collects what sites published.
+    """
+    if ROLE != "all":
+        return []
+    catalogues = [f"{RUN}/data/sites/{s}/catalogue.json" for s in SITES]
+    if Path(f"{rdir(wildcards.r)}/plan.json").exists():
+        # A plan already made keeps the catalogues it was made from: one appearing later
+        # (a site joined) must not make Snakemake redo it.
+        catalogues = [c for c in catalogues if Path(c).exists()]
+    return [ancient(c) for c in catalogues]
 
 
 def global_of(wildcards):
@@ -70,7 +103,33 @@ def global_of(wildcards):
 
 
 def plan_inputs(wildcards):
-    return [f"{RUN}/data/manifest.json", *global_of(wildcards)]
+    return [
+        f"{RUN}/data/manifest.json",
+        *global_of(wildcards),
+        *catalogue_inputs(wildcards),
+    ]
+
+
+def eval_holders():
+    """Sites that score models on held-out data of their own."""
+    return [s for s in SITES if holds_data(s)]
+
+
+def merge_inputs(wildcards):
+    """The coordinator's own part; in multi-site mode also the candidate's offer to the sites."""
+    r = wildcards.r
+    offer = [f"{rdir(r)}/candidate/bundle.json"] if ROLE == "coordinator" else []
+    return [f"{rdir(r)}/candidate/evals/coordinator/eval.json", *offer]
+
+
+def eval_targets():
+    """Every held-out score a site computes in this invocation (so they are scheduled)."""
+    parts = [f"{rdir(0)}/global/evals/{s}/eval.json" for s in eval_holders()]
+    return parts + [
+        f"{rdir(r)}/candidate/evals/{s}/eval.json"
+        for r in ROUNDS
+        for s in eval_holders()
+    ]
 
 
 def promote_inputs(wildcards):
@@ -167,8 +226,18 @@ def aggregate_launch(wildcards, threads, resources):
 
 
 def previous_publish(wildcards):
-    r = int(wildcards.r)
-    return [f"{rdir(r - 1)}/sites/{CFG.exchange.site}/bundle.json"] if r > 0 else []
+    """A site moves to round r once it published round r-1 and its scores of r-1's candidate
+    (and, for round 1, of the initial model); to round 0 once it published its catalogue.
+    """
+    r, site = int(wildcards.r), CFG.exchange.site
+    if r == 0:
+        return [f"{RUN}/data/sites/{site}/bundle.json"]
+    done = [f"{rdir(r - 1)}/sites/{site}/bundle.json"]
+    if holds_data(site):
+        done.append(f"{rdir(r - 1)}/candidate/evals/{site}/bundle.json")
+        if r == 1:
+            done.append(f"{rdir(0)}/global/evals/{site}/bundle.json")
+    return done
 
 
 def gather_inputs(wildcards):
@@ -179,7 +248,16 @@ def gather_inputs(wildcards):
 
 def all_targets():
     if ROLE == "site":
-        return [f"{rdir(r)}/sites/{CFG.exchange.site}/bundle.json" for r in ROUNDS]
+        site = CFG.exchange.site
+        scores = [
+            f"{rdir(0)}/global/evals/{site}/bundle.json",
+            *(f"{rdir(r)}/candidate/evals/{site}/bundle.json" for r in ROUNDS),
+        ]
+        return [
+            f"{RUN}/data/sites/{site}/bundle.json",
+            *(f"{rdir(r)}/sites/{site}/bundle.json" for r in ROUNDS),
+            *(scores if holds_data(site) else []),
+        ]
     done = [f"{RUN}/summary.json", f"{RUN}/report/index.html"]
     if ROLE == "coordinator":
         # Every round's offer and the last global model by name, so that raising
@@ -187,4 +265,8 @@ def all_targets():
         offers = [f"{rdir(r)}/bundle.json" for r in ROUNDS]
         last = f"{rdir(CFG.rounds.count)}/global/model.json"
         return [*done, f"{RUN}/data/bundle.json", *offers, last]
-    return [*done, *(f"{rdir(r)}/sites/{s}/status.json" for r in ROUNDS for s in SITES)]
+    return [
+        *done,
+        *(f"{rdir(r)}/sites/{s}/status.json" for r in ROUNDS for s in SITES),
+        *eval_targets(),
+    ]

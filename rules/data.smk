@@ -1,4 +1,5 @@
-# Identities, the demo corpus, tokenisation and sharding, and the initial global model.
+# Identities, the shared data (the demo corpus's shared domains, tokenizer, shards, signed
+# manifest), and the initial global model. Sites pack their own data: rules/site.smk.
 
 
 rule keys:
@@ -16,6 +17,7 @@ rule keys:
 
 
 rule synth:
+    # The shared domains only: a site generates its own (rules/site.smk).
     output:
         f"{RUN}/data/corpus/corpus.json",
     log:

@@ -1,36 +1,56 @@
-# Held-out evaluation of every model, and the gate that promotes or rolls back.
+# Held-out evaluation where the held-out data is, and the gate that promotes or rolls back.
+# The coordinator scores models on the shared domains; each site on its own (rules/site.smk);
+# merge_eval waits for the parts (evaluation.deadline_minutes) and combines them. The initial
+# model is judged once; every later global model inherits its candidate's scores (promote).
 
 
-rule evaluate_initial:
+rule evaluate_shared:
     input:
-        f"{RUN}/rounds/r0000/global/model.safetensors",
+        f"{RUN}/rounds/r{{r}}/{{which}}/model.safetensors",
+    output:
+        f"{RUN}/rounds/r{{r}}/{{which}}/evals/coordinator/eval.json",
+    log:
+        f"{RUN}/logs/evaluate/r{{r}}-{{which}}-coordinator.log",
+    conda:
+        "../envs/fedhpc.yaml"
+    threads: 2
+    params:
+        cfg=CONFIG_JSON,
+    shell:
+        "fedhpc evaluate --config {params.cfg} --round {wildcards.r} --which {wildcards.which}"
+        " --threads {threads} > {log} 2>&1"
+
+
+rule merge_eval_initial:
+    input:
+        f"{RUN}/rounds/r0000/global/evals/coordinator/eval.json",
     output:
         f"{RUN}/rounds/r0000/global/eval.json",
     log:
-        f"{RUN}/logs/evaluate/r0000-global.log",
+        f"{RUN}/logs/evaluate/r0000-global-merge.log",
+    localrule: True
     conda:
         "../envs/fedhpc.yaml"
-    threads: 2
     params:
         cfg=CONFIG_JSON,
     shell:
-        "fedhpc evaluate --config {params.cfg} --round 0 --which global --threads {threads} > {log} 2>&1"
+        "fedhpc merge-eval --config {params.cfg} --round 0 --which global > {log} 2>&1"
 
 
-rule evaluate:
+rule merge_eval:
     input:
-        f"{RUN}/rounds/r{{r}}/candidate/model.safetensors",
+        merge_inputs,
     output:
         f"{RUN}/rounds/r{{r}}/candidate/eval.json",
     log:
-        f"{RUN}/logs/evaluate/r{{r}}-candidate.log",
+        f"{RUN}/logs/evaluate/r{{r}}-candidate-merge.log",
+    localrule: True
     conda:
         "../envs/fedhpc.yaml"
-    threads: 2
     params:
         cfg=CONFIG_JSON,
     shell:
-        "fedhpc evaluate --config {params.cfg} --round {wildcards.r} --which candidate --threads {threads} > {log} 2>&1"
+        "fedhpc merge-eval --config {params.cfg} --round {wildcards.r} --which candidate > {log} 2>&1"
 
 
 rule promote:

@@ -28,6 +28,7 @@ def _started(cluster: SlurmCluster, what: str) -> SlurmCluster:
     try:
         return cluster.start()
     except (SlurmUnavailable, PermissionError, OSError) as exc:
+        cluster.stop()  # what did start (munged) must not outlive the test
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the Slurm tests, but {what} did not start: {exc}")
         pytest.skip(f"no {what} on this machine: {exc}")

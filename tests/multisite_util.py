@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fedhpc.exchange import INDEX
-from fedhpc.files import read_json
 
 from .workflow_util import BIN, REPO, env, write_config
 
@@ -101,24 +100,20 @@ def wait_for(path: Path, what: str, proc: subprocess.Popen, side: Path, timeout:
         time.sleep(poll)
 
 
-def hand_out_shards(hub: Path, sides: dict[str, Path], pinned: bool = True) -> dict[str, set[str]]:
-    """The demo corpus is generated on the coordinator; a real site holds its data before the
-    federation starts. Give each site the shards it may train on: its own domain's and the
-    shared ones, never another site's. With `pinned`, each site must have a domain of its own."""
-    manifest = read_json(hub / "data/manifest.json")
-    held = {}
-    for s, side in sides.items():
-        mine = [e for e in manifest["shards"] if e["residency"] in (None, s)]
-        assert mine and (not pinned or any(e["residency"] == s for e in mine))
-        for e in mine:
-            name = f"{e['id']}.zarr"
-            shutil.copytree(hub / "data/shards" / name, side / RUN / "data/shards" / name)
-        held[s] = {e["id"] for e in mine}
-    return held
+def held_shards(side: Path, site: str) -> set[str]:
+    """The shards a site's directory holds: its own (packed there) and the shared ones it pulled."""
+    run = side / RUN / "data"
+    return {
+        p.name.removesuffix(".zarr")
+        for d in (run / "shards", run / "sites" / site / "shards")
+        for p in d.glob("*.zarr")
+    }
 
 
-def offered_data(hub: Path) -> Path:
-    return hub / "data" / INDEX
+def own_data_files(side: Path, site: str) -> list[Path]:
+    """Every file of the data a site holds of its own (corpus, shards, held-out), not its catalogue."""
+    root = side / RUN / "data" / "sites" / site
+    return [p for p in root.rglob("*") if p.is_file() and p.name not in ("catalogue.json", INDEX)]
 
 
 def fault_shim(directory: Path, rules: str) -> Path:

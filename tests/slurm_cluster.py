@@ -140,7 +140,9 @@ class SlurmCluster:
             time.sleep(0.3)
 
     def stop(self) -> None:
-        subprocess.run(["scancel", "--user", "root"], capture_output=True, env=self.env())
+        # Only our own controller's jobs: with none running, scancel would reach another cluster.
+        if any(p.args[0] == "slurmctld" and p.poll() is None for p in self.procs):
+            subprocess.run(["scancel", "--user", "root"], capture_output=True, env=self.env())
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.terminate()

@@ -1,4 +1,5 @@
-"""`fedhpc keys/shard/init` on real files of every input format, driven by a config like a user's."""
+"""`fedhpc keys/shard/init` on real files of every input format, driven by a config like a user's:
+the coordinator packs the shared sources, each site (`shard --site`) its own."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from fedhpc.catalogue import load_data
 from fedhpc.cli import main
 from fedhpc.layout import RunLayout
 from fedhpc.shards import load_manifest, load_run_tokenizer, read_shard
@@ -76,12 +78,22 @@ def test_shard_every_format_with_a_trained_bpe_tokenizer(tmp_path, monkeypatch, 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["keys", "ensure", "--config", "config.yaml"]) == 0
     assert main(["shard", "--config", "config.yaml"]) == 0
+    layout = RunLayout.of(tmp_path / "results" / "formats")
+    trust = TrustStore(layout.keys_dir)
+    # The coordinator's manifest holds only the shared data; the tokenizer was trained on it.
+    shared = load_manifest(layout, trust)
+    assert {s["id"].rsplit("-", 1)[0] for s in shared["shards"]} == {"web", "pretok"}
+    assert not (layout.data / "sites").exists()
+    for site in ("hospital", "court"):
+        assert main(["shard", "--config", "config.yaml", "--site", site]) == 0
     assert main(["init", "--config", "config.yaml"]) == 0
 
-    layout = RunLayout.of(tmp_path / "results" / "formats")
-    manifest = load_manifest(layout, TrustStore(layout.keys_dir))
+    manifest = load_data(layout, trust, ["hospital", "court"])
     tok = load_run_tokenizer(layout, manifest)
     assert manifest["tokenizer"]["kind"] == "bpe" and tok.vocab_size <= 300
+    # Each site's data is packed under its own directory and listed only in its catalogue.
+    for s in manifest["shards"]:
+        assert s["path"].startswith(f"data/sites/{s['residency']}/" if s["residency"] else "data/shards/")
     by_source = {}
     for s in manifest["shards"]:
         by_source.setdefault(s["id"].rsplit("-", 1)[0], []).append(s)

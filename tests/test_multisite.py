@@ -24,10 +24,10 @@ from .multisite_util import (
     RUN,
     env_with,
     fault_shim,
-    hand_out_shards,
+    held_shards,
     join,
     kill,
-    offered_data,
+    own_data_files,
     prepare,
     running,
     side_config,
@@ -58,8 +58,6 @@ def test_a_federation_over_an_s3_hub_with_a_site_killed_and_a_site_joining_betwe
     hub = coord / RUN
     with running() as procs:
         procs["coordinator"] = start(coord, "--role", "coordinator")
-        wait_for(offered_data(hub), "the data manifest offered", procs["coordinator"], coord)
-        held = hand_out_shards(hub, sides)
         procs.update({s: start(side, "--site", s) for s, side in sides.items()})
         # Fault: lumi's whole side (Snakemake and its training job) is SIGKILLed mid-round,
         # once its training has logged progress; rerunning the same command resumes it.
@@ -77,7 +75,6 @@ def test_a_federation_over_an_s3_hub_with_a_site_killed_and_a_site_joining_betwe
     sides["laptop"] = join(tmp_path, coord, "laptop")
     for side in (coord, *sides.values()):
         write_config(side, side_config(cfg, exchange))
-    held |= hand_out_shards(hub, {"laptop": sides["laptop"]}, pinned=False)  # laptop holds only shared data
     with running() as procs:
         procs["coordinator"] = start(coord, "--role", "coordinator")
         procs.update({s: start(side, "--site", s) for s, side in sides.items()})
@@ -111,7 +108,16 @@ def test_a_federation_over_an_s3_hub_with_a_site_killed_and_a_site_joining_betwe
             assert {p.name for p in layout.site_dir(r, s).iterdir()} <= {*SITE_FILES, INDEX}
             assert set(object_names(s3_hub, hub_url, f"rounds/r{r:04d}/sites/{s}/")) <= {*SITE_FILES, INDEX}
             planned = set(read_json(layout.plan(r))["sites"][s]["shards"])
-            assert planned <= held[s], f"{s} was planned shards it does not hold"
+            assert planned <= held_shards(sides[s], s), f"{s} was planned shards it does not hold"
+            # Pinned data was scored where it lives: the site's signed scores, for this candidate.
+            if s != "laptop":
+                part = read_json(layout.eval_part(r, "candidate", s))
+                assert part["signature"]["signer"] == s and part["model_sha256"] == sha256_file(layout.candidate(r))
+                assert set(object_names(s3_hub, hub_url, f"rounds/r{r:04d}/candidate/evals/{s}/")) == {
+                    "eval.json",
+                    INDEX,
+                }
+        assert read_json(layout.candidate_eval(r))["missing"] == []
     assert verify_ledger(layout.audit).ok
     # The killed round counted once: one verdict, no drop, no late update.
     coord_events = events(layout.audit)
@@ -123,7 +129,8 @@ def test_a_federation_over_an_s3_hub_with_a_site_killed_and_a_site_joining_betwe
     assert [e["round"] for e in coord_events if e["event"] == "round.aggregated"] == [0, 1]
     # The site's own ledger tells its side: training started twice in round 0, published once.
     lumi = events(sides["lumi"] / RUN / "audit.jsonl")
-    assert [e["event"] for e in lumi if e["round"] == 0] == ["train.started", "train.started", "update.published"]
+    assert [e["event"] for e in lumi if e.get("round") == 0] == ["train.started", "train.started", "update.published"]
+    assert [e["event"] for e in lumi if "round" not in e] == ["data.catalogued"]
     assert verify_ledger(sides["lumi"] / RUN / "audit.jsonl").ok
     # `fedhpc status` on a site shows that site's own rounds, nothing of the others.
     for s, side in sides.items():
@@ -132,14 +139,29 @@ def test_a_federation_over_an_s3_hub_with_a_site_killed_and_a_site_joining_betwe
             (1, {s: "published"}),
         ]
 
-    # No raw data ever leaves a site: nothing under a site's data directory, whole file or
-    # any 64-byte piece of it, is in what the site published.
+    # Sites packed their own data: the coordinator holds none of it, only each site's signed
+    # catalogue, and planned from those (lumi's and a100's domains are theirs alone).
+    catalogued = {s: {e["id"] for e in read_json(layout.catalogue(s))["shards"]} for s in sides}
+    assert catalogued["lumi"] and catalogued["a100"] and not catalogued["laptop"]
+    for s in sides:
+        assert {p.name for p in layout.site_data(s).iterdir()} == {"catalogue.json", INDEX}
+        assert set(object_names(s3_hub, hub_url, f"data/sites/{s}/")) == {"catalogue.json", INDEX}
+    assert {p.name.removesuffix(".zarr") for p in (hub / "data/shards").iterdir()}.isdisjoint(
+        catalogued["lumi"] | catalogued["a100"]
+    )
+    assert (
+        not (hub / "data/corpus/law.jsonl").exists()
+        and (sides["lumi"] / RUN / "data/sites/lumi/corpus/law.jsonl").exists()
+    )
+    # No raw data ever leaves a site: nothing of the data a site holds of its own, whole file
+    # or any 64-byte piece of it, is in anything the site published.
     for s, side in sides.items():
-        published = [p for r in range(2) if layout.site_dir(r, s).is_dir() for p in layout.site_dir(r, s).iterdir()]
+        published = [p for p in hub.rglob("*") if p.is_file() and f"/sites/{s}/" in p.as_posix()]
+        published += [p for p in hub.rglob(f"evals/{s}/*") if p.is_file()]
         blobs = [p.read_bytes() for p in published]
         hashes = {sha256_file(p) for p in published}
-        data_files = [p for p in (side / RUN / "data/shards").rglob("*") if p.is_file()]
-        assert data_files
+        data_files = own_data_files(side, s)
+        assert data_files or s == "laptop"
         for f in data_files:
             raw = f.read_bytes()
             assert sha256_file(f) not in hashes
@@ -178,6 +200,7 @@ def test_two_slurm_clusters_a_late_site_a_requeued_job_a_coordinator_killed_whil
     cfg = tiny_config(tmp_path, rounds=2)
     del cfg["sites"]["laptop"]
     cfg["rounds"].update(deadline_minutes=1.0, quorum=0.5)
+    cfg["evaluation"]["deadline_minutes"] = 1.0
     cfg["strategy"] = {"name": "fedavg", "server_lr": 40.0}
     cfg["sites"]["lumi"]["batch_tokens"] = 128  # enough steps for its job to be requeued in the middle
     coord, sides = prepare(tmp_path, side_config(cfg, sshd_hub.exchange_config(tmp_path / "coordinator" / RUN)), sites)
@@ -218,8 +241,6 @@ def test_two_slurm_clusters_a_late_site_a_requeued_job_a_coordinator_killed_whil
     a100_env = env_with(shims, SLURM_CONF=str(slurm_b.conf))
     with running() as procs:
         procs["coordinator"] = start(coord, "--role", "coordinator", environ=coord_env)
-        wait_for(offered_data(hub), "the data manifest offered", procs["coordinator"], coord)
-        hand_out_shards(hub, sides)
         procs["lumi"] = start(sides["lumi"], "--site", "lumi", profile="ci-slurm", environ=env_with(**slurm.env()))
         procs["a100"] = start(sides["a100"], "--site", "a100", profile="ci-slurm", environ=a100_env)
         # Fault: the node under lumi's round-1 training job "fails": Slurm requeues the job
@@ -227,7 +248,7 @@ def test_two_slurm_clusters_a_late_site_a_requeued_job_a_coordinator_killed_whil
         metrics = sides["lumi"] / RUN / "rounds/r0001/sites/lumi/metrics.jsonl"
         wait_for(metrics, "lumi's round-1 training", procs["lumi"], sides["lumi"], timeout=600, poll=0.05)
         assert not metrics.with_name("receipt.json").exists(), "lumi finished before its job could be requeued"
-        [job] = [e["slurm_job_id"] for e in events(sides["lumi"] / RUN / "audit.jsonl") if e["round"] == 1]
+        [job] = [e["slurm_job_id"] for e in events(sides["lumi"] / RUN / "audit.jsonl") if e.get("round") == 1]
         subprocess.run(["scontrol", "requeue", job], check=True, env=slurm.env())
         # Slurm holds a requeued job back for about two minutes (node clean-up); let it start now.
         deadline = time.time() + 60
@@ -271,7 +292,7 @@ def test_two_slurm_clusters_a_late_site_a_requeued_job_a_coordinator_killed_whil
     assert sha256_file(RunLayout(sides["lumi"] / RUN).global_model(1)) == sha256_file(layout.global_model(0))
     # lumi's requeued job trained round 1 twice under one job id and published once; the
     # coordinator saw one update from it, in time.
-    lumi = [e for e in events(sides["lumi"] / RUN / "audit.jsonl") if e["round"] == 1]
+    lumi = [e for e in events(sides["lumi"] / RUN / "audit.jsonl") if e.get("round") == 1]
     assert [e["event"] for e in lumi] == ["train.started", "train.started", "update.published"]
     assert len({e["slurm_job_id"] for e in lumi if e["event"] == "train.started"}) == 1
     assert "lumi" in read_json(layout.arrivals(1))["arrived"]

@@ -79,8 +79,18 @@ def test_cheap_steps_run_on_the_head_node_and_heavy_ones_are_jobs():
     for smk in (REPO / "rules").glob("*.smk"):
         for name, body in re.findall(r"^rule (\w+):\n((?:    .*\n|\n)*)", smk.read_text(), re.M):
             rules[name] = "localrule: True" in body
-    assert {r for r, local in rules.items() if local} >= {"plan", "gather", "verify", "promote", "track", "report"}
-    assert not any(rules[r] for r in ("train", "aggregate", "evaluate", "evaluate_initial", "shard"))
+    assert {r for r, local in rules.items() if local} >= {
+        "plan",
+        "gather",
+        "verify",
+        "merge_eval",
+        "merge_eval_initial",
+        "promote",
+        "track",
+        "report",
+    }
+    heavy = ("train", "aggregate", "evaluate_shared", "evaluate_site", "shard", "shard_site")
+    assert not any(rules[r] for r in heavy)
 
 
 FAKE_TOOLS = {

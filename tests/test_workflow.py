@@ -45,8 +45,17 @@ def test_every_site_trained_every_round_and_was_verified(finished):
 
 def test_pinned_shards_stayed_with_their_owner(finished):
     _, cfg, run = finished
+    # The coordinator's manifest lists only shared data; each site's catalogue only its own.
     manifest = json.loads((run / "data" / "manifest.json").read_text())
-    owner = {s["id"]: s["residency"] for s in manifest["shards"]}
+    assert manifest["shards"] and {s["residency"] for s in manifest["shards"]} == {None}
+    owner = {s["id"]: None for s in manifest["shards"]}
+    for site in cfg["sites"]:
+        catalogue = json.loads((run / "data" / "sites" / site / "catalogue.json").read_text())
+        assert catalogue["signature"]["signer"] == site
+        assert all(e["residency"] == site and e["path"].startswith(f"data/sites/{site}/") for e in catalogue["shards"])
+        owner.update({s["id"]: site for s in catalogue["shards"]})
+    pinned = {d["site"] for d in cfg["data"]["synth"]["domains"] if d.get("site")}
+    assert {o for o in owner.values() if o} == pinned
     for r in ("r0000", "r0001"):
         plan = json.loads((run / "rounds" / r / "plan.json").read_text())
         for site, entry in plan["sites"].items():

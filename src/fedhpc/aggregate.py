@@ -8,12 +8,12 @@ import os
 from . import strategies as st
 from .aggregator import Combine, ServerOpt, SiteInput, aggregate
 from .audit import AuditLog
+from .catalogue import load_data
 from .config import Config, StrategyConfig
 from .errors import FedhpcError
 from .files import clear_stale_parts, read_json, sha256_file, write_json
 from .layout import RunLayout
 from .privacy import PrivacyLedger
-from .shards import load_manifest
 from .signing import COORDINATOR, TrustStore
 
 
@@ -106,7 +106,9 @@ def aggregate_round(
     paths = {site: layout.update(r, site) for site in accepted}
     paths.update({label: layout.update(item["round"], item["site"]) for label, item in late.items()})
     contributors = sorted(receipts)
-    mix = domain_mix(receipts, load_manifest(layout, trust)) if (s.domain_cap is not None and receipts) else None
+    mix = None
+    if s.domain_cap is not None and receipts:
+        mix = domain_mix(receipts, load_data(layout, trust, sorted({rec["site"] for rec in receipts.values()})))
     weights, coef, why = round_weights(s, r, receipts, mix)
 
     dp = s.privacy

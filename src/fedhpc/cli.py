@@ -12,6 +12,8 @@ from pathlib import Path
 from .config import Config
 from .config_schema import ConfigError, config_schema, load, markdown_docs
 from .errors import FedhpcError
+from .exchange_cli import EXCHANGE_ACTIONS
+from .files import write_json
 from .layout import RunLayout
 from .signing import TrustStore
 
@@ -68,12 +70,20 @@ def cmd_keys(a: argparse.Namespace) -> int:
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .data import corpus_dir
     from .synth import generate_corpus
 
     ctx = context(a.config)
     if ctx.cfg.data.synth is None:
         raise SystemExit(f"{a.config}: data.synth is not set; nothing to generate")
-    corpus = generate_corpus(ctx.cfg.data.synth, ctx.cfg.seed, Path(a.out) if a.out else ctx.layout.corpus_dir)
+    # Each party generates only the domains it holds: the shared ones, or a site's pinned ones.
+    mine = [d for d in ctx.cfg.data.synth.domains if d.site == a.site]
+    if not mine:
+        raise SystemExit(f"{a.config}: no generated domain is held by {a.site or 'the coordinator (shared)'}")
+    out = Path(a.out) if a.out else corpus_dir(ctx.layout, a.site)
+    corpus = generate_corpus(replace(ctx.cfg.data.synth, domains=mine), ctx.cfg.seed, out)
     for name, d in corpus["domains"].items():
         print(
             f"{name}: {d['bytes']} bytes, {d['documents']} documents, entropy rate {d['entropy_rate_bits_per_byte']:.3f} bits/byte"
@@ -82,11 +92,16 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_shard(a: argparse.Namespace) -> int:
-    from .data import prepare_data
+    from .data import prepare_data, prepare_site_data
 
     ctx = context(a.config)
-    manifest = prepare_data(ctx.cfg, ctx.layout, ctx.trust)
-    print(f"{len(manifest['shards'])} shards, held-out domains {', '.join(h['domain'] for h in manifest['heldout'])}")
+    if a.site:
+        doc = prepare_site_data(ctx.cfg, ctx.layout, ctx.trust, a.site)
+        where = f"site {a.site}: catalogue {ctx.layout.catalogue(a.site)}"
+    else:
+        doc = prepare_data(ctx.cfg, ctx.layout, ctx.trust)
+        where = f"shared: manifest {ctx.layout.manifest}"
+    print(f"{where}: {len(doc['shards'])} shards, held-out domains {', '.join(h['domain'] for h in doc['heldout'])}")
     return 0
 
 
@@ -201,18 +216,40 @@ def cmd_aggregate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _model_of(layout: RunLayout, r: int, which: str) -> Path:
+    return layout.global_model(r) if which == "global" else layout.candidate(r)
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .checkpoints import load_global_meta
-    from .evaluate import write_eval
+    from .evaluate import evaluate_part
+    from .signing import COORDINATOR
 
     ctx = context(a.config)
-    base = load_global_meta(ctx.layout, ctx.trust, a.round)
-    if a.which == "global":
-        model, out = ctx.layout.global_model(a.round), ctx.layout.global_eval(a.round)
-    else:
-        model, out = ctx.layout.candidate(a.round), ctx.layout.candidate_eval(a.round)
-    res = write_eval(ctx.cfg, ctx.layout, ctx.trust, model, base["vocab_size"], out, a.threads)
-    print(f"round {a.round} {a.which}: held-out loss {res['loss']}")
+    holder = a.site or COORDINATOR
+    vocab = load_global_meta(ctx.layout, ctx.trust, a.round)["vocab_size"]
+    out = ctx.layout.eval_part(a.round, a.which, holder)
+    doc = evaluate_part(
+        ctx.cfg, ctx.layout, ctx.trust, _model_of(ctx.layout, a.round, a.which), vocab, holder, out, a.threads
+    )
+    scores = ", ".join(f"{d} {v['loss']:.4f}" for d, v in doc["domains"].items() if v["loss"] is not None)
+    print(f"round {a.round} {a.which}, held out by {holder}: {scores or 'no held-out data here'}")
+    return 0
+
+
+def cmd_merge_eval(a: argparse.Namespace) -> int:
+    from .evaluate import gather_parts
+    from .exchange_cli import eval_fetcher
+
+    ctx = context(a.config)
+    out = ctx.layout.global_eval(a.round) if a.which == "global" else ctx.layout.candidate_eval(a.round)
+    model = _model_of(ctx.layout, a.round, a.which)
+    res = gather_parts(ctx.cfg, ctx.layout, ctx.trust, a.round, a.which, model, eval_fetcher(ctx, a.round, a.which))
+    write_json(out, res)
+    print(
+        f"round {a.round} {a.which}: held-out loss {res['loss']} over {', '.join(res['domains'])}"
+        + (f"; missing scores from {', '.join(res['missing'])}" if res["missing"] else "")
+    )
     return 0
 
 
@@ -252,50 +289,10 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_exchange(a: argparse.Namespace) -> int:
-    from . import exchange as ex
-    from .signing import COORDINATOR
+    from .exchange_cli import exchange_action
 
     ctx = context(a.config)
-    cfg, layout, trust = ctx.cfg, ctx.layout, ctx.trust
-    site = cfg.exchange.site
-    if a.action in ("outbox", "outbox-data"):
-        d = layout.round_dir(a.round) if a.action == "outbox" else layout.data
-        names = ex.present(d, ex.ROUND_FILES if a.action == "outbox" else ex.DATA_FILES)
-        if cfg.exchange.kind == "s3":  # the hub is not this directory: upload the offer to it
-            transport = ex.transport_for(cfg.exchange)
-            ex.publish(
-                transport, d, names, d.relative_to(layout.root).as_posix(), COORDINATOR, trust.private_key(COORDINATOR)
-            )
-            print(f"{d}: offered {', '.join(names)} at {transport.describe()}")
-            return 0
-        ex.write_index(d, names, COORDINATOR, trust.private_key(COORDINATOR))
-        print(f"{d}: offered {', '.join(names)}")
-        return 0
-    if cfg.exchange.role != "site":
-        raise SystemExit(f"fedhpc exchange {a.action}: only a site pulls and publishes (exchange.role is site)")
-    transport = ex.transport_for(cfg.exchange)
-    if a.action == "publish":
-        d = layout.site_dir(a.round, site)
-        rel = d.relative_to(layout.root).as_posix()
-        names = ex.present(d, ex.SITE_FILES)
-        ex.publish(transport, d, names, rel, site, trust.private_key(site))
-        print(f"published {', '.join(names) or 'nothing (no update this round)'} to {transport.describe()}/{rel}")
-        return 0
-    d = layout.round_dir(a.round) if a.action == "pull" else layout.data
-    rel = d.relative_to(layout.root).as_posix()
-    wait = cfg.exchange.wait_minutes * 60
-    doc = ex.wait_pull(
-        transport,
-        rel,
-        d,
-        trust,
-        COORDINATOR,
-        cfg.exchange.poll_seconds,
-        wait,
-        on_reject=ex.audit_rejects(layout, rel),
-        round_=a.round if a.action == "pull" else None,
-    )
-    print(f"pulled {', '.join(sorted(doc['files']))} from {transport.describe()}/{rel}, hashes verified")
+    print(exchange_action(ctx.cfg, ctx.layout, ctx.trust, a.action, a.round, a.which))
     return 0
 
 
@@ -371,9 +368,11 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("action", choices=["init", "ensure"])
     k.add_argument("--site", default="coordinator")
     k.add_argument("--dir", default="keys")
-    s = verb("synth", cmd_synth, "generate the synthetic multi-domain corpus")
-    s.add_argument("--out", help="output directory (default: <run>/data/corpus)")
-    verb("shard", cmd_shard, "tokenize sources, pack shards, write the signed manifest")
+    s = verb("synth", cmd_synth, "generate the synthetic corpus: the shared domains, or a site's own (--site)")
+    s.add_argument("--site", help="generate the domains pinned to this site (default: the shared ones)")
+    s.add_argument("--out", help="output directory (default: <run>/data/corpus, or data/sites/<site>/corpus)")
+    sh = verb("shard", cmd_shard, "pack the shared sources (manifest), or a site's own (--site: its catalogue)")
+    sh.add_argument("--site", help="pack the sources pinned to this site and sign its catalogue")
     verb("init", cmd_init, "create the initial global model")
     verb("plan", cmd_plan, "assign shards to sites for a round", round=True)
     t = verb("train", cmd_train, "run one site's local round", round=True)
@@ -386,13 +385,17 @@ def parser() -> argparse.ArgumentParser:
     ag.add_argument("--threads", type=int, default=1, help="worker threads (shared out over MPI ranks)")
     e = verb("evaluate", cmd_evaluate, "held-out evaluation of a round's global or candidate model", round=True)
     e.add_argument("--which", choices=["global", "candidate"], required=True)
+    e.add_argument("--site", help="score on this site's own held-out data (default: the coordinator's shared)")
     e.add_argument("--threads", type=int, default=1)
+    me = verb("merge-eval", cmd_merge_eval, "wait for every holder's held-out scores and merge them", round=True)
+    me.add_argument("--which", choices=["global", "candidate"], required=True)
     verb("promote", cmd_promote, "gate the candidate: next global model, or roll back", round=True)
     verb("track", cmd_track, "log a finished round to MLflow", round=True)
     verb("report", cmd_report, "write summary.json and report/index.html")
     x = verb("exchange", cmd_exchange, "offer (coordinator), pull or publish (site) a round's signed bundle")
-    x.add_argument("action", choices=["outbox", "outbox-data", "pull", "pull-data", "publish"])
+    x.add_argument("action", choices=sorted(EXCHANGE_ACTIONS))
     x.add_argument("--round", type=int, default=0)
+    x.add_argument("--which", choices=["global", "candidate"], default="candidate")
     rn = verb("run", cmd_run, "run the workflow (rerun the same command to resume after any crash)", config=False)
     rn.add_argument("--profile", default="profiles/local", help="Snakemake profile (default: profiles/local)")
     rn.add_argument("--configfile", help="config file (default: the workflow's config.yaml)")

@@ -381,6 +381,12 @@ class EvaluationConfig:
         "Roll back a round whose held-out loss exceeds the previous global's by more than this fraction.",
         minimum=0,
     )
+    deadline_minutes: float = opt(
+        30.0,
+        "How long after a model is written the coordinator waits for the sites' scores of it on the held-out "
+        "data they keep; then it judges the model on the scores that came (and says which are missing).",
+        exclusiveMinimum=0,
+    )
 
 
 @dataclass(kw_only=True)

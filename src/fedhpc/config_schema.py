@@ -153,6 +153,14 @@ def _semantic_problems(cfg: Config) -> list[str]:
         names.add(s.name)
     if not synth_domains and not cfg.data.sources:
         problems.append("data: no data; set data.synth or data.sources")
+    if "coordinator" in sites:
+        problems.append("sites.coordinator: that name is the coordinator's identity; give the site another name")
+    shared = [d for d in synth_domains if d.site is None] + [s for s in cfg.data.sources if s.site is None]
+    if cfg.data.tokenizer.kind == "bpe" and not shared and (synth_domains or cfg.data.sources):
+        problems.append(
+            "data.tokenizer.kind: bpe is trained by the coordinator on the shared data (sources without `site`), "
+            "and every source is pinned to a site; use kind: byte, or pretrained with a tokenizer trained elsewhere"
+        )
     if cfg.data.tokenizer.kind == "pretrained" and not cfg.data.tokenizer.path:
         problems.append("data.tokenizer.path: required when data.tokenizer.kind is 'pretrained'")
     if cfg.model.d_model % cfg.model.n_head:

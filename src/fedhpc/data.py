@@ -1,32 +1,82 @@
-"""The data stage of a run: configured sources (and the generated corpus) → tokenizer, shards, manifest."""
+"""The data stage: the coordinator packs the shared sources (and sets the tokenizer), each site its own.
+
+Data pinned to a site (`site:` on a source or a generated domain) is read, tokenised and
+packed only by that site, which publishes a signed catalogue of it; the coordinator packs
+the unpinned (shared) sources, trains the tokenizer on them if asked, and signs the manifest.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .audit import AuditLog
-from .config import Config
+from .catalogue import write_catalogue
+from .config import Config, SourceConfig
 from .files import read_json
-from .ingest import iter_texts
+from .ingest import DataError, iter_texts
 from .layout import RunLayout
-from .shards import build_shards
-from .signing import COORDINATOR, TrustStore
+from .shards import DataDirs, build_shards, load_manifest, load_run_tokenizer, pack_sources
+from .signing import COORDINATOR, TrustStore, create_keypair
 from .synth import domain_sources
 from .tokenizer import build_tokenizer
 
 
-def prepare_data(cfg: Config, layout: RunLayout, trust: TrustStore) -> dict:
-    sources = list(cfg.data.sources)
-    # Entropy rates are known only for generated domains: they give the evaluation its floor.
+def corpus_dir(layout: RunLayout, site: str | None) -> Path:
+    """Where the generated demo corpus of a party lives: the coordinator's shared domains, or a site's own."""
+    return layout.corpus_dir if site is None else layout.site_data(site) / "corpus"
+
+
+def party_sources(cfg: Config, layout: RunLayout, site: str | None) -> tuple[list[SourceConfig], dict]:
+    """The sources `site` holds (None: the shared ones) and the entropy rate of each domain, where known."""
+    sources = [s for s in cfg.data.sources if s.site == site]
     entropy: dict[str, float | None] = {s.domain: None for s in sources}
-    if cfg.data.synth is not None:
-        corpus = read_json(layout.corpus_dir / "corpus.json")
-        sources = domain_sources(corpus, layout.corpus_dir) + sources
+    generated = [d for d in (cfg.data.synth.domains if cfg.data.synth else []) if d.site == site]
+    if generated:
+        corpus = read_json(corpus_dir(layout, site) / "corpus.json")
+        sources = domain_sources(corpus, corpus_dir(layout, site)) + sources
         entropy.update({n: d["entropy_rate_nats_per_byte"] for n, d in corpus["domains"].items()})
+    return sources, entropy
+
+
+def prepare_data(cfg: Config, layout: RunLayout, trust: TrustStore) -> dict:
+    """The coordinator's part: tokenizer, shared shards and held-out splits, signed manifest."""
+    sources, entropy = party_sources(cfg, layout, None)
+    if cfg.data.tokenizer.kind == "bpe" and not sources:
+        raise DataError(
+            "data.tokenizer.kind bpe is trained on the shared sources (those without `site`), and there are none: "
+            "pinned data never leaves its site. Train a tokenizer elsewhere and use kind: pretrained, or kind: byte"
+        )
     tok = build_tokenizer(cfg.data.tokenizer, iter_texts(sources))
     manifest = build_shards(sources, cfg.data, tok, layout, cfg.seed, trust.private_key(COORDINATOR), entropy)
     AuditLog(layout.audit).append(
         "data.sharded",
+        holder=COORDINATOR,
         shards=len(manifest["shards"]),
         tokens=sum(s["tokens"] for s in manifest["shards"]),
         heldout=[h["domain"] for h in manifest["heldout"]],
     )
     return manifest
+
+
+def prepare_site_data(cfg: Config, layout: RunLayout, trust: TrustStore, site: str) -> dict:
+    """A site's part: its own sources packed under `data/sites/<site>/` with the federation's
+    tokenizer (checked against the coordinator's manifest), and its signed catalogue."""
+    if site not in cfg.sites:
+        raise DataError(f"{site!r} is not a site of this federation; sites: {', '.join(sorted(cfg.sites))}")
+    manifest = load_manifest(layout, trust)
+    tok = load_run_tokenizer(layout, manifest)
+    if not (trust.keys_dir / f"{site}.key").exists() and cfg.trust.generate_missing:
+        # A site added to a running one-machine federation gets its identity where it packs its data.
+        create_keypair(trust.keys_dir, site)
+    sources, entropy = party_sources(cfg, layout, site)
+    layout.catalogue(site).unlink(missing_ok=True)  # no catalogue may list shards being rewritten
+    shards, heldout = pack_sources(sources, cfg.data, tok, DataDirs.site(layout, site), cfg.seed, entropy)
+    doc = write_catalogue(layout, site, manifest["tokenizer"]["sha256"], shards, heldout, trust.private_key(site))
+    AuditLog(layout.audit).append(
+        "data.catalogued",
+        holder=site,
+        shards=len(shards),
+        tokens=sum(s["tokens"] for s in shards),
+        heldout=[h["domain"] for h in heldout],
+    )
+    return doc

@@ -83,6 +83,13 @@ class RunLayout:
     def heldout(self, domain: str) -> Path:
         return self.data / "heldout" / f"{domain}.zarr"
 
+    # a site's own data: built and kept where the site runs, described by its signed catalogue
+    def site_data(self, site: str) -> Path:
+        return self.data / "sites" / site
+
+    def catalogue(self, site: str) -> Path:
+        return self.site_data(site) / "catalogue.json"
+
     # site-private state that is never published
     def site_state(self, site: str) -> Path:
         return self.root / "site-state" / site
@@ -133,6 +140,11 @@ class RunLayout:
 
     def candidate_eval(self, r: int) -> Path:
         return self.round_dir(r) / "candidate" / "eval.json"
+
+    def eval_part(self, r: int, which: str, holder: str) -> Path:
+        """One holder's evaluation of round r's `which` model (global or candidate) on the
+        held-out data it keeps: the coordinator's shared splits, or a site's own."""
+        return self.round_dir(r) / which / "evals" / holder / "eval.json"
 
     def server_state(self, r: int) -> Path:
         """Server-optimiser state (moments, momentum, control variates) that produced global r."""

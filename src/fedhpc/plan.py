@@ -1,4 +1,4 @@
-"""Write a round's signed plan.json from the manifest, the sites and the previous round."""
+"""Write a round's signed plan.json from the manifest, the sites' catalogues and the previous round."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import time
 
 from .allocate import Shard, learned_throughput, make_plan
 from .audit import AuditLog
+from .catalogue import CatalogueError, load_catalogue, load_data
 from .config import Config
-from .exchange import CompletenessCache
-from .files import read_json, write_json
+from .errors import FedhpcError
+from .exchange import CompletenessCache, TransferError, audit_rejects, pull, transport_for
+from .files import read_json, sha256_file, write_json
 from .gather import arrived_sites, bundle_checks
 from .layout import RunLayout
 from .shards import load_manifest
-from .signing import COORDINATOR, TrustStore, create_keypair, sign_document
+from .signing import COORDINATOR, SignatureError, TrustStore, create_keypair, sign_document
 from .sites import batch_shape, site_ranks
 
 
@@ -42,16 +44,89 @@ def identified_sites(cfg: Config, trust: TrustStore, r: int) -> tuple[dict, list
                 notes.append(f"site {name!r} has no public key in {trust.keys_dir}; not planned until it does")
                 continue
             create_keypair(trust.keys_dir, name)
-            notes.append(f"site {name!r} joined in round {r}: created its identity in {trust.keys_dir}")
+            notes.append(f"site {name!r}: created its identity in {trust.keys_dir}")
         usable[name] = site
     return usable, notes
 
 
+class PlanError(FedhpcError, RuntimeError):
+    """A round cannot be planned (no data to train on)."""
+
+
+def _fetch_catalogue(cfg: Config, layout: RunLayout, trust: TrustStore, site: str) -> None:
+    """With an object-store hub, pull the site's published catalogue into this run directory
+    (with rsync or a shared filesystem it is published into this directory already)."""
+    if cfg.exchange.kind != "s3" or layout.catalogue(site).exists():
+        return
+    rel = layout.site_data(site).relative_to(layout.root).as_posix()
+    try:
+        pull(
+            transport_for(cfg.exchange), rel, layout.site_data(site), trust, site, on_reject=audit_rejects(layout, rel)
+        )
+    except TransferError as exc:
+        print(f"{site}'s catalogue is not usable yet: {exc}", flush=True)
+
+
+def collect_catalogues(
+    cfg: Config, layout: RunLayout, trust: TrustStore, sites: list[str], waited: list[str], poll_seconds: float = 1.0
+) -> tuple[dict[str, str], list[str], list[str]]:
+    """({site: sha256 of its catalogue}, sites without one, notes).
+
+    A site publishes the catalogue of the data it holds before it trains. The first plan that
+    misses a site's catalogue waits for it until `rounds.deadline_minutes`; later plans
+    (`waited`: sites an earlier plan waited for already) take what is there, so a site that
+    never comes costs one wait, not one per round. A bad catalogue is refused with the
+    reason and its site left out, never planned on.
+    """
+    tok = load_manifest(layout, trust)["tokenizer"]["sha256"]
+    deadline = time.time() + cfg.rounds.deadline_minutes * 60
+    found: dict[str, str] = {}
+    notes: list[str] = []
+    bad: dict[str, str] = {}
+    last_report = time.time()
+    while True:
+        for site in sites:
+            if site in found or site in bad:
+                continue
+            _fetch_catalogue(cfg, layout, trust, site)
+            try:
+                if load_catalogue(layout, trust, site, tok) is not None:
+                    found[site] = sha256_file(layout.catalogue(site))
+            except (CatalogueError, SignatureError) as exc:
+                bad[site] = str(exc)
+        missing = [s for s in sites if s not in found and s not in bad]
+        # In one run directory the workflow built every catalogue before the plan: nothing to wait for.
+        if not [s for s in missing if s not in waited] or cfg.exchange.kind == "local" or time.time() >= deadline:
+            break
+        if time.time() - last_report >= 60:
+            print(f"waiting for the data catalogues of {', '.join(missing)}", flush=True)
+            last_report = time.time()
+        time.sleep(poll_seconds)
+    for site, why in sorted(bad.items()):
+        notes.append(f"site {site!r} not planned: its catalogue is refused ({why})")
+        AuditLog(layout.audit).append("catalogue.rejected", site=site, reason=why)
+    for site in missing:
+        notes.append(f"site {site!r} has not published its data catalogue; not planned until it does")
+    return found, [*missing, *bad], notes
+
+
 def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dict:
     sites, joined = identified_sites(cfg, trust, r)
-    manifest = load_manifest(layout, trust)
-    shards = [Shard(s["id"], s["tokens"], s["residency"]) for s in manifest["shards"]]
-    prev = read_json(layout.plan(r - 1))["state"] if r > 0 else None
+    prev_plan = read_json(layout.plan(r - 1)) if r > 0 else {}
+    catalogues, uncatalogued, notes = collect_catalogues(
+        cfg, layout, trust, sorted(sites), prev_plan.get("catalogue_missing", [])
+    )
+    sites = {n: s for n, s in sites.items() if n in catalogues}
+    if r > 0:
+        joined += [f"site {n!r} joined in round {r}" for n in sites if n not in prev_plan["sites"]]
+    data = load_data(layout, trust, sorted(catalogues))
+    shards = [Shard(s["id"], s["tokens"], s["residency"]) for s in data["shards"]]
+    if not sites or not shards:
+        raise PlanError(
+            f"round {r}: nothing to plan: {len(sites)} sites with a data catalogue, {len(shards)} shards "
+            f"({'; '.join(notes + joined) or 'no sites'})"
+        )
+    prev = prev_plan["state"] if r > 0 else None
     requeue = missed_shards(layout, r - 1, cfg.rounds.late_updates == "fold", bundle_checks(cfg, trust))
     measured = None
     if cfg.rounds.learn_throughput and r > 0:
@@ -61,8 +136,10 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
                 tps[site] = float(read_json(layout.receipt(r - 1, site)).get("tokens_per_second") or 0.0)
         measured = learned_throughput({n: s.throughput for n, s in sites.items()}, tps)
     plan = make_plan(r, shards, sites, cfg.rounds.tokens_per_round, cfg.seed, prev, requeue, measured)
-    plan["notes"] = joined + plan["notes"]
-    vocab = manifest["tokenizer"]["vocab_size"]
+    plan["notes"] = joined + notes + plan["notes"]
+    plan["catalogues"] = catalogues
+    plan["catalogue_missing"] = uncatalogued
+    vocab = data["tokenizer"]["vocab_size"]
     for name, entry in plan["sites"].items():
         shape = batch_shape(
             name,

@@ -9,21 +9,25 @@ from pathlib import Path
 from .audit import AuditLog
 from .checkpoints import publish_global
 from .config import Config
+from .evaluate import comparable
 from .files import atomic_path, read_json, write_json
 from .layout import RunLayout
 from .signing import TrustStore
 
 
-def gate(baseline_loss: float | None, candidate_loss: float | None, max_regression: float) -> tuple[bool, str]:
+def gate(
+    baseline_loss: float | None, candidate_loss: float | None, max_regression: float, domains: list[str] | None = None
+) -> tuple[bool, str]:
     """Accept the candidate unless its held-out loss is missing/non-finite or regressed too far."""
+    over = f" over {', '.join(domains)}" if domains else ""
     if candidate_loss is None or not math.isfinite(candidate_loss):
-        return False, "candidate's held-out loss is not finite"
+        return False, f"candidate's held-out loss{over} is not finite"
     if baseline_loss is not None and candidate_loss > baseline_loss * (1 + max_regression):
         return False, (
-            f"held-out loss regressed from {baseline_loss:.4f} to {candidate_loss:.4f} "
+            f"held-out loss{over} regressed from {baseline_loss:.4f} to {candidate_loss:.4f} "
             f"(more than evaluation.max_regression = {max_regression:.0%})"
         )
-    return True, "held-out loss within the gate"
+    return True, f"held-out loss{over} within the gate"
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -50,7 +54,11 @@ def _carry_server_state(layout: RunLayout, r: int, accepted: bool) -> None:
 def promote_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, base: dict) -> dict:
     baseline = read_json(layout.global_eval(r))
     candidate = read_json(layout.candidate_eval(r))
-    ok, reason = gate(baseline["loss"], candidate["loss"], cfg.evaluation.max_regression)
+    # Both models judged on the domains both were scored on (a site may have missed one).
+    cand_loss, base_loss, common = comparable(candidate, baseline)
+    ok, reason = gate(base_loss, cand_loss, cfg.evaluation.max_regression, common)
+    if candidate.get("missing"):
+        reason += f"; no held-out scores from {', '.join(candidate['missing'])}"
     src, chosen_eval = (layout.candidate(r), candidate) if ok else (layout.global_model(r), baseline)
     _place(src, layout.global_model(r + 1))
     _carry_server_state(layout, r, ok)

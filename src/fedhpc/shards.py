@@ -123,15 +123,38 @@ class _ZarrStream:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _rel(layout: RunLayout, path: Path) -> str:
-    return path.relative_to(layout.root).as_posix()
+@dataclass(frozen=True)
+class DataDirs:
+    """Where one party's packed arrays go: `root` is the run directory (entries' paths are
+    relative to it), shards and held-out splits below it. The coordinator packs the shared
+    sources into `data/`, each site its own into `data/sites/<site>/`."""
+
+    root: Path
+    base: Path
+
+    @classmethod
+    def shared(cls, layout: RunLayout) -> DataDirs:
+        return cls(layout.root, layout.data)
+
+    @classmethod
+    def site(cls, layout: RunLayout, site: str) -> DataDirs:
+        return cls(layout.root, layout.site_data(site))
+
+    def shard(self, shard_id: str) -> Path:
+        return self.base / "shards" / f"{shard_id}.zarr"
+
+    def heldout(self, domain: str) -> Path:
+        return self.base / "heldout" / f"{domain}.zarr"
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
 
 
 class _ShardPacker:
     """Cuts one source's training stream into shards of exactly `shard_tokens` (the last may be shorter)."""
 
-    def __init__(self, source: SourceConfig, layout: RunLayout, shard_tokens: int, dtype: np.dtype):
-        self.source, self.layout, self.shard_tokens, self.dtype = source, layout, shard_tokens, dtype
+    def __init__(self, source: SourceConfig, dirs: DataDirs, shard_tokens: int, dtype: np.dtype):
+        self.source, self.dirs, self.shard_tokens, self.dtype = source, dirs, shard_tokens, dtype
         self.entries: list[dict[str, Any]] = []
         self.writer: _ZarrStream | None = None
         self.shard_id = ""
@@ -143,7 +166,7 @@ class _ShardPacker:
                 self.shard_id = f"{self.source.name}-{len(self.entries):05d}"
                 chunk = min(CHUNK_TOKENS, self.shard_tokens)
                 attrs = {"fedhpc": {"shard": self.shard_id, "source": self.source.name, "domain": self.source.domain}}
-                self.writer = _ZarrStream(self.layout.shard(self.shard_id), self.dtype, chunk, attrs)
+                self.writer = _ZarrStream(self.dirs.shard(self.shard_id), self.dtype, chunk, attrs)
             take = min(self.shard_tokens - self.writer.tokens, len(ids) - pos)
             self.writer.append(ids[pos : pos + take])
             pos += take
@@ -157,7 +180,7 @@ class _ShardPacker:
         self.entries.append(
             {
                 "id": self.shard_id,
-                "path": _rel(self.layout, self.layout.shard(self.shard_id)),
+                "path": self.dirs.rel(self.dirs.shard(self.shard_id)),
                 "tokens": tokens,
                 "domain": s.domain,
                 "language": s.language,
@@ -223,9 +246,9 @@ def _with_eos(ids: np.ndarray, eos: int) -> np.ndarray:
     return out
 
 
-def _clean_data_dirs(layout: RunLayout, keep: set[Path] | None) -> None:
-    """Drop temporaries of a killed build and, given `keep`, arrays the new manifest no longer lists."""
-    for d in (layout.shard("x").parent, layout.heldout("x").parent):
+def _clean_data_dirs(dirs: DataDirs, keep: set[Path] | None) -> None:
+    """Drop temporaries of a killed build and, given `keep`, arrays the new listing no longer has."""
+    for d in (dirs.shard("x").parent, dirs.heldout("x").parent):
         if d.is_dir():
             for p in d.iterdir():
                 leftover = p.name.startswith(".") and p.name.endswith((".tmp", ".old"))
@@ -243,21 +266,51 @@ def build_shards(
     signer_key: Ed25519PrivateKey,
     domain_entropy: dict[str, float | None],
 ) -> dict[str, Any]:
-    """Tokenise, split and pack every source; write the tokenizer, shards, held-out splits and signed manifest."""
+    """Tokenise, split and pack `sources` into `data/`; write the tokenizer and the coordinator's signed manifest."""
+    # No valid manifest may point at shards while they are being rewritten.
+    layout.manifest_sig.unlink(missing_ok=True)
+    layout.manifest.unlink(missing_ok=True)
+    save_tokenizer(tokenizer, layout.tokenizer)
+    tok_sha = sha256_file(layout.tokenizer)
+    shards, heldout = pack_sources(sources, data, tokenizer, DataDirs.shared(layout), seed, domain_entropy)
+    manifest: dict[str, Any] = {
+        "version": MANIFEST_VERSION,
+        "tokenizer": {
+            "kind": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "sha256": tok_sha,
+        },
+        "shard_tokens": data.shard_tokens,
+        "heldout_fraction": data.heldout_fraction,
+        "seed": seed,
+        "shards": shards,
+        "heldout": heldout,
+    }
+    body = (json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+    write_bytes(layout.manifest, body)
+    write_bytes(layout.manifest_sig, (sign_bytes(signer_key, body) + "\n").encode())
+    return manifest
+
+
+def pack_sources(
+    sources: list[SourceConfig],
+    data: DataConfig,
+    tokenizer: Tokenizer,
+    dirs: DataDirs,
+    seed: int,
+    domain_entropy: dict[str, float | None],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Tokenise, split and pack every source into `dirs`: (shard entries, held-out entries).
+
+    Arrays of an earlier build that the new listing does not have are removed from `dirs`
+    (and nothing outside it), so several parties can pack into one run directory.
+    """
     names = [s.name for s in sources]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise DataError(f"data.sources: duplicate source names {dupes} (shard ids would collide)")
-    if not sources:
-        raise DataError("data.sources: no sources to shard")
-
-    # No valid manifest may point at shards while they are being rewritten.
-    layout.manifest_sig.unlink(missing_ok=True)
-    layout.manifest.unlink(missing_ok=True)
-    _clean_data_dirs(layout, None)
-
-    save_tokenizer(tokenizer, layout.tokenizer)
-    tok_sha = sha256_file(layout.tokenizer)
+    _clean_data_dirs(dirs, None)
     dtype = token_dtype(tokenizer.vocab_size)
     eos = tokenizer.eos_id
     frac = data.heldout_fraction
@@ -270,7 +323,7 @@ def build_shards(
             dom.sites.add(source.site)
             dom.pretokenised |= source.format == "hdf5"
             rng = np.random.default_rng(source_seed(seed, source.name))
-            packer = _ShardPacker(source, layout, data.shard_tokens, dtype)
+            packer = _ShardPacker(source, dirs, data.shard_tokens, dtype)
             held: list[tuple[np.ndarray, int | None]] = []
             # The newest training document waits here, so it can still become held-out if none was drawn.
             pending: tuple[np.ndarray, int | None] | None = None
@@ -303,7 +356,7 @@ def build_shards(
                 if dom.writer is None:
                     attrs = {"fedhpc": {"heldout": source.domain}}
                     dom.writer = _ZarrStream(
-                        layout.heldout(source.domain), dtype, min(CHUNK_TOKENS, data.shard_tokens), attrs
+                        dirs.heldout(source.domain), dtype, min(CHUNK_TOKENS, data.shard_tokens), attrs
                     )
                 for ids, nbytes in held:
                     dom.writer.append(ids)
@@ -336,7 +389,7 @@ def build_shards(
             heldout.append(
                 {
                     "domain": name,
-                    "path": _rel(layout, writer.final),
+                    "path": dirs.rel(writer.final),
                     "tokens": tokens,
                     "sha256": sha,
                     "dtype": str(dtype),
@@ -353,21 +406,9 @@ def build_shards(
                 dom.writer.abort()
         raise
 
-    manifest: dict[str, Any] = {
-        "version": MANIFEST_VERSION,
-        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eos_id": eos, "sha256": tok_sha},
-        "shard_tokens": data.shard_tokens,
-        "heldout_fraction": frac,
-        "seed": seed,
-        "shards": shards,
-        "heldout": heldout,
-    }
-    body = (json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
-    write_bytes(layout.manifest, body)
-    write_bytes(layout.manifest_sig, (sign_bytes(signer_key, body) + "\n").encode())
-    keep = {layout.root / e["path"] for e in shards} | {layout.root / e["path"] for e in heldout}
-    _clean_data_dirs(layout, keep)
-    return manifest
+    keep = {dirs.root / e["path"] for e in shards} | {dirs.root / e["path"] for e in heldout}
+    _clean_data_dirs(dirs, keep)
+    return shards, heldout
 
 
 def load_manifest(layout: RunLayout, trust: TrustStore) -> dict[str, Any]:

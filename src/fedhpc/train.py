@@ -14,6 +14,7 @@ import torch
 from . import distributed, site_state
 from .allocate import stable_seed
 from .audit import AuditLog
+from .catalogue import load_data
 from .checkpoints import build_model, load_global_meta
 from .compress import Codec, codec_metadata, encode_with_feedback
 from .config import Config
@@ -24,7 +25,7 @@ from .files import append_jsonl, finite_or_none, read_json, sha256_file, write_j
 from .layout import RunLayout
 from .loop import local_round, mean_loss, to_windows
 from .model import load_exported_state
-from .shards import load_manifest, read_shard
+from .shards import read_shard
 from .signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
 from .site_correction import GradCorrection
 from .sites import batch_shape
@@ -103,6 +104,17 @@ def _precheck(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: s
     return None
 
 
+def _check_catalogue_unchanged(layout: RunLayout, plan: dict, site: str) -> None:
+    """The shards this site trains are the ones the plan was made from: a catalogue rebuilt
+    since (other shards under the same ids) would train on data the coordinator never saw listed."""
+    planned = plan.get("catalogues", {}).get(site)
+    if planned is not None and sha256_file(layout.catalogue(site)) != planned:
+        raise TrainingError(
+            f"site {site!r}: {layout.catalogue(site)} changed since round {plan['round']} was planned "
+            "(data rebuilt?); the coordinator must plan from the new catalogue"
+        )
+
+
 def _single_process_group_for_deepspeed(world: World) -> None:
     # DeepSpeed always wants a process group, even for one rank.
     if world.distributed or torch.distributed.is_initialized():
@@ -143,8 +155,9 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
             slurm_cluster=os.environ.get("SLURM_CLUSTER_NAME"),
         )
 
-    manifest = load_manifest(layout, trust)
-    shards = {s["id"]: s for s in manifest["shards"]}
+    data = load_data(layout, trust, [site])
+    _check_catalogue_unchanged(layout, load_plan(layout, trust, r), site)
+    shards = {s["id"]: s for s in data["shards"]}
     tokens = torch.from_numpy(
         np.concatenate([read_shard(layout, shards[sid]).astype("int64") for sid in entry["shards"]])
     )
