@@ -95,9 +95,8 @@ def cmd_init(a: argparse.Namespace) -> int:
     from .shards import load_manifest
 
     ctx = context(a.config)
-    vocab = load_manifest(ctx.layout, ctx.trust)["tokenizer"]["vocab_size"]
-    meta = init_global(ctx.cfg, ctx.layout, ctx.trust, vocab)
-    print(f"initial global model: {meta['parameters']:,} parameters, sha256 {meta['sha256'][:16]}")
+    meta = init_global(ctx.cfg, ctx.layout, ctx.trust, load_manifest(ctx.layout, ctx.trust))
+    print(f"initial global model: {meta.get('parameters', 0):,} parameters, sha256 {meta['sha256'][:16]}")
     return 0
 
 
@@ -211,7 +210,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         model, out = ctx.layout.global_model(a.round), ctx.layout.global_eval(a.round)
     else:
         model, out = ctx.layout.candidate(a.round), ctx.layout.candidate_eval(a.round)
-    res = write_eval(ctx.cfg, ctx.layout, ctx.trust, model, base["vocab_size"], out, a.threads)
+    res = write_eval(ctx.cfg, ctx.layout, ctx.trust, model, base, out, a.threads)
     print(f"round {a.round} {a.which}: held-out loss {res['loss']}")
     return 0
 

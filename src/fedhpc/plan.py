@@ -13,7 +13,7 @@ from .gather import arrived_sites, bundle_checks
 from .layout import RunLayout
 from .shards import load_manifest
 from .signing import COORDINATOR, TrustStore, create_keypair, sign_document
-from .sites import batch_shape, site_ranks
+from .tasks import load_task
 
 
 def missed_shards(
@@ -62,19 +62,10 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
         measured = learned_throughput({n: s.throughput for n, s in sites.items()}, tps)
     plan = make_plan(r, shards, sites, cfg.rounds.tokens_per_round, cfg.seed, prev, requeue, measured)
     plan["notes"] = joined + plan["notes"]
-    vocab = manifest["tokenizer"]["vocab_size"]
+    task = load_task(cfg)
     for name, entry in plan["sites"].items():
-        shape = batch_shape(
-            name,
-            cfg.sites[name],
-            cfg.model,
-            vocab,
-            cfg.sites[name].batch_tokens or cfg.training.batch_tokens,
-            cfg.training.max_micro_batch,
-            devices=site_ranks(cfg.sites[name]),
-        )
-        entry["micro_batch"] = shape.micro_batch
-        entry["grad_accum_planned"] = shape.grad_accum
+        # What the task plans per site from its capability profile (e.g. the batch its memory holds).
+        entry.update(task.plan_site(name, cfg.sites[name], manifest))
     plan.update(run=cfg.run, created=time.time(), requeued=requeue)
     plan = sign_document(plan, COORDINATOR, trust.private_key(COORDINATOR))
     write_json(layout.plan(r), plan)

@@ -13,6 +13,9 @@ from .files import atomic_path, read_json, write_json
 from .layout import RunLayout
 from .signing import TrustStore
 
+# Fields of model.json that belong to one global model, not to the model family.
+_PER_ROUND = {"round", "sha256", "signature", "source", "reason", "parent_sha256", "from_round", "eval_loss", "run"}
+
 
 def gate(baseline_loss: float | None, candidate_loss: float | None, max_regression: float) -> tuple[bool, str]:
     """Accept the candidate unless its held-out loss is missing/non-finite or regressed too far."""
@@ -51,6 +54,10 @@ def promote_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, bas
     baseline = read_json(layout.global_eval(r))
     candidate = read_json(layout.candidate_eval(r))
     ok, reason = gate(baseline["loss"], candidate["loss"], cfg.evaluation.max_regression)
+    failed = {k: g for k, g in sorted((candidate.get("guards") or {}).items()) if not g.get("ok", True)}
+    if ok and failed:
+        ok = False
+        reason = "; ".join(f"guard {k} failed: {g.get('reason') or 'not ok'}" for k, g in failed.items())
     src, chosen_eval = (layout.candidate(r), candidate) if ok else (layout.global_model(r), baseline)
     _place(src, layout.global_model(r + 1))
     _carry_server_state(layout, r, ok)
@@ -66,9 +73,8 @@ def promote_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, bas
             "reason": reason,
             "parent_sha256": base["sha256"],
             "from_round": r,
-            "vocab_size": base["vocab_size"],
-            "model": base["model"],
-            "parameters": base["parameters"],
+            # What describes the model (task, vocabulary, shape, base checkpoint) carries over.
+            **{k: v for k, v in base.items() if k not in _PER_ROUND},
             "eval_loss": chosen_eval["loss"],
         },
     )
