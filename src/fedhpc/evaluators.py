@@ -122,3 +122,30 @@ def run_evaluators(cfg: Config, task: Task, ec: EvalContext, result: dict) -> tu
         if gate and "ok" in res:
             guards[label] = {"ok": bool(res["ok"]), "reason": res.get("reason", ""), "evaluator": True}
     return results, guards
+
+
+_SKIP = {"loss", "perplexity", "tokens", "entropy_floor", "gap_to_floor", "domains", "model_sha256", "guards"}
+
+
+def flat_metrics(ev: dict[str, Any]) -> dict[str, float]:
+    """The numbers of an eval.json beyond loss and domains, flattened (`mrr_at_10`,
+    `evaluators.language_perplexity.groups.en.perplexity`, …), for MLflow and the report."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, bool):
+            out[prefix] = float(value)
+        elif isinstance(value, (int, float)) and math.isfinite(value):
+            out[prefix] = float(value)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+
+    for key, value in ev.items():
+        if key not in _SKIP:
+            walk(key, value)
+    for name, guard in (ev.get("guards") or {}).items():
+        out[f"guards.{name}.ok"] = float(bool(guard.get("ok", True)))
+        if isinstance(guard.get("value"), (int, float)) and math.isfinite(guard["value"]):
+            out[f"guards.{name}.value"] = float(guard["value"])
+    return out
