@@ -83,3 +83,32 @@ def summary(tmp: Path, cfg: dict) -> dict:
 
 def events(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "audit.jsonl").read_text().splitlines()]
+
+
+def run_stages(config: Path, rounds: int, sites: list[str], synth: bool = False, track: bool = False) -> None:
+    """Every stage of a federation, in the order the workflow runs them, as `fedhpc <verb>` calls in
+    this process (the rules are exactly these calls): for tasks whose imports would dominate a
+    workflow run (transformers, sentence-transformers) if every job paid for them again."""
+    from fedhpc.cli import main
+
+    def stage(*args: str) -> None:
+        assert main([*args, "--config", str(config)]) == 0, args
+
+    stage("keys", "ensure")
+    if synth:
+        stage("synth")
+    stage("shard")
+    stage("init")
+    stage("evaluate", "--round", "0", "--which", "global", "--threads", "2")
+    status = config.parent / "status"
+    for r in range(rounds):
+        stage("plan", "--round", str(r))
+        for site in sites:
+            stage("train", "--round", str(r), "--site", site, "--threads", "2", "--status", f"{status}/{r}-{site}.json")
+        for verb in ("gather", "verify", "aggregate"):
+            stage(verb, "--round", str(r))
+        stage("evaluate", "--round", str(r), "--which", "candidate", "--threads", "2")
+        stage("promote", "--round", str(r))
+        if track:
+            stage("track", "--round", str(r))
+    stage("report")

@@ -1,0 +1,104 @@
+"""A pretrained Hugging Face causal LM from a local directory, federated with LoRA adapters."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedhpc.tensorfile import read_specs
+from tests.hf_util import tiny_causal_lm
+from tests.workflow_util import run_stages, tiny_config
+
+pytest.importorskip("peft")
+
+LORA = {"r": 4, "alpha": 8.0, "target_modules": ["c_attn"]}
+# GPT-2's c_attn is a Conv1D of weight [in, out] = [32, 96]: lora_A is [r, 32], lora_B [96, r].
+ADAPTERS = {
+    f"lm.base_model.model.transformer.h.{i}.attn.c_attn.lora_{ab}.default.weight": shape
+    for i in (0, 1)
+    for ab, shape in (("A", (4, 32)), ("B", (96, 4)))
+}
+
+
+def words(n: int) -> list[str]:
+    import random
+
+    rng = random.Random(1)
+    vocab = ["trial", "dose", "patient", "kinase", "court", "ruling", "pump", "valve", "the", "of", "a"]
+    return [" ".join(rng.choice(vocab) for _ in range(12)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora")
+    model = tiny_causal_lm(tmp / "base", words(400))
+    cfg = tiny_config(tmp, run="lora", rounds=2)
+    cfg["sites"] = {"lumi": cfg["sites"]["lumi"], "laptop": cfg["sites"]["laptop"]}
+    cfg["data"]["synth"]["domains"] = [
+        {"name": "law", "generator": "words", "words": 60, "site": "lumi"},
+        {"name": "web", "generator": "zipf", "alphabet": 12},
+    ]
+    cfg["data"]["tokenizer"] = {"kind": "pretrained", "path": str(model)}
+    cfg["task"] = {"name": "hf_causal_lm", "options": {"path": str(model), "seq_len": 32, "lora": LORA}}
+    cfg["training"]["lr"] = 0.05
+    cfg["rounds"]["tokens_per_round"] = 12000
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run_stages(tmp / "config.yaml", rounds=2, sites=["laptop", "lumi"], synth=True)
+    return tmp, cfg, Path(cfg["output_dir"]) / "lora", model
+
+
+def test_only_adapter_tensors_travel_and_are_aggregated(lora_run):
+    _, _, run, _ = lora_run
+    payload = sum(4 * math.prod(s) for s in ADAPTERS.values())
+    for r in ("r0000", "r0001"):
+        for site in ("laptop", "lumi"):
+            update = run / "rounds" / r / "sites" / site / "update.safetensors"
+            specs = read_specs(update)
+            assert {k: v.shape for k, v in specs.items()} == ADAPTERS and {v.dtype for v in specs.values()} == {"F32"}
+            receipt = json.loads(update.with_name("receipt.json").read_text())
+            # Only the fp32 adapter payload and the safetensors header: no base-model weight travels.
+            assert payload <= receipt["update_bytes"] == update.stat().st_size < payload + 4096
+        agg = json.loads((run / "rounds" / r / "aggregate.json").read_text())
+        assert agg["update_bytes"] == {
+            s: (run / "rounds" / r / "sites" / s / "update.safetensors").stat().st_size for s in ("laptop", "lumi")
+        }
+        assert set(read_specs(run / "rounds" / r / "candidate" / "model.safetensors")) == set(ADAPTERS)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["bytes_per_round"] == [sum(h["update_bytes"].values()) for h in summary["history"]]
+    assert all(payload * 2 <= b < (payload + 4096) * 2 for b in summary["bytes_per_round"])
+
+
+def test_lora_federation_learns_and_records_its_base(lora_run):
+    _, _, run, model = lora_run
+    summary = json.loads((run / "summary.json").read_text())
+    # Adapters on the attention of a random base move the loss little, but it must move down.
+    assert summary["excluded_updates"] == [] and summary["final_eval_loss"] < 0.99 * summary["initial_eval_loss"]
+    meta = json.loads((run / "rounds" / "r0002" / "global" / "model.json").read_text())
+    from fedhpc.tasks.hf_lm import base_sha256
+
+    assert meta["base_sha256"] == base_sha256(model) and meta["lora"]["r"] == 4
+    assert meta["parameters"] == sum(math.prod(s) for s in ADAPTERS.values()) < meta["total_parameters"] / 10
+
+
+def test_a_site_with_another_base_model_refuses_to_train(lora_run, tmp_path):
+    from fedhpc.cli import context
+    from fedhpc.train import TrainingError, train_site
+
+    tmp, cfg, run, model = lora_run
+    other = tiny_causal_lm(tmp_path / "other", words(400), seed=5)
+    cfg = json.loads(json.dumps(cfg))
+    cfg["task"]["options"]["path"] = str(other)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    ctx = context(str(tmp_path / "config.yaml"))
+    (run / "rounds" / "r0001" / "arrivals.json").rename(tmp_path / "arrivals.json")  # reopen round 1
+    (run / "rounds" / "r0001" / "sites" / "lumi" / "receipt.json").rename(tmp_path / "receipt.json")
+    try:
+        with pytest.raises(TrainingError, match="is not the one the federation started from"):
+            train_site(ctx.cfg, ctx.layout, ctx.trust, 1, "lumi", 1)
+    finally:
+        (tmp_path / "arrivals.json").rename(run / "rounds" / "r0001" / "arrivals.json")
+        (tmp_path / "receipt.json").rename(run / "rounds" / "r0001" / "sites" / "lumi" / "receipt.json")
