@@ -102,3 +102,27 @@ def test_a_site_with_another_base_model_refuses_to_train(lora_run, tmp_path):
     finally:
         (tmp_path / "arrivals.json").rename(run / "rounds" / "r0001" / "arrivals.json")
         (tmp_path / "receipt.json").rename(run / "rounds" / "r0001" / "sites" / "lumi" / "receipt.json")
+
+
+def test_exported_lora_model_is_the_base_with_adapters_merged(lora_run, tmp_path):
+    import torch
+    import transformers
+
+    from fedhpc.cli import context, main
+    from fedhpc.tasks import load_task
+    from fedhpc.tensorfile import load_state
+
+    tmp, _, run, _ = lora_run
+    final = run / "rounds" / "r0002" / "global" / "model.safetensors"
+    assert main(["export", "--config", str(tmp / "config.yaml"), str(final), str(tmp_path / "hf")]) == 0
+    written = set(read_specs(tmp_path / "hf" / "model.safetensors"))
+    assert not any("lora" in k for k in written) and "transformer.h.0.attn.c_attn.weight" in written
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    ctx = context(str(tmp / "config.yaml"))
+    ours = load_task(ctx.cfg).load(load_state(final), json.loads(final.with_name("model.json").read_text())).eval()
+    idx = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(ours(idx)[0], hf(input_ids=idx).logits, atol=1e-5)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    out = hf.generate(**tok("trial dose", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert out.shape[1] >= 3

@@ -298,6 +298,30 @@ def cmd_exchange(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export_model
+
+    ctx = context(a.config)
+    rec = export_model(ctx.cfg, ctx.layout, ctx.trust, Path(a.model), Path(a.out))
+    print(f"exported round {rec['round']} ({rec['sha256'][:16]}) as {rec.get('architecture')} to {rec['out']}")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve import Completer, make_server
+
+    server = make_server(Completer(a.model_dir, a.threads), a.host, a.port)
+    host, port = server.server_address[:2]
+    print(f"serving {a.model_dir} on http://{host}:{port}/v1/completions", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from .launch import run
 
@@ -392,6 +416,14 @@ def parser() -> argparse.ArgumentParser:
     x = verb("exchange", cmd_exchange, "offer (coordinator), pull or publish (site) a round's signed bundle")
     x.add_argument("action", choices=["outbox", "outbox-data", "pull", "pull-data", "publish"])
     x.add_argument("--round", type=int, default=0)
+    ex_ = verb("export", cmd_export, "export a global model as a Hugging Face directory (+ model card)")
+    ex_.add_argument("model", help="a global model, e.g. results/<run>/rounds/r0004/global/model.safetensors")
+    ex_.add_argument("out", help="directory to write")
+    sv = verb("serve", cmd_serve, "serve an exported model: HTTP completions on POST /v1/completions", config=False)
+    sv.add_argument("model_dir", help="a directory written by `fedhpc export`")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (0: any free one; the address is printed)")
+    sv.add_argument("--threads", type=int, default=1)
     rn = verb("run", cmd_run, "run the workflow (rerun the same command to resume after any crash)", config=False)
     rn.add_argument("--profile", default="profiles/local", help="Snakemake profile (default: profiles/local)")
     rn.add_argument("--configfile", help="config file (default: the workflow's config.yaml)")
