@@ -396,7 +396,11 @@ class EvaluatorConfig:
         "Built-in evaluator (`domain_perplexity`, `language_perplexity`) or an import path `package.module:Class` "
         "(or `path/to/file.py:Class`, relative to the working directory); see docs/writing-a-task.md.",
     )
-    options: dict[str, Any] = opt({}, "The evaluator's options; unknown keys are errors naming the key.")
+    options: dict[str, Any] = opt(
+        {},
+        "The evaluator's options (built-in ones: [PerplexityOptions](#perplexityoptions)); unknown keys are errors "
+        "naming the key.",
+    )
     gate: bool = opt(False, "Roll the round back when this evaluator reports `ok: false` (compliance checks).")
 
 
@@ -470,7 +474,12 @@ class TaskConfig:
         "`package.module:Class` (or `path/to/file.py:Class`, relative to the working directory) of a "
         "`fedhpc.tasks.Task` subclass; see docs/writing-a-task.md.",
     )
-    options: dict[str, Any] = opt({}, "The task's options; unknown keys are errors naming the key.")
+    options: dict[str, Any] = opt(
+        {},
+        "The task's options (built-in tasks: [HFCausalLMOptions](#hfcausallmoptions), "
+        "[EmbeddingOptions](#embeddingoptions); `gpt` has none, its shape is `model:`); unknown keys are errors "
+        "naming the key.",
+    )
 
 
 @dataclass(kw_only=True)

@@ -317,6 +317,13 @@ def markdown_docs() -> str:
                         visit(c)
 
     visit(Config)
+    from .evaluators import PerplexityOptions
+    from .tasks.embedding import EmbeddingOptions
+    from .tasks.hf_lm import HFCausalLMOptions
+
+    # The built-in tasks' and evaluators' `options` (checked when the config is validated).
+    for cls in (HFCausalLMOptions, EmbeddingOptions, PerplexityOptions):
+        visit(cls)
     for cls in seen:
         hints = typing.get_type_hints(cls)
         out += [

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .audit import AuditLog
 from .config import Config
 from .errors import FedhpcError
 from .files import read_json, sha256_file, write_bytes
@@ -141,6 +142,9 @@ def export_model(cfg: Config, layout: RunLayout, trust: TrustStore, model_file: 
     evaluation = meta_path.with_name("eval.json")
     card = model_card(cfg, meta, read_json(evaluation) if evaluation.is_file() else None, written)
     write_bytes(out / "README.md", card.encode())
+    AuditLog(layout.audit).append(
+        "model.exported", round=meta["round"], sha256=meta["sha256"], out=str(out.resolve()), **written
+    )
     return {"out": str(out), "round": meta["round"], "sha256": meta["sha256"], **written}
 
 

@@ -86,5 +86,6 @@ def promote_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, bas
         reason=reason,
         eval_loss=chosen_eval["loss"],
         candidate_loss=candidate["loss"],
+        failed_guards=sorted(failed),
     )
     return meta
