@@ -182,3 +182,18 @@ def test_exported_embedding_model_loads_offline_and_embeds_the_same(federation, 
         exported.encode(texts, convert_to_tensor=True), ours.encode(texts, convert_to_tensor=True), atol=1e-5
     )
     assert "mrr_at_10" in (tmp_path / "st" / "README.md").read_text()
+
+
+def test_batches_avoid_false_negatives_while_entities_last():
+    import random
+
+    from fedhpc.tasks.embedding import distinct_batches
+
+    pairs = [{"entity": f"e{i % 10}", "n": i} for i in range(47)]
+    batches = distinct_batches(pairs, 8, random.Random(0))
+    assert len(batches) == 5 and all(len(b) == 8 for b in batches)
+    used = [p["n"] for b in batches for p in b]
+    assert len(used) == len(set(used)) == 40  # every pair at most once; 7 left over
+    assert all(len({p["entity"] for p in b}) == 8 for b in batches[:4])  # distinct while 10 entities remain
+    # A single entity left: the batch is topped up instead of dropped.
+    assert len(distinct_batches([{"entity": "x"}] * 6, 3, random.Random(0))) == 2

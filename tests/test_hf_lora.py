@@ -126,3 +126,29 @@ def test_exported_lora_model_is_the_base_with_adapters_merged(lora_run, tmp_path
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
     out = hf.generate(**tok("trial dose", return_tensors="pt"), max_new_tokens=5, do_sample=False)
     assert out.shape[1] >= 3
+
+
+def test_full_fine_tuning_exchanges_every_weight_and_config_errors_name_their_key(lora_run, tmp_path):
+    import transformers
+
+    from fedhpc.config_schema import ConfigError, validate
+    from fedhpc.tasks import load_task
+
+    tmp, cfg, run, model = lora_run
+    raw = json.loads(json.dumps(cfg))
+    raw["task"]["options"].pop("lora")
+    task = load_task(validate(raw))
+    state, described = task.init_model(json.loads((run / "data" / "manifest.json").read_text()))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, local_files_only=True)
+    # Every weight travels, the tied output projection once (named_parameters skips the alias).
+    assert set(state) == {f"lm.{n}" for n, _ in hf.named_parameters()} and "lm.lm_head.weight" not in state
+    assert described["parameters"] == described["total_parameters"] == sum(p.numel() for p in hf.parameters())
+    raw["data"]["tokenizer"] = {"kind": "byte"}
+    raw["task"]["options"]["seq_len"] = 65
+    with pytest.raises(ConfigError) as info:
+        validate(raw)
+    assert "data.tokenizer.kind: a pretrained model brings its tokenizer" in str(info.value)
+    assert "task.options.seq_len: 65 exceeds the model's 64 positions" in str(info.value)
+    raw["task"]["options"]["path"] = str(tmp_path)
+    with pytest.raises(ConfigError, match="task.options.path: .* is not a model directory"):
+        validate(raw)

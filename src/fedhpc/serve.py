@@ -15,8 +15,14 @@ from typing import Any
 
 import torch
 
+from .errors import FedhpcError
+
 MAX_BODY = 1 << 20
 MAX_NEW_TOKENS = 512
+
+
+class ServeError(FedhpcError, ValueError):
+    """The directory to serve is not an exported causal language model."""
 
 
 class Completer:
@@ -27,8 +33,13 @@ class Completer:
 
         torch.set_num_threads(threads)
         self.path = Path(model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True).eval()
+        if not (self.path / "config.json").is_file():
+            raise ServeError(f"{self.path}: no config.json; give a directory written by `fedhpc export`")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            self.model = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True).eval()
+        except (OSError, ValueError) as exc:
+            raise ServeError(f"{self.path}: not a causal language model transformers can load ({exc})") from None
         self.positions = int(
             getattr(self.model.config, "n_positions", None) or self.model.config.max_position_embeddings
         )

@@ -100,8 +100,8 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def distinct_batches(pairs: list[dict], size: int, rng: random.Random) -> list[list[dict]]:
-    """Shuffled batches of `size` in which no entity appears twice: two pairs about the same entity
-    would be each other's false negatives under an in-batch ranking loss."""
+    """Shuffled batches of `size`, each with as few repeated entities as the data allows: two pairs
+    about the same entity would be each other's false negatives under an in-batch ranking loss."""
     pool = list(pairs)
     rng.shuffle(pool)
     batches = []
@@ -113,10 +113,10 @@ def distinct_batches(pairs: list[dict], size: int, rng: random.Random) -> list[l
                 seen.add(p["entity"])
             else:
                 rest.append(p)
-        if len(batch) < size:
-            break
-        batches.append(batch)
-        pool = rest
+        # Fewer distinct entities left than a batch holds: top it up rather than drop the pairs.
+        short = size - len(batch)
+        batches.append(batch + rest[:short])
+        pool = rest[short:]
     return batches
 
 
