@@ -142,7 +142,7 @@ def test_cached_mnrl_keeps_the_virtual_batch_and_has_the_same_gradients(tmp_path
     assert task.plan_site("laptop", cfg.sites["laptop"], {}) == {
         "batch_size": 16,
         "mini_batch_size": 6,
-        "loss": "cached_mnrl",
+        "loss_function": "cached_mnrl",
     }
     assert task.plan_site("lumi", cfg.sites["lumi"], {})["mini_batch_size"] == 16
     batch = [p.__dict__ for p in pairs("pharma", 3, "train")[:16]]

@@ -78,7 +78,9 @@ def track_round(cfg: Config, layout: RunLayout, r: int) -> dict:
         rid = child.info.run_id
         # Common receipt fields and those of the task (a batch shape, a loss name…) that it reported.
         keys = ("task", "micro_batch", "grad_accum", "ranks", "engine", "batch_tokens", "batch_size", "mini_batch_size")
-        params = {k: receipt[k] for k in (*keys, "loss", "steps", "tokens", "device") if receipt.get(k) is not None}
+        params = {
+            k: receipt[k] for k in (*keys, "loss_function", "steps", "tokens", "device") if receipt.get(k) is not None
+        }
         metrics = []
         path = layout.metrics(r, site)
         for line in path.read_text().splitlines() if path.exists() else []:

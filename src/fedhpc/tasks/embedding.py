@@ -219,7 +219,7 @@ class EmbeddingTask(Task):
             batch, mini = self.batches_for(site_cfg)
         except TrainingError as exc:
             raise TrainingError(f"site {site!r}: {exc}") from None
-        return {"batch_size": batch, "mini_batch_size": mini, "loss": self.options.loss}
+        return {"batch_size": batch, "mini_batch_size": mini, "loss_function": self.options.loss}
 
     # -- training --------------------------------------------------------------------------
     def _loss(self, model, mini_batch: int):
@@ -320,7 +320,7 @@ class EmbeddingTask(Task):
             loss_after=after,
             train_loss_last=last,
             seconds=seconds,
-            receipt={"batch_size": batch, "mini_batch_size": mini, "loss": self.options.loss},
+            receipt={"batch_size": batch, "mini_batch_size": mini, "loss_function": self.options.loss},
         )
 
     # -- evaluation ------------------------------------------------------------------------
