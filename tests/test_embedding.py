@@ -183,6 +183,31 @@ def test_exported_embedding_model_loads_offline_and_embeds_the_same(federation, 
     )
     assert "mrr_at_10" in (tmp_path / "st" / "README.md").read_text()
 
+    # `fedhpc serve` on the export answers embedding requests on loopback with the same vectors.
+    import threading
+    import urllib.request
+
+    from fedhpc.serve import Embedder, load_served, make_server
+
+    served = load_served(tmp_path / "st")
+    assert isinstance(served, Embedder)
+    server = make_server(served, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/embeddings"
+        req = urllib.request.Request(
+            url, data=json.dumps({"input": texts}).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            body = json.loads(r.read())
+        got = torch.tensor([d["embedding"] for d in body["data"]])
+        assert [d["index"] for d in body["data"]] == [0, 1] and got.shape == (2, 384)
+        assert torch.allclose(got, ours.encode(texts, convert_to_tensor=True, normalize_embeddings=True), atol=1e-5)
+    finally:
+        server.shutdown()
+        server.server_close()
+
 
 def test_batches_avoid_false_negatives_while_entities_last():
     import random

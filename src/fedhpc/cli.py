@@ -308,11 +308,12 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .serve import Completer, make_server
+    from .serve import load_served, make_server
 
-    server = make_server(Completer(a.model_dir, a.threads), a.host, a.port)
+    served = load_served(a.model_dir, a.threads)
+    server = make_server(served, a.host, a.port)
     host, port = server.server_address[:2]
-    print(f"serving {a.model_dir} on http://{host}:{port}/v1/completions", flush=True)
+    print(f"serving {a.model_dir} on http://{host}:{port}{served.route}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -419,7 +420,12 @@ def parser() -> argparse.ArgumentParser:
     ex_ = verb("export", cmd_export, "export a global model as a Hugging Face directory (+ model card)")
     ex_.add_argument("model", help="a global model, e.g. results/<run>/rounds/r0004/global/model.safetensors")
     ex_.add_argument("out", help="directory to write")
-    sv = verb("serve", cmd_serve, "serve an exported model: HTTP completions on POST /v1/completions", config=False)
+    sv = verb(
+        "serve",
+        cmd_serve,
+        "serve an exported model: POST /v1/completions (causal LM) or /v1/embeddings (sentence embeddings)",
+        config=False,
+    )
     sv.add_argument("model_dir", help="a directory written by `fedhpc export`")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     sv.add_argument("--port", type=int, default=8000, help="port (0: any free one; the address is printed)")

@@ -1,8 +1,10 @@
-"""`fedhpc serve`: a small HTTP completion endpoint for a first look at an exported checkpoint.
+"""`fedhpc serve`: a small HTTP endpoint for a first look at an exported checkpoint.
 
-POST /v1/completions {"prompt": str, "max_tokens": int, "temperature": float, "seed": int}
-answers {"choices": [{"text", "finish_reason"}], "usage": {...}}; GET /health says what is loaded.
-One request generates at a time; it is meant for stakeholders' first use, not for production.
+A causal LM answers POST /v1/completions {"prompt": str, "max_tokens": int, "temperature": float,
+"seed": int} with {"choices": [{"text", "finish_reason"}], "usage": {...}}; a sentence-transformers
+export answers POST /v1/embeddings {"input": str | [str]} with {"data": [{"index", "embedding"}]}.
+GET /health says what is loaded. One request runs at a time; it is for stakeholders' first use,
+not for production.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ MAX_NEW_TOKENS = 512
 
 
 class ServeError(FedhpcError, ValueError):
-    """The directory to serve is not an exported causal language model."""
+    """The directory to serve is not an exported model fedhpc can serve."""
 
 
 class Completer:
     """An exported Hugging Face causal LM and its tokenizer, loaded offline."""
+
+    route = "/v1/completions"
 
     def __init__(self, model_dir: str | Path, threads: int = 1):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,8 +83,62 @@ class Completer:
             "usage": {"prompt_tokens": int(ids.shape[1]), "completion_tokens": int(len(new))},
         }
 
+    def handle(self, req: dict) -> dict[str, Any]:
+        prompt = req["prompt"]
+        if not isinstance(prompt, str):
+            raise TypeError("prompt must be a string")
+        return self.complete(
+            prompt,
+            max_tokens=int(req.get("max_tokens", 32)),
+            temperature=float(req.get("temperature", 0.0)),
+            seed=int(req.get("seed", 0)),
+        )
 
-def make_server(completer: Completer, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.path.name, "kind": "causal-lm", "positions": self.positions}
+
+
+class Embedder:
+    """An exported sentence-transformers model (the embedding task's export), loaded offline."""
+
+    route = "/v1/embeddings"
+    MAX_INPUTS = 256
+
+    def __init__(self, model_dir: str | Path, threads: int = 1):
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(threads)
+        self.path = Path(model_dir)
+        self.model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
+        self.lock = threading.Lock()
+
+    def handle(self, req: dict) -> dict[str, Any]:
+        texts = req["input"]
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("input must be a string or a non-empty list of strings")
+        if len(texts) > self.MAX_INPUTS:
+            raise ValueError(f"at most {self.MAX_INPUTS} inputs per request")
+        with self.lock, torch.no_grad():
+            vectors = self.model.encode(texts, convert_to_tensor=True, normalize_embeddings=True)
+        return {
+            "object": "list",
+            "model": self.path.name,
+            "data": [{"index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.path.name, "kind": "sentence-embedding"}
+
+
+def load_served(model_dir: str | Path, threads: int = 1) -> Completer | Embedder:
+    """What `model_dir` holds: a sentence-transformers export (modules.json) or a causal LM."""
+    if (Path(model_dir) / "modules.json").is_file():
+        return Embedder(model_dir, threads)
+    return Completer(model_dir, threads)
+
+
+def make_server(served: Completer | Embedder, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def _send(self, code: int, body: dict) -> None:
             data = json.dumps(body).encode()
@@ -92,13 +150,13 @@ def make_server(completer: Completer, host: str = "127.0.0.1", port: int = 8000)
 
         def do_GET(self) -> None:
             if self.path == "/health":
-                self._send(200, {"status": "ok", "model": completer.path.name, "positions": completer.positions})
+                self._send(200, {"status": "ok", **served.describe()})
             else:
-                self._send(404, {"error": f"no such path {self.path}; try POST /v1/completions"})
+                self._send(404, {"error": f"no such path {self.path}; try POST {served.route}"})
 
         def do_POST(self) -> None:
-            if self.path != "/v1/completions":
-                self._send(404, {"error": f"no such path {self.path}; try POST /v1/completions"})
+            if self.path != served.route:
+                self._send(404, {"error": f"no such path {self.path}; try POST {served.route}"})
                 return
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_BODY:
@@ -106,15 +164,9 @@ def make_server(completer: Completer, host: str = "127.0.0.1", port: int = 8000)
                 return
             try:
                 req = json.loads(self.rfile.read(length) or b"{}")
-                prompt = req["prompt"]
-                if not isinstance(prompt, str):
-                    raise TypeError("prompt must be a string")
-                res = completer.complete(
-                    prompt,
-                    max_tokens=int(req.get("max_tokens", 32)),
-                    temperature=float(req.get("temperature", 0.0)),
-                    seed=int(req.get("seed", 0)),
-                )
+                if not isinstance(req, dict):
+                    raise TypeError("the request body must be a JSON object")
+                res = served.handle(req)
             except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
                 self._send(400, {"error": f"bad request: {type(exc).__name__}: {exc}"})
                 return
