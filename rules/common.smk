@@ -9,6 +9,7 @@ from fedhpc.config_schema import ConfigError, as_dict, validate
 from fedhpc.files import write_json
 from fedhpc.layout import round_name
 from fedhpc.sites import site_ranks
+from fedhpc.tasks import load_task
 
 try:
     CFG = validate(
@@ -25,6 +26,9 @@ ROLE = CFG.exchange.role
 SITES = [CFG.exchange.site] if ROLE == "site" else sorted(CFG.sites)
 ROUNDS = list(range(CFG.rounds.count))
 KEYS = CFG.trust.keys_dir or f"{RUN}/keys"
+# Language-model tasks tokenise `data:` and keep the run's tokenizer beside the manifest;
+# tasks with their own data format write only shards and the manifest.
+USES_TOKENS = load_task(CFG).uses_tokens
 # Every job reads the validated config from this snapshot, so `--config` overrides on the
 # command line reach the jobs too. Rewritten only when it changes.
 CONFIG_JSON = f"{RUN}/config.json"
@@ -68,7 +72,16 @@ def generated(site):
 
 def holds_data(site):
     """Whether a site packs data of its own (and so keeps held-out splits to score models on)."""
-    return bool(generated(site)) or any(s.site == site for s in CFG.data.sources)
+    own = bool(generated(site)) or any(s.site == site for s in CFG.data.sources)
+    # A task with its own data format generates all of it at the coordinator.
+    return USES_TOKENS and own
+
+
+def data_files():
+    names = ["manifest.json", "manifest.sig"] + (
+        ["tokenizer.json"] if USES_TOKENS else []
+    )
+    return [f"{RUN}/data/{name}" for name in names]
 
 
 def corpus_inputs(wildcards):

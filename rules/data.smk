@@ -37,9 +37,7 @@ rule shard:
         # Only the signer's key: a site's key installed later must not make the data stale.
         f"{KEYS}/coordinator.pub",
     output:
-        manifest=f"{RUN}/data/manifest.json",
-        signature=f"{RUN}/data/manifest.sig",
-        tokenizer=f"{RUN}/data/tokenizer.json",
+        data_files(),
     log:
         f"{RUN}/logs/shard.log",
     conda:

@@ -7,9 +7,7 @@ if ROLE == "coordinator":
 
     rule outbox_data:
         input:
-            f"{RUN}/data/manifest.json",
-            f"{RUN}/data/manifest.sig",
-            f"{RUN}/data/tokenizer.json",
+            data_files(),
         output:
             f"{RUN}/data/bundle.json",
         log:
@@ -59,9 +57,7 @@ if ROLE == "site":
 
     rule pull_data:
         output:
-            f"{RUN}/data/manifest.json",
-            f"{RUN}/data/manifest.sig",
-            f"{RUN}/data/tokenizer.json",
+            data_files(),
         log:
             f"{RUN}/logs/exchange/pull-data.log",
         localrule: True

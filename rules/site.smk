@@ -20,8 +20,7 @@ rule synth_site:
 rule shard_site:
     input:
         site_corpus_inputs,
-        f"{RUN}/data/manifest.json",
-        f"{RUN}/data/tokenizer.json",
+        data_files(),
     output:
         f"{RUN}/data/sites/{{site}}/catalogue.json",
     log:

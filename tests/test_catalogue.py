@@ -131,7 +131,7 @@ def test_a_shard_id_listed_twice_is_refused_naming_both_listings(tmp_path):
 
 def test_the_plan_leaves_out_a_site_whose_catalogue_is_refused_and_says_why(tmp_path):
     cfg, layout, trust = federation(tmp_path)
-    init_global(cfg, layout, trust, read_json(layout.manifest)["tokenizer"]["vocab_size"])
+    init_global(cfg, layout, trust, read_json(layout.manifest))
     tampered(layout, "a100", lambda b: b["shards"][0].update(residency="lumi"), trust=trust)
     plan = plan_round(cfg, layout, trust, 0)
     assert "a100" not in plan["sites"] and plan["catalogue_missing"] == ["a100"]

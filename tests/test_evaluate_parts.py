@@ -69,11 +69,11 @@ def test_a_part_for_another_model_by_the_wrong_signer_or_with_absurd_numbers_is_
 
 def test_each_holder_scores_only_its_own_splits_and_the_merge_waits_for_missing_ones_until_the_deadline(tmp_path):
     cfg, layout, trust = federation(tmp_path)
-    init_global(cfg, layout, trust, read_json(layout.manifest)["tokenizer"]["vocab_size"])
+    init_global(cfg, layout, trust, read_json(layout.manifest))
     model = layout.global_model(0)
-    vocab = read_json(layout.manifest)["tokenizer"]["vocab_size"]
+    meta = read_json(layout.global_meta(0))
     for holder, domains in (("coordinator", ["web"]), ("lumi", ["law"]), ("laptop", [])):
-        doc = evaluate_part(cfg, layout, trust, model, vocab, holder, layout.eval_part(0, "global", holder))
+        doc = evaluate_part(cfg, layout, trust, model, meta, holder, layout.eval_part(0, "global", holder))
         assert sorted(doc["domains"]) == domains and doc["model_sha256"] == sha256_file(model)
         assert doc["signature"]["signer"] == holder
     # a100 holds clinical but never scores it: the merge waits until the deadline, then judges

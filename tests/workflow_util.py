@@ -83,3 +83,45 @@ def summary(tmp: Path, cfg: dict) -> dict:
 
 def events(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "audit.jsonl").read_text().splitlines()]
+
+
+def run_stages(config: Path, rounds: int, sites: list[str], synth: bool = False, track: bool = False) -> None:
+    """Every stage of a federation, in the order the workflow runs them, as `fedhpc <verb>` calls in
+    this process (the rules are exactly these calls): for tasks whose imports would dominate a
+    workflow run (transformers, sentence-transformers) if every job paid for them again."""
+    from fedhpc.cli import main
+
+    def stage(*args: str) -> None:
+        assert main([*args, "--config", str(config)]) == 0, args
+
+    from fedhpc.config_schema import load
+
+    cfg = load(config)
+    stage("keys", "ensure")
+    if synth:
+        for site in sorted({d.site for d in cfg.data.synth.domains}, key=str):
+            stage("synth", *(["--site", site] if site else []))
+    stage("shard")
+    for site in sites:  # every site packs its own data (tasks with their own format: nothing)
+        stage("shard", "--site", site)
+    stage("init")
+
+    def evaluate(r: int, which: str) -> None:
+        stage("evaluate", "--round", str(r), "--which", which, "--threads", "2")
+        for site in sites:
+            stage("evaluate", "--round", str(r), "--which", which, "--site", site, "--threads", "2")
+        stage("merge-eval", "--round", str(r), "--which", which)
+
+    evaluate(0, "global")
+    status = config.parent / "status"
+    for r in range(rounds):
+        stage("plan", "--round", str(r))
+        for site in sites:
+            stage("train", "--round", str(r), "--site", site, "--threads", "2", "--status", f"{status}/{r}-{site}.json")
+        for verb in ("gather", "verify", "aggregate"):
+            stage(verb, "--round", str(r))
+        evaluate(r, "candidate")
+        stage("promote", "--round", str(r))
+        if track:
+            stage("track", "--round", str(r))
+    stage("report")

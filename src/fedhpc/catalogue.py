@@ -27,12 +27,12 @@ class CatalogueError(FedhpcError, ValueError):
 
 
 def write_catalogue(
-    layout: RunLayout, site: str, tokenizer_sha256: str, shards: list[dict], heldout: list[dict], key
+    layout: RunLayout, site: str, tokenizer_sha: str | None, shards: list[dict], heldout: list[dict], key
 ) -> dict:
     doc = {
         "version": CATALOGUE_VERSION,
         "site": site,
-        "tokenizer_sha256": tokenizer_sha256,
+        "tokenizer_sha256": tokenizer_sha,
         "shards": shards,
         "heldout": heldout,
         "created": time.time(),
@@ -42,7 +42,7 @@ def write_catalogue(
     return doc
 
 
-def check_catalogue(doc: Any, trust: TrustStore, site: str, tokenizer_sha256: str, what: str) -> dict:
+def check_catalogue(doc: Any, trust: TrustStore, site: str, tokenizer_sha: str | None, what: str) -> dict:
     """The catalogue after checking signer, version, tokenizer and that every entry is the site's own."""
     if not isinstance(doc, dict):
         raise CatalogueError(f"{what}: not a JSON object")
@@ -52,7 +52,7 @@ def check_catalogue(doc: Any, trust: TrustStore, site: str, tokenizer_sha256: st
             f"{what}: version {doc.get('version')!r} for site {doc.get('site')!r}, "
             f"expected {CATALOGUE_VERSION} for {site!r}"
         )
-    if doc.get("tokenizer_sha256") != tokenizer_sha256:
+    if doc.get("tokenizer_sha256") != tokenizer_sha:
         raise CatalogueError(f"{what}: built with another tokenizer than the manifest's (sha256 differs)")
     prefix = PurePosixPath("data", "sites", site)
     for kind in ("shards", "heldout"):
@@ -74,7 +74,12 @@ def check_catalogue(doc: Any, trust: TrustStore, site: str, tokenizer_sha256: st
     return doc
 
 
-def load_catalogue(layout: RunLayout, trust: TrustStore, site: str, tokenizer_sha256: str) -> dict | None:
+def tokenizer_sha256(manifest: dict) -> str | None:
+    """The hash of the run's tokenizer (None for a task whose data is not token shards)."""
+    return (manifest.get("tokenizer") or {}).get("sha256")
+
+
+def load_catalogue(layout: RunLayout, trust: TrustStore, site: str, tokenizer_sha: str | None) -> dict | None:
     """Site `site`'s checked catalogue in this run directory, or None when it has none (yet)."""
     path = layout.catalogue(site)
     try:
@@ -83,14 +88,14 @@ def load_catalogue(layout: RunLayout, trust: TrustStore, site: str, tokenizer_sh
         return None
     except ValueError as exc:
         raise CatalogueError(f"{path}: {exc}") from None
-    return check_catalogue(doc, trust, site, tokenizer_sha256, str(path))
+    return check_catalogue(doc, trust, site, tokenizer_sha, str(path))
 
 
-def catalogued_sites(layout: RunLayout, trust: TrustStore, sites, tokenizer_sha256: str) -> dict[str, dict]:
+def catalogued_sites(layout: RunLayout, trust: TrustStore, sites, tokenizer_sha: str | None) -> dict[str, dict]:
     """The catalogues present for `sites`, each checked; a bad one is an error naming its file."""
     out = {}
     for site in sorted(sites):
-        doc = load_catalogue(layout, trust, site, tokenizer_sha256)
+        doc = load_catalogue(layout, trust, site, tokenizer_sha)
         if doc is not None:
             out[site] = doc
     return out
@@ -104,7 +109,7 @@ def load_data(layout: RunLayout, trust: TrustStore, sites=()) -> dict[str, Any]:
     merged = {**manifest, "shards": list(manifest["shards"]), "catalogues": {}}
     merged["heldout"] = [{**h, "holder": "coordinator"} for h in manifest["heldout"]]
     owner = {s["id"]: "the manifest" for s in manifest["shards"]}
-    for site, doc in catalogued_sites(layout, trust, sites, manifest["tokenizer"]["sha256"]).items():
+    for site, doc in catalogued_sites(layout, trust, sites, tokenizer_sha256(manifest)).items():
         for e in doc["shards"]:
             if e["id"] in owner:
                 raise CatalogueError(

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .audit import AuditLog
 from .config import Config
 from .errors import FedhpcError
 from .files import read_json, sha256_file, write_json
 from .layout import RunLayout
-from .model import GPT, exported_state
 from .signing import COORDINATOR, TrustStore, sign_document, verify_document
 from .tensorfile import save_state
 
 
 class CheckpointError(FedhpcError, ValueError):
     """A global checkpoint is missing, unsigned, or does not match its recorded hash."""
-
-
-def build_model(cfg: Config, vocab_size: int) -> GPT:
-    return GPT(cfg.model, vocab_size)
 
 
 def publish_global(layout: RunLayout, trust: TrustStore, r: int, model_file: Path, fields: dict[str, Any]) -> dict:
@@ -34,23 +26,20 @@ def publish_global(layout: RunLayout, trust: TrustStore, r: int, model_file: Pat
     return meta
 
 
-def init_global(cfg: Config, layout: RunLayout, trust: TrustStore, vocab_size: int) -> dict:
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, vocab_size)
-    save_state(layout.global_model(0), exported_state(model), {"run": cfg.run, "round": "0"})
+def init_global(cfg: Config, layout: RunLayout, trust: TrustStore, manifest: dict) -> dict:
+    """Round 0's global model: the task's initial exchanged tensors (random init, a pretrained
+    checkpoint, fresh adapters…), coordinator-signed like every later one."""
+    from .tasks import load_task
+
+    task = load_task(cfg)
+    state, described = task.init_model(manifest)
+    save_state(layout.global_model(0), state, {"run": cfg.run, "round": "0"})
     meta = publish_global(
         layout,
         trust,
         0,
         layout.global_model(0),
-        {
-            "run": cfg.run,
-            "source": "init",
-            "parent_sha256": None,
-            "vocab_size": vocab_size,
-            "model": dataclasses.asdict(cfg.model),
-            "parameters": sum(p.numel() for p in model.parameters()),
-        },
+        {"run": cfg.run, "source": "init", "parent_sha256": None, "task": cfg.task.name, **described},
     )
     AuditLog(layout.audit).append("global.published", round=0, sha256=meta["sha256"], source="init")
     return meta

@@ -110,9 +110,8 @@ def cmd_init(a: argparse.Namespace) -> int:
     from .shards import load_manifest
 
     ctx = context(a.config)
-    vocab = load_manifest(ctx.layout, ctx.trust)["tokenizer"]["vocab_size"]
-    meta = init_global(ctx.cfg, ctx.layout, ctx.trust, vocab)
-    print(f"initial global model: {meta['parameters']:,} parameters, sha256 {meta['sha256'][:16]}")
+    meta = init_global(ctx.cfg, ctx.layout, ctx.trust, load_manifest(ctx.layout, ctx.trust))
+    print(f"initial global model: {meta.get('parameters', 0):,} parameters, sha256 {meta['sha256'][:16]}")
     return 0
 
 
@@ -227,12 +226,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     ctx = context(a.config)
     holder = a.site or COORDINATOR
-    vocab = load_global_meta(ctx.layout, ctx.trust, a.round)["vocab_size"]
+    meta = load_global_meta(ctx.layout, ctx.trust, a.round)
     out = ctx.layout.eval_part(a.round, a.which, holder)
-    doc = evaluate_part(
-        ctx.cfg, ctx.layout, ctx.trust, _model_of(ctx.layout, a.round, a.which), vocab, holder, out, a.threads
-    )
-    scores = ", ".join(f"{d} {v['loss']:.4f}" for d, v in doc["domains"].items() if v["loss"] is not None)
+    model = _model_of(ctx.layout, a.round, a.which)
+    doc = evaluate_part(ctx.cfg, ctx.layout, ctx.trust, model, meta, holder, out, a.threads)
+    scores = ", ".join(f"{d} {v['loss']:.4f}" for d, v in doc["domains"].items() if v.get("loss") is not None)
     print(f"round {a.round} {a.which}, held out by {holder}: {scores or 'no held-out data here'}")
     return 0
 
@@ -293,6 +291,31 @@ def cmd_exchange(a: argparse.Namespace) -> int:
 
     ctx = context(a.config)
     print(exchange_action(ctx.cfg, ctx.layout, ctx.trust, a.action, a.round, a.which))
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export_model
+
+    ctx = context(a.config)
+    rec = export_model(ctx.cfg, ctx.layout, ctx.trust, Path(a.model), Path(a.out))
+    print(f"exported round {rec['round']} ({rec['sha256'][:16]}) as {rec.get('architecture')} to {rec['out']}")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve import load_served, make_server
+
+    served = load_served(a.model_dir, a.threads)
+    server = make_server(served, a.host, a.port)
+    host, port = server.server_address[:2]
+    print(f"serving {a.model_dir} on http://{host}:{port}{served.route}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 
@@ -396,6 +419,19 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("action", choices=sorted(EXCHANGE_ACTIONS))
     x.add_argument("--round", type=int, default=0)
     x.add_argument("--which", choices=["global", "candidate"], default="candidate")
+    ex_ = verb("export", cmd_export, "export a global model as a Hugging Face directory (+ model card)")
+    ex_.add_argument("model", help="a global model, e.g. results/<run>/rounds/r0004/global/model.safetensors")
+    ex_.add_argument("out", help="directory to write")
+    sv = verb(
+        "serve",
+        cmd_serve,
+        "serve an exported model: POST /v1/completions (causal LM) or /v1/embeddings (sentence embeddings)",
+        config=False,
+    )
+    sv.add_argument("model_dir", help="a directory written by `fedhpc export`")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (0: any free one; the address is printed)")
+    sv.add_argument("--threads", type=int, default=1)
     rn = verb("run", cmd_run, "run the workflow (rerun the same command to resume after any crash)", config=False)
     rn.add_argument("--profile", default="profiles/local", help="Snakemake profile (default: profiles/local)")
     rn.add_argument("--configfile", help="config file (default: the workflow's config.yaml)")

@@ -387,6 +387,27 @@ class EvaluationConfig:
         "data they keep; then it judges the model on the scores that came (and says which are missing).",
         exclusiveMinimum=0,
     )
+    evaluators: list[EvaluatorConfig] = opt(
+        [],
+        "Further evaluators run on every global and candidate model; results go to eval.json, MLflow and the report.",
+    )
+
+
+@dataclass(kw_only=True)
+class EvaluatorConfig:
+    """One evaluator run on every new global model (and candidate) after the task's own evaluation."""
+
+    name: str = opt(
+        MISSING,
+        "Built-in evaluator (`domain_perplexity`, `language_perplexity`) or an import path `package.module:Class` "
+        "(or `path/to/file.py:Class`, relative to the working directory); see docs/writing-a-task.md.",
+    )
+    options: dict[str, Any] = opt(
+        {},
+        "The evaluator's options (built-in ones: [PerplexityOptions](#perplexityoptions)); unknown keys are errors "
+        "naming the key.",
+    )
+    gate: bool = opt(False, "Roll the round back when this evaluator reports `ok: false` (compliance checks).")
 
 
 @dataclass(kw_only=True)
@@ -449,6 +470,25 @@ class ExchangeConfig:
 
 
 @dataclass(kw_only=True)
+class TaskConfig:
+    """What is trained: the built-in GPT pre-training, another built-in task, or your own."""
+
+    name: str = opt(
+        "gpt",
+        "Built-in task (`gpt`: the GPT of `model:` pre-trained on `data:`; `hf_causal_lm`: a local Hugging Face "
+        "causal LM, optionally with LoRA adapters; `embedding`: sentence-transformers fine-tuning) or an import path "
+        "`package.module:Class` (or `path/to/file.py:Class`, relative to the working directory) of a "
+        "`fedhpc.tasks.Task` subclass; see docs/writing-a-task.md.",
+    )
+    options: dict[str, Any] = opt(
+        {},
+        "The task's options (built-in tasks: [HFCausalLMOptions](#hfcausallmoptions), "
+        "[EmbeddingOptions](#embeddingoptions); `gpt` has none, its shape is `model:`); unknown keys are errors "
+        "naming the key.",
+    )
+
+
+@dataclass(kw_only=True)
 class Config:
     """A federation: who takes part, on what data, training what, for how long."""
 
@@ -462,7 +502,8 @@ class Config:
     )
     sites: dict[str, SiteConfig] = opt(MISSING, "The sites, by name.", minProperties=1)
     data: DataConfig = opt(DataConfig, "Data.")
-    model: ModelConfig = opt(ModelConfig, "Model.")
+    task: TaskConfig = opt(TaskConfig, "Training task.")
+    model: ModelConfig = opt(ModelConfig, "Model (of the built-in `gpt` task).")
     training: TrainingConfig = opt(TrainingConfig, "Local training.")
     strategy: StrategyConfig = opt(StrategyConfig, "Aggregation.")
     rounds: RoundsConfig = opt(RoundsConfig, "Rounds.")

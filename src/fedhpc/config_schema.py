@@ -26,6 +26,8 @@ def _is_dataclass(tp: Any) -> bool:
 
 def _type_schema(tp: Any) -> dict[str, Any]:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return {}
     if origin is Literal:
         return {"enum": list(args)}
     if origin in (Union, types.UnionType):
@@ -35,6 +37,8 @@ def _type_schema(tp: Any) -> dict[str, Any]:
         return {"anyOf": [sub, {"type": "null"}]}
     if origin is list:
         return {"type": "array", "items": _type_schema(args[0])}
+    if origin is dict and args[1] is Any:
+        return {"type": "object"}  # free-form: checked by the component it configures (task/evaluator options)
     if origin is dict:
         return {
             "type": "object",
@@ -86,23 +90,34 @@ def _dotted(path: typing.Iterable[Any]) -> str:
     return out or "(top level)"
 
 
-def _describe(err: jsonschema.ValidationError) -> str:
-    where = _dotted(err.absolute_path)
+def _describe(err: jsonschema.ValidationError, prefix: str = "") -> str:
+    path = [*prefix.split("."), *err.absolute_path] if prefix else list(err.absolute_path)
+    where = _dotted(path)
     if err.validator == "additionalProperties":
         allowed = sorted(err.schema.get("properties", {}))
         extra = sorted(set(err.instance) - set(allowed))
-        keys = ", ".join(f"{where}.{k}" if err.absolute_path else k for k in extra)
-        return f"unknown key {keys}; allowed keys here: {', '.join(allowed)}"
+        keys = ", ".join(f"{where}.{k}" if path else k for k in extra)
+        return f"unknown key {keys}; allowed keys here: {', '.join(allowed) or '(none)'}"
     if err.validator == "enum":
         return f"{where}: {err.instance!r} is not allowed; allowed values: {', '.join(map(str, err.validator_value))}"
     if err.validator == "anyOf":
         # Report the non-null branch, which says what a value must look like.
         sub = [e for e in err.context if e.validator != "type" or e.validator_value != "null"]
         if sub:
-            return _describe(sub[0])
+            return _describe(sub[0], prefix)
     if err.validator == "required":
         return f"{where}: {err.message}"
     return f"{where}: {err.message}"
+
+
+def describe_errors(errors: list[jsonschema.ValidationError], prefix: str = "") -> str:
+    """One line per schema error, each naming its key (under `prefix`, e.g. `task.options`)."""
+    return "\n".join(f"  - {_describe(e, prefix)}" for e in errors)
+
+
+def from_mapping(cls: type, data: dict[str, Any]) -> Any:
+    """A (schema-valid) mapping as the dataclass `cls`, nested dataclasses included."""
+    return _build(cls, data)
 
 
 def _build(cls: type, data: dict[str, Any]) -> Any:
@@ -151,7 +166,8 @@ def _semantic_problems(cfg: Config) -> list[str]:
         if s.name in names:
             problems.append(f"data.sources[{i}].name: source {s.name!r} is defined twice")
         names.add(s.name)
-    if not synth_domains and not cfg.data.sources:
+    task, task_problems = _task_problems(cfg)
+    if task is not None and task.uses_tokens and not synth_domains and not cfg.data.sources:
         problems.append("data: no data; set data.synth or data.sources")
     if "coordinator" in sites:
         problems.append("sites.coordinator: that name is the coordinator's identity; give the site another name")
@@ -163,9 +179,31 @@ def _semantic_problems(cfg: Config) -> list[str]:
         )
     if cfg.data.tokenizer.kind == "pretrained" and not cfg.data.tokenizer.path:
         problems.append("data.tokenizer.path: required when data.tokenizer.kind is 'pretrained'")
-    if cfg.model.d_model % cfg.model.n_head:
+    if cfg.task.name == "gpt" and cfg.model.d_model % cfg.model.n_head:
         problems.append(f"model.n_head: {cfg.model.n_head} does not divide model.d_model ({cfg.model.d_model})")
-    return problems + _strategy_problems(cfg) + _exchange_problems(cfg)
+    return problems + task_problems + _strategy_problems(cfg, task) + _exchange_problems(cfg)
+
+
+def _task_problems(cfg: Config) -> tuple[Any, list[str]]:
+    """The task (loaded, options checked) and its own problems; evaluators are resolved too."""
+    from .evaluators import load_evaluators
+    from .tasks import load_task
+
+    problems = []
+    try:
+        task = load_task(cfg)
+    except ConfigError as exc:
+        return None, [line.strip(" -") for line in str(exc).splitlines()[1:]] or [str(exc)]
+    except FedhpcError as exc:
+        return None, [str(exc)]
+    problems += task.problems()
+    try:
+        load_evaluators(cfg)
+    except ConfigError as exc:
+        problems += [line.strip(" -") for line in str(exc).splitlines()[1:]] or [str(exc)]
+    except FedhpcError as exc:
+        problems.append(str(exc))
+    return task, problems
 
 
 def _exchange_problems(cfg: Config) -> list[str]:
@@ -185,10 +223,14 @@ def _exchange_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def _strategy_problems(cfg: Config) -> list[str]:
+def _strategy_problems(cfg: Config, task: Any = None) -> list[str]:
     from .strategies import tolerance_problem
 
     st, problems = cfg.strategy, []
+    if st.name in ("fedprox", "scaffold") and task is not None and not task.corrects_gradients:
+        problems.append(
+            f"strategy.name: {st.name!r} corrects the sites' gradients, which task {cfg.task.name!r} does not support"
+        )
     why = tolerance_problem(st.rule, len(cfg.sites), st.faulty_sites, st.multikrum_select)
     if why:
         problems.append(f"strategy.faulty_sites: {why}")
@@ -222,7 +264,7 @@ def validate(raw: Any, origin: str = "config", schema_file: str | Path | None = 
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(raw), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
-        raise ConfigError(f"{origin}: invalid configuration:\n" + "\n".join(f"  - {_describe(e)}" for e in errors))
+        raise ConfigError(f"{origin}: invalid configuration:\n" + describe_errors(errors))
     cfg = _build(Config, raw)
     problems = _semantic_problems(cfg)
     if problems:
@@ -251,6 +293,8 @@ def _type_name(tp: Any) -> str:
         return _type_name(next(a for a in args if a is not type(None))) + " or null"
     if origin is list:
         return f"list of {_type_name(args[0])}"
+    if origin is dict and args[1] is Any:
+        return "mapping"
     if origin is dict:
         return f"map of name → {_type_name(args[1])}"
     if _is_dataclass(tp):
@@ -281,6 +325,13 @@ def markdown_docs() -> str:
                         visit(c)
 
     visit(Config)
+    from .evaluators import PerplexityOptions
+    from .tasks.embedding import EmbeddingOptions
+    from .tasks.hf_lm import HFCausalLMOptions
+
+    # The built-in tasks' and evaluators' `options` (checked when the config is validated).
+    for cls in (HFCausalLMOptions, EmbeddingOptions, PerplexityOptions):
+        visit(cls)
     for cls in seen:
         hints = typing.get_type_hints(cls)
         out += [

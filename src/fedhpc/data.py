@@ -3,6 +3,8 @@
 Data pinned to a site (`site:` on a source or a generated domain) is read, tokenised and
 packed only by that site, which publishes a signed catalogue of it; the coordinator packs
 the unpinned (shared) sources, trains the tokenizer on them if asked, and signs the manifest.
+A task with its own data format (not `data:` token shards) generates all of it at the
+coordinator (`Task.prepare_data`); its sites then publish empty catalogues.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from .layout import RunLayout
 from .shards import DataDirs, build_shards, load_manifest, load_run_tokenizer, pack_sources
 from .signing import COORDINATOR, TrustStore, create_keypair
 from .synth import domain_sources
+from .taskdata import DataWriter
+from .tasks import Task, load_task
 from .tokenizer import build_tokenizer
 
 
@@ -40,6 +44,9 @@ def party_sources(cfg: Config, layout: RunLayout, site: str | None) -> tuple[lis
 
 def prepare_data(cfg: Config, layout: RunLayout, trust: TrustStore) -> dict:
     """The coordinator's part: tokenizer, shared shards and held-out splits, signed manifest."""
+    task = load_task(cfg)
+    if not task.uses_tokens:
+        return prepare_task_data(cfg, layout, trust, task)
     sources, entropy = party_sources(cfg, layout, None)
     if cfg.data.tokenizer.kind == "bpe" and not sources:
         raise DataError(
@@ -58,20 +65,42 @@ def prepare_data(cfg: Config, layout: RunLayout, trust: TrustStore) -> dict:
     return manifest
 
 
+def prepare_task_data(cfg: Config, layout: RunLayout, trust: TrustStore, task: Task) -> dict:
+    """A task with its own data format writes its shards; the manifest is signed the same way."""
+    # No valid manifest may point at shards while they are being rewritten.
+    layout.manifest_sig.unlink(missing_ok=True)
+    layout.manifest.unlink(missing_ok=True)
+    writer = DataWriter(layout, cfg.seed, cfg.task.name)
+    task.prepare_data(writer)
+    manifest = writer.finish(trust.private_key(COORDINATOR))
+    AuditLog(layout.audit).append(
+        "data.sharded",
+        task=cfg.task.name,
+        shards=len(manifest["shards"]),
+        tokens=sum(s["tokens"] for s in manifest["shards"]),
+        heldout=[h["domain"] for h in manifest["heldout"]],
+    )
+    return manifest
+
+
 def prepare_site_data(cfg: Config, layout: RunLayout, trust: TrustStore, site: str) -> dict:
     """A site's part: its own sources packed under `data/sites/<site>/` with the federation's
     tokenizer (checked against the coordinator's manifest), and its signed catalogue."""
     if site not in cfg.sites:
         raise DataError(f"{site!r} is not a site of this federation; sites: {', '.join(sorted(cfg.sites))}")
     manifest = load_manifest(layout, trust)
-    tok = load_run_tokenizer(layout, manifest)
     if not (trust.keys_dir / f"{site}.key").exists() and cfg.trust.generate_missing:
         # A site added to a running one-machine federation gets its identity where it packs its data.
         create_keypair(trust.keys_dir, site)
-    sources, entropy = party_sources(cfg, layout, site)
     layout.catalogue(site).unlink(missing_ok=True)  # no catalogue may list shards being rewritten
-    shards, heldout = pack_sources(sources, cfg.data, tok, DataDirs.site(layout, site), cfg.seed, entropy)
-    doc = write_catalogue(layout, site, manifest["tokenizer"]["sha256"], shards, heldout, trust.private_key(site))
+    shards: list[dict] = []
+    heldout: list[dict] = []
+    tok_sha = (manifest.get("tokenizer") or {}).get("sha256")
+    if load_task(cfg).uses_tokens:
+        tok = load_run_tokenizer(layout, manifest)
+        sources, entropy = party_sources(cfg, layout, site)
+        shards, heldout = pack_sources(sources, cfg.data, tok, DataDirs.site(layout, site), cfg.seed, entropy)
+    doc = write_catalogue(layout, site, tok_sha, shards, heldout, trust.private_key(site))
     AuditLog(layout.audit).append(
         "data.catalogued",
         holder=site,

@@ -17,7 +17,7 @@ import torch
 from .config import TrainingConfig
 from .distributed import World
 from .loop import make_optimizer
-from .model import exported_state
+from .model import exported_state, trainable
 
 
 class Engine:
@@ -117,7 +117,7 @@ class FSDPEngine(Engine):
         full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.world.is_main:
             return None
-        names = dict(self.module.named_parameters())  # skips tied aliases, like exported_state
+        names = trainable(self.module)  # skips tied aliases and frozen parameters, like exported_state
         return {k: full[k].to(torch.float32).contiguous() for k in names}
 
     def optimizer_state(self):

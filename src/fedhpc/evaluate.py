@@ -1,8 +1,8 @@
 """Held-out evaluation where the held-out data is: each holder scores a model on its own splits.
 
-The coordinator evaluates the shared domains' splits (its manifest), every site the splits of
-its own pinned data (its catalogue), and only the signed scores travel. `merge` combines the
-parts into one evaluation: loss and perplexity per domain and overall, and the entropy floor.
+The coordinator scores the shared domains' splits (its manifest), every site the splits of its
+own pinned data (its catalogue): the task's metrics, then every configured evaluator. Only the
+signed scores travel; `merge` combines the parts per domain and overall for the gate.
 """
 
 from __future__ import annotations
@@ -10,20 +10,22 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from .catalogue import load_catalogue
-from .checkpoints import build_model
+from .catalogue import load_catalogue, load_data, tokenizer_sha256
 from .config import Config
 from .errors import FedhpcError
+from .evaluators import run_evaluators
 from .files import finite_or_none, read_json, sha256_file, write_json
 from .layout import RunLayout
-from .loop import mean_loss, to_windows
-from .model import load_exported_state
 from .shards import load_manifest, read_heldout
 from .signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
-from .tensorfile import load_state
+from .taskdata import verified_file
+from .tasks import EvalContext, load_task
+
+# Fields of a part that are about the part, or recomputed from its domains when parts merge.
+_OWN = {"holder", "model_sha256", "created", "signature", "domains", "guards", "evaluators"}
+_SUMMARY = {"loss", "perplexity", "tokens", "entropy_floor", "gap_to_floor"}
 
 
 class EvaluationError(FedhpcError, ValueError):
@@ -35,46 +37,57 @@ def heldout_of(layout: RunLayout, trust: TrustStore, holder: str) -> list[dict]:
     manifest = load_manifest(layout, trust)
     if holder == COORDINATOR:
         return list(manifest["heldout"])
-    doc = load_catalogue(layout, trust, holder, manifest["tokenizer"]["sha256"])
+    doc = load_catalogue(layout, trust, holder, tokenizer_sha256(manifest))
     return list(doc["heldout"]) if doc else []
 
 
-def domain_losses(cfg: Config, layout: RunLayout, model_file: Path, vocab: int, entries: list[dict]) -> dict:
-    """Loss, perplexity and entropy floor per domain of `entries` (hash-checked held-out splits)."""
-    model = build_model(cfg, vocab)
-    load_exported_state(model, load_state(model_file))
-    model.eval()
-    domains = {}
-    for entry in sorted(entries, key=lambda e: e["domain"]):
-        tokens = torch.from_numpy(read_heldout(layout, entry).astype("int64"))
-        # Windows cover the first tokens_per_domain tokens: the same slice for every model.
-        windows = to_windows(tokens[: cfg.evaluation.tokens_per_domain + 1], cfg.model.seq_len)
-        if len(windows) == 0:
-            continue
-        loss = mean_loss(lambda x, y: model(x, y)[1], windows, cfg.evaluation.batch_size, torch.device("cpu"), "fp32")
-        domains[entry["domain"]] = {
-            "loss": finite_or_none(loss),
-            "tokens": int(windows[:, 1:].numel()),
-            "entropy_floor": entry.get("entropy_floor_nats_per_token"),
-        }
-    return domains
+def score(cfg: Config, layout: RunLayout, trust: TrustStore, model_file: Path, meta: dict, holder: str, threads=1):
+    """The task's metrics and every evaluator's on the held-out splits `holder` keeps ({} if none)."""
+    entries = heldout_of(layout, trust, holder)
+    if not entries:
+        return {"domains": {}}
+    task = load_task(cfg)
+    view = load_data(layout, trust, [] if holder == COORDINATOR else [holder])
+    view["heldout"] = entries
+
+    def heldout(entry: dict):
+        if task.uses_tokens:
+            return read_heldout(layout, entry)
+        return verified_file(layout, entry, f"held-out split {entry['domain']}")
+
+    ec = EvalContext(cfg, layout, view, Path(model_file), meta, threads, heldout)
+    result = dict(task.evaluate(ec))
+    result.setdefault("domains", {})
+    guards = dict(result.get("guards") or {})
+    evaluated, gated = run_evaluators(cfg, task, ec, result)
+    if evaluated:
+        result["evaluators"] = evaluated
+    guards.update(gated)
+    result["guards"] = guards
+    return result
 
 
 def evaluate_part(
-    cfg: Config, layout: RunLayout, trust: TrustStore, model_file: Path, vocab: int, holder: str, out: Path, threads=1
+    cfg: Config, layout: RunLayout, trust: TrustStore, model_file: Path, meta: dict, holder: str, out: Path, threads=1
 ) -> dict:
     """`holder`'s signed scores of `model_file` on the held-out splits it keeps."""
-    torch.set_num_threads(threads)
-    entries = heldout_of(layout, trust, holder)
-    doc = {
-        "holder": holder,
-        "model_sha256": sha256_file(model_file),
-        "domains": domain_losses(cfg, layout, model_file, vocab, entries) if entries else {},
-        "created": time.time(),
-    }
+    result = score(cfg, layout, trust, model_file, meta, holder, threads)
+    doc = {**result, "holder": holder, "model_sha256": sha256_file(model_file), "created": time.time()}
     doc = sign_document(doc, holder, trust.private_key(holder))
     write_json(out, doc)
     return doc
+
+
+def evaluate_model(
+    cfg: Config, layout: RunLayout, trust: TrustStore, model_file: Path, meta: dict, threads: int = 1
+) -> dict:
+    """Every holder's scores computed here and merged: for a run directory that holds all the data."""
+    sha = sha256_file(model_file)
+    parts = {
+        h: {**score(cfg, layout, trust, model_file, meta, h, threads), "holder": h}
+        for h in expected_holders(layout, trust, cfg.sites)
+    }
+    return merge(parts, sha, [])
 
 
 def check_part(doc: dict, trust: TrustStore, holder: str, model_sha256: str, what: str) -> dict:
@@ -99,7 +112,7 @@ def summary_of(domains: dict[str, dict]) -> dict:
         loss = float("nan")
     else:
         loss = sum(d["loss"] * d["tokens"] for d in domains.values()) / max(total, 1)
-    floors = [d["entropy_floor"] for d in domains.values()]
+    floors = [d.get("entropy_floor") for d in domains.values()]
     floor = (
         None
         if (not floors or None in floors)
@@ -114,32 +127,103 @@ def summary_of(domains: dict[str, dict]) -> dict:
     }
 
 
+def _weighted(ds: list[dict]) -> dict:
+    """One domain scored by several holders: its numbers token-weighted, loss and floor recomputed."""
+    if len(ds) == 1:
+        return dict(ds[0])
+    common = set.intersection(*(set(d) for d in ds))
+    out = {
+        k: sum(d[k] * d["tokens"] for d in ds) / sum(d["tokens"] for d in ds)
+        for k in sorted(common - _SUMMARY)
+        if all(isinstance(d[k], (int, float)) and not isinstance(d[k], bool) for d in ds)
+    }
+    return {**out, **summary_of({str(i): d for i, d in enumerate(ds)})}
+
+
+def _merge_evaluator(results: dict[str, dict]) -> dict:
+    """An evaluator's results from several holders ({holder: result}): per-group numbers pooled
+    by tokens, `ok` only if every holder's is; other values kept where the holders agree, and
+    per holder (`by_holder`) where they differ."""
+    if len(results) == 1:
+        return next(iter(results.values()))
+    groups: dict[str, list[dict]] = {}
+    for res in results.values():
+        for g, v in (res.get("groups") or {}).items():
+            groups.setdefault(g, []).append(v)
+    merged: dict[str, Any] = {}
+    if groups:
+        merged["groups"] = {}
+        for g, vs in sorted(groups.items()):
+            pooled = _weighted([{**v, "entropy_floor": None} for v in vs])
+            merged["groups"][g] = {k: v for k, v in pooled.items() if k not in ("entropy_floor", "gap_to_floor")}
+    if any("ok" in r for r in results.values()):
+        merged["ok"] = all(r.get("ok", True) for r in results.values())
+        reasons = {h: r["reason"] for h, r in results.items() if r.get("reason")}
+        if len(set(reasons.values())) <= 1:
+            merged["reason"] = next(iter(reasons.values()), "")
+        else:
+            merged["reason"] = "; ".join(f"{h}: {why}" for h, why in reasons.items())
+    for key in sorted({k for r in results.values() for k in r} - {"groups", "ok", "reason"}):
+        values = {h: r[key] for h, r in results.items() if key in r}
+        if len({repr(v) for v in values.values()}) == 1:
+            merged[key] = next(iter(values.values()))
+        else:
+            merged.setdefault("by_holder", {})[key] = values
+    return merged
+
+
 def merge(parts: dict[str, dict], model_sha256: str, missing: list[str]) -> dict:
     """One evaluation from the holders' parts. A domain split across holders (data of one
-    domain at two sites) is combined token-weighted."""
+    domain at two sites) is combined token-weighted; the task's other metrics, guards and
+    evaluators come from the holders that computed them (the coordinator's first)."""
+    order = sorted(parts, key=lambda h: (h != COORDINATOR, h))
     by_domain: dict[str, list[dict]] = {}
-    for holder in sorted(parts):
+    for holder in order:
         for name, d in parts[holder]["domains"].items():
             by_domain.setdefault(name, []).append({**d, "holder": holder})
     domains = {}
     for name in sorted(by_domain):
         ds = by_domain[name]
-        s = summary_of({str(i): d for i, d in enumerate(ds)})
-        domains[name] = {**s, "holders": [d["holder"] for d in ds]}
-    return {
+        domains[name] = {**_weighted([{k: v for k, v in d.items() if k != "holder"} for d in ds])}
+        domains[name]["holders"] = [d["holder"] for d in ds]
+    extras: dict[str, Any] = {}
+    guards: dict[str, Any] = {}
+    evaluators: dict[str, dict[str, dict]] = {}
+    for holder in order:
+        p = parts[holder]
+        for k, v in p.items():
+            if k not in _OWN and k not in _SUMMARY:
+                extras.setdefault(k, v)
+        for name, g in (p.get("guards") or {}).items():
+            if g.get("evaluator"):
+                guards.setdefault(name, g)  # one per evaluator: its verdict follows the merged result
+            else:
+                guards[name if name not in guards else f"{name}@{holder}"] = g
+        for label, res in (p.get("evaluators") or {}).items():
+            evaluators.setdefault(label, {})[holder] = res
+    merged_evaluators = {label: _merge_evaluator(rs) for label, rs in evaluators.items()}
+    for label, res in merged_evaluators.items():  # an evaluator's gate follows its merged verdict
+        if label in guards and guards[label].get("evaluator"):
+            guards[label] = {**guards[label], "ok": res.get("ok", True), "reason": res.get("reason", "")}
+    result = {
         "model_sha256": model_sha256,
+        **extras,
         **summary_of(domains),
         "domains": domains,
-        "evaluated_by": {h: sorted(p["domains"]) for h, p in sorted(parts.items())},
+        "guards": guards,
+        "evaluated_by": {h: sorted(parts[h]["domains"]) for h in order},
         "missing": missing,
     }
+    if merged_evaluators:
+        result["evaluators"] = merged_evaluators
+    return result
 
 
 def comparable(a: dict, b: dict) -> tuple[float | None, float | None, list[str]]:
     """The losses of evaluations a and b over the domains both scored (so a site that could
     not evaluate one model does not make the other look better or worse)."""
     common = sorted(set(a.get("domains", {})) & set(b.get("domains", {})))
-    if not common:
+    if not common or set(common) == set(a.get("domains", {})) == set(b.get("domains", {})):
         return a.get("loss"), b.get("loss"), []
     la = summary_of({d: a["domains"][d] for d in common})["loss"]
     lb = summary_of({d: b["domains"][d] for d in common})["loss"]
@@ -151,7 +235,7 @@ def expected_holders(layout: RunLayout, trust: TrustStore, sites) -> list[str]:
     manifest = load_manifest(layout, trust)
     holders = [COORDINATOR] if manifest["heldout"] else []
     for site in sorted(sites):
-        doc = load_catalogue(layout, trust, site, manifest["tokenizer"]["sha256"])
+        doc = load_catalogue(layout, trust, site, tokenizer_sha256(manifest))
         if doc and doc["heldout"]:
             holders.append(site)
     return holders

@@ -32,8 +32,9 @@ def lr_at(progress: float, t: TrainingConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    params = [p for p in model.parameters() if p.requires_grad]  # a frozen base (LoRA) is not optimised
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=False, foreach=True)
 

@@ -77,16 +77,19 @@ def param_count(cfg: ModelConfig, vocab_size: int) -> int:
     return L * per_block + emb + 2 * d
 
 
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """What travels: the trainable parameters (all of them, or only the adapters of a frozen base).
+    named_parameters already skips tied aliases."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 def exported_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters by name, without tied duplicates, contiguous fp32 (what travels and is averaged)."""
-    state = {}
-    for name, p in model.named_parameters():  # named_parameters already skips tied aliases
-        state[name] = p.detach().to(torch.float32).contiguous().clone()
-    return state
+    """Trainable parameters by name, without tied duplicates, contiguous fp32 (what travels and is averaged)."""
+    return {name: p.detach().to(torch.float32).contiguous().clone() for name, p in trainable(model).items()}
 
 
 def load_exported_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
+    params = trainable(model)
     missing = sorted(set(params) - set(tensors))
     extra = sorted(set(tensors) - set(params))
     if missing or extra:

@@ -6,7 +6,7 @@ import time
 
 from .allocate import Shard, learned_throughput, make_plan
 from .audit import AuditLog
-from .catalogue import CatalogueError, load_catalogue, load_data
+from .catalogue import CatalogueError, load_catalogue, load_data, tokenizer_sha256
 from .config import Config
 from .errors import FedhpcError
 from .exchange import CompletenessCache, TransferError, audit_rejects, pull, transport_for
@@ -15,7 +15,7 @@ from .gather import arrived_sites, bundle_checks
 from .layout import RunLayout
 from .shards import load_manifest
 from .signing import COORDINATOR, SignatureError, TrustStore, create_keypair, sign_document
-from .sites import batch_shape, site_ranks
+from .tasks import load_task
 
 
 def missed_shards(
@@ -78,7 +78,7 @@ def collect_catalogues(
     never comes costs one wait, not one per round. A bad catalogue is refused with the
     reason and its site left out, never planned on.
     """
-    tok = load_manifest(layout, trust)["tokenizer"]["sha256"]
+    tok = tokenizer_sha256(load_manifest(layout, trust))
     deadline = time.time() + cfg.rounds.deadline_minutes * 60
     found: dict[str, str] = {}
     notes: list[str] = []
@@ -139,19 +139,10 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
     plan["notes"] = joined + notes + plan["notes"]
     plan["catalogues"] = catalogues
     plan["catalogue_missing"] = uncatalogued
-    vocab = data["tokenizer"]["vocab_size"]
+    task = load_task(cfg)
     for name, entry in plan["sites"].items():
-        shape = batch_shape(
-            name,
-            cfg.sites[name],
-            cfg.model,
-            vocab,
-            cfg.sites[name].batch_tokens or cfg.training.batch_tokens,
-            cfg.training.max_micro_batch,
-            devices=site_ranks(cfg.sites[name]),
-        )
-        entry["micro_batch"] = shape.micro_batch
-        entry["grad_accum_planned"] = shape.grad_accum
+        # What the task plans per site from its capability profile (e.g. the batch its memory holds).
+        entry.update(task.plan_site(name, cfg.sites[name], data))
     plan.update(run=cfg.run, created=time.time(), requeued=requeue)
     plan = sign_document(plan, COORDINATOR, trust.private_key(COORDINATOR))
     write_json(layout.plan(r), plan)

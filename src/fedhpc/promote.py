@@ -14,6 +14,9 @@ from .files import atomic_path, read_json, write_json
 from .layout import RunLayout
 from .signing import TrustStore
 
+# Fields of model.json that belong to one global model, not to the model family.
+_PER_ROUND = {"round", "sha256", "signature", "source", "reason", "parent_sha256", "from_round", "eval_loss", "run"}
+
 
 def gate(
     baseline_loss: float | None, candidate_loss: float | None, max_regression: float, domains: list[str] | None = None
@@ -57,6 +60,10 @@ def promote_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, bas
     # Both models judged on the domains both were scored on (a site may have missed one).
     cand_loss, base_loss, common = comparable(candidate, baseline)
     ok, reason = gate(base_loss, cand_loss, cfg.evaluation.max_regression, common)
+    failed = {k: g for k, g in sorted((candidate.get("guards") or {}).items()) if not g.get("ok", True)}
+    if ok and failed:
+        ok = False
+        reason = "; ".join(f"guard {k} failed: {g.get('reason') or 'not ok'}" for k, g in failed.items())
     if candidate.get("missing"):
         reason += f"; no held-out scores from {', '.join(candidate['missing'])}"
     src, chosen_eval = (layout.candidate(r), candidate) if ok else (layout.global_model(r), baseline)
@@ -74,9 +81,8 @@ def promote_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, bas
             "reason": reason,
             "parent_sha256": base["sha256"],
             "from_round": r,
-            "vocab_size": base["vocab_size"],
-            "model": base["model"],
-            "parameters": base["parameters"],
+            # What describes the model (task, vocabulary, shape, base checkpoint) carries over.
+            **{k: v for k, v in base.items() if k not in _PER_ROUND},
             "eval_loss": chosen_eval["loss"],
         },
     )
@@ -88,5 +94,6 @@ def promote_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, bas
         reason=reason,
         eval_loss=chosen_eval["loss"],
         candidate_loss=candidate["loss"],
+        failed_guards=sorted(failed),
     )
     return meta

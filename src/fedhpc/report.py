@@ -10,9 +10,11 @@ import time
 
 from .audit import AuditLog, verify_ledger
 from .config import Config
+from .evaluators import flat_metrics
 from .files import read_json, write_bytes, write_json
 from .layout import RunLayout
 from .status import format_table, round_states
+from .tasks import load_task
 
 
 def build_summary(cfg: Config, layout: RunLayout) -> dict:
@@ -34,6 +36,8 @@ def build_summary(cfg: Config, layout: RunLayout) -> dict:
                 "strategy": agg["strategy"],
                 "rule": agg.get("rule", "mean"),
                 "update_bytes": agg.get("update_bytes", {}),
+                "bytes_sent": sum(agg.get("update_bytes", {}).values()),
+                "metrics": flat_metrics(read_json(layout.global_eval(r + 1))),
                 "dp_epsilon": (agg.get("privacy") or {}).get("epsilon"),
                 "missing": agg["missing"],
                 "excluded": sorted(agg["excluded"]),
@@ -51,9 +55,14 @@ def build_summary(cfg: Config, layout: RunLayout) -> dict:
         "entropy_floor": final_eval["entropy_floor"],
         "final_gap_to_floor": final_eval["gap_to_floor"],
         "final_eval_by_domain": {d: v["loss"] for d, v in final_eval["domains"].items()},
+        "task": cfg.task.name,
+        "initial_eval_metrics": flat_metrics(first_eval),
+        "final_eval_metrics": flat_metrics(final_eval),
+        "final_guards": final_eval.get("guards") or {},
         "excluded_updates": excluded,
         "strategy": {"name": cfg.strategy.name, "rule": cfg.strategy.rule},
         "update_bytes_total": {s: sum(h["update_bytes"].get(s, 0) for h in history) for s in sorted(cfg.sites)},
+        "bytes_per_round": [h["bytes_sent"] for h in history],
         "dp_epsilon": history[-1]["dp_epsilon"] if history else None,
         "rollbacks": [h["round"] for h in history if h["source"] == "rollback"],
         "global_model_sha256": read_json(layout.global_meta(last))["sha256"],
@@ -84,11 +93,12 @@ def _plots(cfg: Config, layout: RunLayout, summary: dict) -> list[tuple[str, str
             path = layout.metrics(r, site)
             for line in path.read_text().splitlines() if path.exists() else []:
                 rec = json.loads(line)
-                xs.append(rec["progress"] * cfg.rounds.count)
-                ys.append(rec["loss"])
+                if rec.get("progress") is not None and rec.get("loss") is not None:
+                    xs.append(rec["progress"] * cfg.rounds.count)
+                    ys.append(rec["loss"])
         if xs:
             ax.plot(xs, ys, label=site, lw=1.2)
-    ax.set(xlabel="round", ylabel="training loss (nats/token)", title="Local training loss per site")
+    ax.set(xlabel="round", ylabel="training loss", title="Local training loss per site")
     ax.legend()
     out.append(("Training loss per site", _png(fig)))
     plt.close(fig)
@@ -101,7 +111,7 @@ def _plots(cfg: Config, layout: RunLayout, summary: dict) -> list[tuple[str, str
         ax.plot(xs, [e["domains"].get(dom, {}).get("loss") for e in evals], ".--", lw=1, label=dom)
     if summary["entropy_floor"] is not None:
         ax.axhline(summary["entropy_floor"], color="red", lw=1, label="entropy floor")
-    ax.set(xlabel="global model after round", ylabel="held-out loss (nats/token)", title="Held-out loss per round")
+    ax.set(xlabel="global model after round", ylabel="held-out loss", title="Held-out loss per round")
     ax.legend(fontsize=8)
     out.append(("Held-out loss against the entropy floor", _png(fig)))
     plt.close(fig)
@@ -121,6 +131,26 @@ def _plots(cfg: Config, layout: RunLayout, summary: dict) -> list[tuple[str, str
 
 def _eps(epsilon: float | None) -> str:
     return "—" if epsilon is None else f"{epsilon:.3g}"
+
+
+def _metrics_table(summary: dict) -> str:
+    """The final model's evaluation beyond the loss (task metrics, evaluators, guards) next to the initial one."""
+    first, final = summary["initial_eval_metrics"], summary["final_eval_metrics"]
+    if not final:
+        return ""
+    esc = html.escape
+    rows = "".join(
+        f"<tr><td><code>{esc(k)}</code></td><td>{first.get(k, float('nan')):.4g}</td><td>{v:.4g}</td></tr>"
+        for k, v in sorted(final.items())
+    )
+    guards = "".join(
+        f"<li><code>{esc(name)}</code>: {'ok' if g.get('ok', True) else '<b>FAILED</b>'} {esc(g.get('reason') or '')}</li>"
+        for name, g in sorted(summary["final_guards"].items())
+    )
+    return (
+        "<h2>Evaluation of the final model</h2><table><tr><th>metric</th><th>initial</th><th>final</th></tr>"
+        f"{rows}</table>" + (f"<p>Guards:</p><ul>{guards}</ul>" if guards else "")
+    )
 
 
 def write_report(cfg: Config, layout: RunLayout) -> dict:
@@ -146,14 +176,15 @@ def write_report(cfg: Config, layout: RunLayout) -> dict:
 pre{{background:#f4f4f4;padding:1em}}img{{max-width:100%}}</style></head><body>
 <h1>Federation <code>{esc(cfg.run)}</code></h1>
 <p>{summary["rounds_completed"]} of {summary["rounds_planned"]} rounds, sites {esc(", ".join(summary["sites"]))}.
-Held-out loss {summary["initial_eval_loss"]:.4f} → <b>{summary["final_eval_loss"]:.4f}</b> nats/token
+Held-out loss {summary["initial_eval_loss"]:.4f} → <b>{summary["final_eval_loss"]:.4f}</b>{" nats/token" if load_task(cfg).uses_tokens else ""}
 {floor_text}.
 Final global model <code>{summary["global_model_sha256"][:16]}…</code>; audit ledger
 {"intact" if summary["audit"]["intact"] else "<b>BROKEN</b>"} ({summary["audit"]["events"]} events).</p>
 <h2>Rounds × sites</h2><pre>{esc(format_table(round_states(layout)))}</pre>
-<p>Strategy <code>{esc(cfg.strategy.name)}</code>, rule <code>{esc(cfg.strategy.rule)}</code>.</p>
+<p>Task <code>{esc(cfg.task.name)}</code>. Strategy <code>{esc(cfg.strategy.name)}</code>, rule <code>{esc(cfg.strategy.rule)}</code>.</p>
 <table><tr><th>round</th><th>held-out loss</th><th>global from</th><th>excluded</th><th>missing</th>
 <th>update MB sent per site</th><th>DP ε (δ={cfg.strategy.privacy.delta:g})</th></tr>{rows}</table>
+{_metrics_table(summary)}
 {plots}</body></html>"""
     write_bytes(layout.report_dir / "index.html", doc.encode())
     write_json(layout.summary, summary)

@@ -23,7 +23,8 @@ class GradCorrection:
         c_global: dict[str, torch.Tensor] | None = None,
         c_local: dict[str, torch.Tensor] | None = None,
     ):
-        self.params = dict(module.named_parameters())
+        # Trainable parameters only: frozen ones (a LoRA adapter's base model) are never exchanged.
+        self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         self.mu, self.anchor = mu, anchor
         self.scaffold = c_global is not None
         if self.scaffold:

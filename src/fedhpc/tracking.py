@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 from .config import Config
+from .evaluators import flat_metrics
 from .files import read_json, write_json
 from .layout import RunLayout
 
@@ -74,9 +76,10 @@ def track_round(cfg: Config, layout: RunLayout, r: int) -> dict:
             tags={"mlflow.parentRunId": parent, "fedhpc.parent": parent, "fedhpc.round": str(r), "fedhpc.site": site},
         )
         rid = child.info.run_id
+        # Common receipt fields and those of the task (a batch shape, a loss name…) that it reported.
+        keys = ("task", "micro_batch", "grad_accum", "ranks", "engine", "batch_tokens", "batch_size", "mini_batch_size")
         params = {
-            k: receipt[k]
-            for k in ("micro_batch", "grad_accum", "ranks", "engine", "batch_tokens", "steps", "tokens", "device")
+            k: receipt[k] for k in (*keys, "loss_function", "steps", "tokens", "device") if receipt.get(k) is not None
         }
         metrics = []
         path = layout.metrics(r, site)
@@ -105,6 +108,8 @@ def track_round(cfg: Config, layout: RunLayout, r: int) -> dict:
     for dom, d in ev["domains"].items():
         if d["loss"] is not None:
             round_metrics.append(Metric(f"eval_loss.{dom}", float(d["loss"]), ts, r + 1))
+    # The task's further metrics (MRR@10, …), the evaluators' results and the guards.
+    round_metrics += [Metric(f"eval.{_metric_name(k)}", v, ts, r + 1) for k, v in flat_metrics(ev).items()]
     agg = read_json(layout.aggregate_record(r))
     round_metrics += [Metric(f"weight.{s}", float(w), ts, r) for s, w in agg["weights"].items()]
     round_metrics.append(Metric("excluded_updates", float(len(agg["excluded"])), ts, r))
@@ -128,6 +133,11 @@ def track_round(cfg: Config, layout: RunLayout, r: int) -> dict:
     }
     write_json(layout.tracked(r), record)
     return record
+
+
+def _metric_name(key: str) -> str:
+    """MLflow allows letters, digits and `_-. :/` in metric names (so `mrr@10` becomes `mrr_10`)."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key)
 
 
 def _register(client, name: str, parent: str, layout: RunLayout, g: int):

@@ -8,33 +8,27 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import distributed, site_state
 from .allocate import stable_seed
 from .audit import AuditLog
 from .catalogue import load_data
-from .checkpoints import build_model, load_global_meta
+from .checkpoints import load_global_meta
 from .compress import Codec, codec_metadata, encode_with_feedback
 from .config import Config
 from .distributed import World
-from .engines import make_engine
-from .errors import FedhpcError
 from .files import append_jsonl, finite_or_none, read_json, sha256_file, write_json
 from .layout import RunLayout
-from .loop import local_round, mean_loss, to_windows
-from .model import load_exported_state
 from .shards import read_shard
 from .signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
-from .site_correction import GradCorrection
-from .sites import batch_shape
 from .sysinfo import SystemProbe
+from .taskdata import verified_file
+from .tasks import RoundContext, load_task
+from .tasks.lm import TrainingError
 from .tensorfile import load_state, save_state
 
-
-class TrainingError(FedhpcError, ValueError):
-    """A site cannot train the round it was given (too little data, no memory, …)."""
+__all__ = ["TrainingError", "train_site", "run_train_job"]
 
 
 def accelerator_env(accelerator: str, world: World, tmp: str | None = None) -> dict[str, str]:
@@ -158,62 +152,9 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
     data = load_data(layout, trust, [site])
     _check_catalogue_unchanged(layout, load_plan(layout, trust, r), site)
     shards = {s["id"]: s for s in data["shards"]}
-    tokens = torch.from_numpy(
-        np.concatenate([read_shard(layout, shards[sid]).astype("int64") for sid in entry["shards"]])
-    )
-    windows = to_windows(tokens, cfg.model.seq_len)
-    n_eval = max(world.size, int(len(windows) * cfg.training.local_eval_fraction))
-    # The held-back tail is the site's own held-out slice for loss before/after.
-    train_w, eval_w = windows[:-n_eval], windows[-n_eval:]
-
-    vocab = base["vocab_size"]
-    shape = batch_shape(
-        site,
-        site_cfg,
-        cfg.model,
-        vocab,
-        site_cfg.batch_tokens or cfg.training.batch_tokens,
-        cfg.training.max_micro_batch,
-        devices=world.size,
-    )
-    if len(train_w) < shape.sequences_per_step:
-        raise TrainingError(
-            f"site {site!r}, round {r}: {len(train_w)} training sequences cannot fill one optimizer step "
-            f"of {shape.sequences_per_step}; raise rounds.tokens_per_round or lower training.batch_tokens"
-        )
-    model = build_model(cfg, vocab)
-    global_state = load_state(layout.global_model(r))
-    load_exported_state(model, global_state)
-    model.to(device)
+    task = load_task(cfg)
     if site_cfg.engine == "deepspeed":
         _single_process_group_for_deepspeed(world)
-    engine = make_engine(
-        site_cfg.engine,
-        model,
-        cfg.training,
-        world,
-        device,
-        shape.micro_batch,
-        shape.grad_accum,
-        site_cfg.zero_stage,
-        layout.site_state(site) / f"deepspeed-r{r:04d}.json",
-    )
-    state_round = None
-    if cfg.training.keep_optimizer_state and engine.keeps_optimizer_state:
-        state_path, state_round = site_state.latest(layout, site, r, world)
-        # All ranks resume, or none: ranks with different optimizer states would drift apart.
-        found = distributed.all_sum([float(state_path is not None), float(state_round or 0)], world)
-        if found[0] == world.size and found[1] == (state_round or 0) * world.size:
-            engine.load_optimizer_state(torch.load(state_path, map_location=device, weights_only=False))
-        else:
-            state_round = None
-
-    correction = _gradient_correction(cfg, layout, site, r, engine.module, global_state, device)
-    engine.correction = correction
-    engine.train(False)
-    loss_before = mean_loss(
-        engine.eval_forward, eval_w, cfg.evaluation.batch_size, device, cfg.training.precision, world
-    )
     probe = SystemProbe()
     metrics_path = layout.metrics(r, site)
     if world.is_main:
@@ -223,18 +164,32 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         if world.is_main:
             append_jsonl(metrics_path, {"round": r, "site": site, "time": time.time(), **rec, **probe.sample()})
 
-    gen = torch.Generator().manual_seed(stable_seed(cfg.seed, "order", r, site))
+    global_state = load_state(layout.global_model(r))
     started = time.time()
-    result = local_round(engine, train_w, shape, cfg.training, device, lambda f: (r + f) / cfg.rounds.count, gen, log)
-    engine.train(False)
-    loss_after = mean_loss(
-        engine.eval_forward, eval_w, cfg.evaluation.batch_size, device, cfg.training.precision, world
+    result = task.train_round(
+        RoundContext(
+            cfg=cfg,
+            layout=layout,
+            site=site,
+            site_cfg=site_cfg,
+            round=r,
+            world=world,
+            device=device,
+            threads=threads,
+            global_state=global_state,
+            global_meta=base,
+            plan_entry=entry,
+            shards=[shards[sid] for sid in entry["shards"]],
+            read_shard=lambda s: (
+                read_shard(layout, s) if task.uses_tokens else verified_file(layout, s, f"shard {s['id']}")
+            ),
+            log=log,
+            seed=lambda purpose: stable_seed(cfg.seed, purpose, r, site),
+            progress=lambda f: (r + f) / cfg.rounds.count,
+        )
     )
-    local = engine.full_state()
-    if cfg.training.keep_optimizer_state and engine.keeps_optimizer_state:
-        # Saved before the receipt: a job killed in between retrains from the older state,
-        # exactly as an uninterrupted run would have.
-        site_state.save(layout, site, r, world, engine.optimizer_state())
+    local = result.state
+    correction = result.correction
     distributed.barrier(world)
     if not world.is_main:
         return {"state": "published", "rank": world.rank}
@@ -263,23 +218,19 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         "compression": codec.scheme,
         **control,
         "shards": entry["shards"],
+        "task": cfg.task.name,
         "tokens": result.tokens,
-        "sequences": result.tokens // shape.seq_len,
+        "sequences": result.samples,
         "steps": result.steps,
-        "micro_batch": shape.micro_batch,
-        "grad_accum": shape.grad_accum,
         "ranks": world.size,
         "launcher": world.launcher,
-        "engine": engine.name,
-        "zero_stage": site_cfg.zero_stage if engine.name == "deepspeed" else None,
-        "batch_tokens": shape.tokens_per_step,
+        **result.receipt,
         "lr_first": result.lr_first,
         "lr_last": result.lr_last,
         "lr_sum": result.lr_sum,
-        "loss_before": finite_or_none(loss_before),
-        "loss_after": finite_or_none(loss_after),
-        "train_loss_last": finite_or_none(result.last_loss),
-        "eval_tokens": int(eval_w[:, 1:].numel()),
+        "loss_before": finite_or_none(result.loss_before),
+        "loss_after": finite_or_none(result.loss_after),
+        "train_loss_last": finite_or_none(result.train_loss_last),
         "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
         "train_seconds": result.seconds,
         "started_at": started,
@@ -287,8 +238,6 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         "device": str(device),
         "threads": threads,
         "accelerator_declared": site_cfg.accelerator,
-        "optimizer_state_from_round": state_round,
-        "optimizer_state_kept": cfg.training.keep_optimizer_state and engine.keeps_optimizer_state,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME"),
         "host": socket.gethostname(),
@@ -305,7 +254,7 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         tokens=result.tokens,
         steps=result.steps,
         ranks=world.size,
-        engine=engine.name,
+        engine=result.receipt.get("engine"),
         loss_before=receipt["loss_before"],
         loss_after=receipt["loss_after"],
     )
@@ -335,23 +284,6 @@ def encode_update(
         # Saved before the receipt: a job killed in between redoes the round from the older residual.
         site_state.save_tensors(layout, site, "residual", r, kept)
     return parts
-
-
-def _gradient_correction(
-    cfg: Config, layout: RunLayout, site: str, r: int, module: torch.nn.Module, global_state: dict, device
-) -> GradCorrection | None:
-    name = cfg.strategy.name
-    if name == "fedprox" and cfg.strategy.proximal_mu > 0:
-        anchor = {k: v.to(device, torch.float32) for k, v in global_state.items()}
-        return GradCorrection(module, anchor=anchor, mu=cfg.strategy.proximal_mu)
-    if name != "scaffold":
-        return None
-    c_global = {}
-    if layout.server_state(r).exists():
-        c_global = {k.removesuffix("@control"): v for k, v in load_state(layout.server_state(r)).items()}
-    c_global = {k: c_global.get(k, torch.zeros_like(v, dtype=torch.float32)) for k, v in global_state.items()}
-    c_local = site_state.latest_tensors(layout, site, "control", r)[0]
-    return GradCorrection(module, c_global=c_global, c_local=c_local)
 
 
 def run_train_job(

@@ -1,0 +1,31 @@
+"""The built-in task: pre-training the GPT of `model:` (model.py) on the run's token shards."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import ModelConfig
+from ..model import GPT
+from .lm import TokenLMTask
+
+
+class GPTTask(TokenLMTask):
+    """GPT pre-training from random initialisation (`model:` sets its shape); no options."""
+
+    def build_module(self, vocab_size, meta=None) -> GPT:
+        return GPT(self.cfg.model, vocab_size)
+
+    def shape_model(self, vocab_size: int) -> ModelConfig:
+        return self.cfg.model
+
+    def describe(self, module, vocab_size):
+        return {
+            "vocab_size": vocab_size,
+            "model": dataclasses.asdict(self.cfg.model),
+            "parameters": sum(p.numel() for p in module.parameters()),
+        }
+
+    def export(self, state, meta, out, layout):
+        from ..export import export_gpt
+
+        return export_gpt(self.cfg, state, meta, out, layout)
