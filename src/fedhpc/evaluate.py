@@ -28,7 +28,7 @@ def evaluate_model(
     manifest = load_manifest(layout, trust)
     domains = {}
     for entry in sorted(manifest["heldout"], key=lambda e: e["domain"]):
-        tokens = torch.from_numpy(read_heldout(layout, entry).astype("int64"))
+        tokens = torch.from_numpy(read_heldout(layout, entry, trust=trust).astype("int64"))
         # Windows cover the first tokens_per_domain tokens: the same slice for every model.
         windows = to_windows(tokens[: cfg.evaluation.tokens_per_domain + 1], cfg.model.seq_len)
         if len(windows) == 0:

@@ -37,7 +37,10 @@ def identified_sites(cfg: Config, trust: TrustStore, r: int) -> tuple[dict, list
     (trust.generate_missing); otherwise it waits, with a note, until its key is installed."""
     usable, notes = {}, []
     for name, site in sorted(cfg.sites.items()):
-        if not (trust.keys_dir / f"{name}.pub").exists():
+        if trust.listed and name not in trust.listed:
+            notes.append(f"site {name!r} is not in the trust list (trust.public_keys); not planned until it is")
+            continue
+        if not trust.knows(name):
             if not cfg.trust.generate_missing:
                 notes.append(f"site {name!r} has no public key in {trust.keys_dir}; not planned until it does")
                 continue

@@ -146,7 +146,7 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
     manifest = load_manifest(layout, trust)
     shards = {s["id"]: s for s in manifest["shards"]}
     tokens = torch.from_numpy(
-        np.concatenate([read_shard(layout, shards[sid]).astype("int64") for sid in entry["shards"]])
+        np.concatenate([read_shard(layout, shards[sid], trust=trust).astype("int64") for sid in entry["shards"]])
     )
     windows = to_windows(tokens, cfg.model.seq_len)
     n_eval = max(world.size, int(len(windows) * cfg.training.local_eval_fraction))

@@ -1,0 +1,84 @@
+"""The trust verbs of `fedhpc`: keys, audit verification, provenance and secure-aggregation recovery."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import FedhpcError
+from .signing import COORDINATOR
+
+
+def cmd_keys(a: argparse.Namespace) -> int:
+    from .envelope import create_data_key, key_path
+    from .signing import create_keypair, load_private_key, public_b64
+
+    if a.action == "init":
+        name = COORDINATOR if a.coordinator else a.site
+        keys_dir = Path(a.dir)
+        path = keys_dir / f"{name}.key"
+        if not path.exists():
+            create_keypair(keys_dir, name)
+            print(f"created {path} (private, mode 600; directory mode 700) and {path.with_suffix('.pub')}")
+        else:
+            print(f"{path} exists; keeping it")
+        if a.data_key:
+            dk = key_path(None, keys_dir, name)
+            if not dk.exists():
+                create_data_key(dk)
+                print(f"created data key {dk} (mode 600; never share it, never lose it: sealed data needs it)")
+        print("add this line to trust.public_keys in every party's config.yaml:")
+        print(f"    {name}: {public_b64(load_private_key(path).public_key())}")
+        return 0
+    from .cli import context
+
+    ctx = context(a.config)
+    cfg, trust = ctx.cfg, ctx.trust
+    names = [COORDINATOR, *sorted(cfg.sites)]
+    for name in names:
+        pub = trust.keys_dir / f"{name}.pub"
+        if trust.listed:
+            if name not in trust.listed:
+                if name == COORDINATOR:
+                    raise FedhpcError("trust.public_keys has no `coordinator` entry")
+                print(f"{name!r} is not in trust.public_keys: it is not planned until it is")
+                continue
+            # The trust list is the authority; the file only mirrors it for tools that look for one.
+            if not pub.exists() or pub.read_text().strip() != trust.listed[name].strip():
+                pub.parent.mkdir(parents=True, exist_ok=True)
+                pub.write_text(trust.listed[name].strip() + "\n")
+            continue
+        if not pub.exists():
+            if not cfg.trust.generate_missing:
+                raise FedhpcError(
+                    f"no key for {name!r} in {trust.keys_dir} and trust.generate_missing is false; "
+                    f"create it with `fedhpc keys init --site {name} --dir {trust.keys_dir}`"
+                )
+            create_keypair(trust.keys_dir, name)
+            print(f"created identity {name!r} in {trust.keys_dir}")
+    if cfg.trust.encryption.shards:
+        _ensure_data_keys(cfg, trust, names, create_data_key)
+    return 0
+
+
+def _ensure_data_keys(cfg, trust, names: list[str], create) -> None:
+    from .envelope import MissingDataKey, key_path
+
+    enc = cfg.trust.encryption
+    for name in names:
+        try:
+            trust.data_key(name)
+        except MissingDataKey:
+            if not cfg.trust.generate_missing:
+                raise
+            print(f"created data key {create(key_path(enc.key_file, trust.keys_dir, name))} for {name!r}")
+
+
+def add_verbs(verb) -> None:
+    """Register the trust verbs on the `fedhpc` parser (`verb` as in cli.parser)."""
+    k = verb("keys", cmd_keys, "create identities: `init --site NAME`, or `ensure` every key the config needs")
+    k.add_argument("action", choices=["init", "ensure"])
+    k.add_argument("--site", default=COORDINATOR, help="identity to create (init)")
+    k.add_argument("--coordinator", action="store_true", help="create the coordinator's identity (init)")
+    k.add_argument("--dir", default="keys", help="keys directory (init; created with mode 700)")
+    k.add_argument("--data-key", action="store_true", help="also create a data key for encryption at rest (init)")
