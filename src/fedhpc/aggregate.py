@@ -76,6 +76,13 @@ def round_weights(
     return p, coef, why
 
 
+def _verified_receipt(path, sha: str | None, r: int) -> dict:
+    """A receipt, refused if it changed after verification: its token count sets the site's weight."""
+    if sha is not None and sha256_file(path) != sha:
+        raise AggregationError(f"{path} changed after verification; refusing to aggregate round {r}")
+    return read_json(path)
+
+
 def aggregate_round(
     cfg: Config, layout: RunLayout, r: int, base: dict, trust: TrustStore | None = None, threads: int = 1
 ) -> dict:
@@ -95,14 +102,17 @@ def aggregate_round(
             f"round {r}: {len(accepted)} accepted updates ({', '.join(accepted)}) are too few for strategy.rule "
             f"{s.rule!r} with strategy.faulty_sites = {s.faulty_sites}: {why}"
         )
-    receipts = {site: read_json(layout.receipt(r, site)) for site in accepted}
+    receipts = {
+        site: _verified_receipt(layout.receipt(r, site), verdicts.get("receipt_sha256", {}).get(site), r)
+        for site in accepted
+    }
     # Late updates of earlier rounds join with their own receipts (base_round < r: decayed weight).
     late = verdicts.get("late_accepted", {})
     for label, item in sorted(late.items()):
         path = layout.update(item["round"], item["site"])
         if sha256_file(path) != item["update_sha256"]:
             raise AggregationError(f"{path} changed after verification; refusing to aggregate round {r}")
-        receipts[label] = read_json(layout.receipt(item["round"], item["site"]))
+        receipts[label] = _verified_receipt(layout.receipt(item["round"], item["site"]), item.get("receipt_sha256"), r)
     paths = {site: layout.update(r, site) for site in accepted}
     paths.update({label: layout.update(item["round"], item["site"]) for label, item in late.items()})
     contributors = sorted(receipts)

@@ -14,6 +14,7 @@ import yaml
 
 from .config import Config
 from .errors import FedhpcError
+from .files import parse_json
 
 
 class ConfigError(FedhpcError, ValueError):
@@ -274,6 +275,19 @@ def _secagg_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def _non_finite(value: Any, path: tuple) -> tuple | None:
+    """The key path of the first NaN or infinity in a parsed config (YAML has `.nan` and `.inf`), or None."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or ("(top level)",)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if (found := _non_finite(v, (*path, k))) is not None:
+            return found
+    return None
+
+
 def validate(raw: Any, origin: str = "config", schema_file: str | Path | None = None) -> Config:
     """Validate a parsed config against the schema and the cross-key rules; return it typed.
 
@@ -282,6 +296,8 @@ def validate(raw: Any, origin: str = "config", schema_file: str | Path | None = 
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+    if bad := _non_finite(raw, ()):
+        raise ConfigError(f"{origin}: invalid configuration:\n  - {_dotted(bad)}: not a finite number")
     schema = json.loads(Path(schema_file).read_text()) if schema_file else config_schema()
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(raw), key=lambda e: [str(p) for p in e.absolute_path])
@@ -297,9 +313,14 @@ def validate(raw: Any, origin: str = "config", schema_file: str | Path | None = 
 def load(path: str | Path) -> Config:
     path = Path(path)
     try:
-        raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        text = path.read_bytes().decode("utf-8")
+        raw = parse_json(text, str(path)) if path.suffix == ".json" else yaml.safe_load(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot parse ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: cannot parse (nested too deeply)") from None
     return validate(raw, str(path))
 
 

@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from zarr.codecs import ZstdCodec
 
 from .config import DataConfig, SourceConfig
+from .documents import check_document
 from .envelope import DataKey, EnvelopeError, is_sealed, opened_store, sealed_store
 from .errors import FedhpcError
-from .files import fsync_dir, sha256_file, sha256_tree, write_bytes
+from .files import fsync_dir, parse_json, sha256_file, sha256_tree, write_bytes
 from .ingest import DataError, iter_source
 from .layout import RunLayout
 from .signing import COORDINATOR, SignatureError, TrustStore, sign_bytes, verify_bytes
@@ -405,7 +406,7 @@ def load_manifest(layout: RunLayout, trust: TrustStore) -> dict[str, Any]:
         raise SignatureError(f"{layout.manifest}: unsigned (no {layout.manifest_sig})")
     sig = layout.manifest_sig.read_text().strip()
     verify_bytes(trust.public_key(COORDINATOR), body, sig, str(layout.manifest))
-    manifest = json.loads(body)
+    manifest = check_document("manifest", parse_json(body, str(layout.manifest)), str(layout.manifest))
     if manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(
             f"{layout.manifest}: manifest version {manifest.get('version')!r}, expected {MANIFEST_VERSION}"

@@ -18,6 +18,7 @@ from .checkpoints import build_model, load_global_meta
 from .compress import Codec, codec_metadata, encode_with_feedback
 from .config import Config
 from .distributed import World
+from .documents import check_document
 from .engines import make_engine
 from .errors import FedhpcError
 from .files import append_jsonl, finite_or_none, read_json, sha256_file, write_json
@@ -57,7 +58,7 @@ def pick_device(choice: str, world: World) -> torch.device:
 def load_plan(layout: RunLayout, trust: TrustStore, r: int) -> dict:
     plan = read_json(layout.plan(r))
     verify_document(plan, trust, COORDINATOR, str(layout.plan(r)))
-    return plan
+    return check_document("plan", plan, str(layout.plan(r)))
 
 
 def existing_receipt(layout: RunLayout, trust: TrustStore, r: int, site: str, base_sha: str) -> dict | None:
