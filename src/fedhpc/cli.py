@@ -324,17 +324,6 @@ def cmd_status(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_audit(a: argparse.Namespace) -> int:
-    from .audit import verify_ledger
-
-    check = verify_ledger(Path(a.run_dir) / "audit.jsonl")
-    if check.ok:
-        print(f"{a.run_dir}/audit.jsonl: intact, {check.lines} events")
-        return 0
-    print(f"{a.run_dir}/audit.jsonl: BROKEN at line {check.bad_line}: {check.reason}", file=sys.stderr)
-    return 1
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedhpc", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
@@ -394,9 +383,6 @@ def parser() -> argparse.ArgumentParser:
     ct.add_argument("--no-fakeroot", action="store_true", help="build as root instead of with --fakeroot")
     st = verb("status", cmd_status, "print rounds × sites and their states", config=False)
     st.add_argument("run_dir")
-    au = verb("audit", cmd_audit, "verify the audit ledger of a run", config=False)
-    au.add_argument("action", choices=["verify"])
-    au.add_argument("run_dir")
     return p
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .errors import FedhpcError
@@ -74,6 +75,32 @@ def _ensure_data_keys(cfg, trust, names: list[str], create) -> None:
             print(f"created data key {create(key_path(enc.key_file, trust.keys_dir, name))} for {name!r}")
 
 
+def run_trust(run_dir: Path, config: str | None):
+    """The trust store of a run directory: from `--config`, else the run's config snapshot, else `<run>/keys`."""
+    from .config_schema import load
+    from .signing import TrustStore
+
+    snapshot = Path(config) if config else run_dir / "config.json"
+    if not snapshot.exists():
+        return TrustStore(run_dir / "keys")
+    t = load(snapshot).trust
+    return TrustStore(t.keys_dir or run_dir / "keys", t.public_keys, t.encryption)
+
+
+def cmd_audit(a: argparse.Namespace) -> int:
+    from .ledger import verify_run
+
+    run_dir = Path(a.run_dir)
+    check = verify_run(run_dir, run_trust(run_dir, a.config))
+    if check.ok:
+        heads = f"{check.heads} signed heads" if check.heads else "no signed heads (the tail rests on the chain alone)"
+        print(f"{run_dir}/audit.jsonl: intact, {check.lines} events, {heads}")
+        return 0
+    where = f"at line {check.bad_line}" if check.bad_line else f"({check.lines} lines)"
+    print(f"{run_dir}/audit.jsonl: BROKEN {where}: {check.reason}", file=sys.stderr)
+    return 1
+
+
 def add_verbs(verb) -> None:
     """Register the trust verbs on the `fedhpc` parser (`verb` as in cli.parser)."""
     k = verb("keys", cmd_keys, "create identities: `init --site NAME`, or `ensure` every key the config needs")
@@ -82,3 +109,9 @@ def add_verbs(verb) -> None:
     k.add_argument("--coordinator", action="store_true", help="create the coordinator's identity (init)")
     k.add_argument("--dir", default="keys", help="keys directory (init; created with mode 700)")
     k.add_argument("--data-key", action="store_true", help="also create a data key for encryption at rest (init)")
+    au = verb(
+        "audit", cmd_audit, "verify the audit ledger of a run: hash chain and coordinator-signed heads", config=False
+    )
+    au.add_argument("action", choices=["verify"])
+    au.add_argument("run_dir")
+    au.add_argument("--config", help="config whose trust settings to use (default: the run's config.json)")

@@ -11,6 +11,7 @@ from .checkpoints import publish_global
 from .config import Config
 from .files import atomic_path, read_json, write_json
 from .layout import RunLayout
+from .ledger import sign_head
 from .signing import TrustStore
 
 
@@ -81,4 +82,5 @@ def promote_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, bas
         eval_loss=chosen_eval["loss"],
         candidate_loss=candidate["loss"],
     )
+    sign_head(layout, trust, cfg.run, r)  # after the round's last event: the anchor of its ledger lines
     return meta
