@@ -144,6 +144,13 @@ def train_launch(wildcards, threads, resources):
     return launch
 
 
+def aggregate_inputs(wildcards):
+    """The verdicts and, with secure aggregation, the recovery that unmasks the survivors' sum."""
+    recovery = [f"{rdir(wildcards.r)}/secagg/recovery.json"]
+    verdicts = [f"{rdir(wildcards.r)}/verdicts.json"]
+    return verdicts + (recovery if CFG.strategy.secure_aggregation.enabled else [])
+
+
 def aggregate_tasks(wildcards=None):
     return CFG.strategy.ranks
 

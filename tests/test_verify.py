@@ -91,6 +91,7 @@ class RoundBuilder:
         signer: str | None = None,
         key_of: str | None = None,
         sign: bool = True,
+        metadata: dict[str, str] | None = None,
         **receipt_fields: Any,
     ) -> dict[str, Any]:
         """Write update.safetensors and receipt.json for site `who`. The receipt is signed as `signer`
@@ -99,7 +100,7 @@ class RoundBuilder:
         save_state(
             update_path,
             self.good_update(who) if update is None else update,
-            {"run": self.run, "round": str(self.r), "site": who},
+            {"run": self.run, "round": str(self.r), "site": who, **(metadata or {})},
         )
         rec = {
             "run": self.run,

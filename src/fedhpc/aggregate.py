@@ -91,6 +91,16 @@ def aggregate_round(
     s = cfg.strategy
     verdicts = read_json(layout.verdicts(r))
     accepted = sorted(verdicts["accepted"])
+    secure = None
+    if s.secure_aggregation.enabled:
+        # Only the survivors the recovery unmasks are summed (all accepted, or none when too few).
+        from .secure import secure_sum
+        from .tensorfile import read_specs
+
+        if trust is None:
+            raise AggregationError("secure aggregation needs the trust store to check the recovery's signature")
+        secure = secure_sum(layout, trust, r, read_specs(layout.global_model(r)))
+        accepted = [site for site in accepted if site in secure.survivors]
     for site in accepted:
         # The file must still be the one that was verified: nothing may swap it in between.
         if sha256_file(layout.update(r, site)) != verdicts["update_sha256"][site]:
@@ -136,6 +146,7 @@ def aggregate_round(
         layerwise=s.layerwise_norm,
         noise_multiplier=dp.noise_multiplier,
         noise_key=noise_key,
+        secure=secure if contributors else None,
     )
     opt = server_opt(s)
     keeps_state = bool(st.SERVER_STATE[s.name])
@@ -211,6 +222,9 @@ def aggregate_round(
         "ranks": comm.Get_size() if comm is not None else 1,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "late": sorted(late),
+        "secure_aggregation": {"survivors": list(secure.survivors), "pairs_unmasked": len(secure.corrections)}
+        if secure is not None
+        else None,
         "note": None if contributors else "no accepted updates: the candidate equals the base model",
     }
     write_json(layout.aggregate_record(r), record)

@@ -260,7 +260,11 @@ def cmd_exchange(a: argparse.Namespace) -> int:
         raise SystemExit(f"fedhpc exchange {a.action}: only a site pulls and publishes (exchange.role is site)")
     transport = ex.transport_for(cfg.exchange)
     if a.action == "publish":
+        from .scrub import Scrubber
+
         d = layout.site_dir(a.round, site)
+        if layout.train_log(a.round, site).exists():  # the job's log travels too, scrubbed
+            Scrubber(cfg.trust.scrub).file(layout.train_log(a.round, site), d / "train.log")
         rel = d.relative_to(layout.root).as_posix()
         names = ex.present(d, ex.SITE_FILES)
         ex.publish(transport, d, names, rel, site, trust.private_key(site))

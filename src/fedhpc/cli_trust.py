@@ -101,6 +101,21 @@ def cmd_audit(a: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_secagg(a: argparse.Namespace) -> int:
+    from .cli import context
+    from .secure import recover
+
+    ctx = context(a.config)
+    if not ctx.cfg.strategy.secure_aggregation.enabled:
+        raise FedhpcError(f"{a.config}: strategy.secure_aggregation.enabled is false; nothing to recover")
+    doc = recover(ctx.cfg, ctx.layout, ctx.trust, a.round)
+    print(
+        f"round {a.round}: summing {', '.join(doc['survivors']) or 'nobody'}; dropped {', '.join(doc['dropped']) or 'none'}"
+        f" ({len(doc['corrections'])} pairwise seeds revealed)"
+    )
+    return 0
+
+
 def add_verbs(verb) -> None:
     """Register the trust verbs on the `fedhpc` parser (`verb` as in cli.parser)."""
     k = verb("keys", cmd_keys, "create identities: `init --site NAME`, or `ensure` every key the config needs")
@@ -115,3 +130,5 @@ def add_verbs(verb) -> None:
     au.add_argument("action", choices=["verify"])
     au.add_argument("run_dir")
     au.add_argument("--config", help="config whose trust settings to use (default: the run's config.json)")
+    sa = verb("secagg", cmd_secagg, "secure aggregation: request and check the survivors' seed reveals", round=True)
+    sa.add_argument("action", choices=["recover"])

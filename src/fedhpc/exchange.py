@@ -353,7 +353,7 @@ class CompletenessCache:
 
 
 # What each side hands over. Sites publish only these names from their round directory.
-SITE_FILES = ("update.safetensors", "control.safetensors", "metrics.jsonl", "receipt.json")
+SITE_FILES = ("update.safetensors", "control.safetensors", "metrics.jsonl", "train.log", "receipt.json")
 ROUND_FILES = ("plan.json", "global/model.safetensors", "global/model.json", "global/server_state.safetensors")
 DATA_FILES = ("manifest.json", "manifest.sig", "tokenizer.json")
 

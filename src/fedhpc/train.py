@@ -25,6 +25,7 @@ from .files import append_jsonl, finite_or_none, read_json, sha256_file, write_j
 from .layout import RunLayout
 from .loop import local_round, mean_loss, to_windows
 from .model import load_exported_state
+from .scrub import outgoing_receipt
 from .shards import load_manifest, read_shard
 from .signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
 from .site_correction import GradCorrection
@@ -230,7 +231,18 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
     update = {k: local[k] - global_state[k].float() for k in local}
     codec = site_codec(cfg, site)
     meta = {"run": cfg.run, "round": str(r), "site": site, "base_sha256": base["sha256"], **codec_metadata(codec)}
-    save_state(layout.update(r, site), encode_update(cfg, layout, site, r, update, codec), meta)
+    outgoing: dict = {}
+    if cfg.strategy.secure_aggregation.enabled:
+        from .secure import masked_update
+
+        plan = load_plan(layout, trust, r)
+        tensors, masked_meta, outgoing = masked_update(
+            cfg, trust, plan, site, update, result.tokens, result.tokens // shape.seq_len
+        )
+        meta.update(masked_meta)
+    else:
+        tensors = encode_update(cfg, layout, site, r, update, codec)
+    save_state(layout.update(r, site), tensors, meta)
     control = {}
     if correction is not None and correction.scaffold:
         c_new, c_delta = correction.control_update()
@@ -280,7 +292,9 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME"),
         "host": socket.gethostname(),
+        **outgoing,
     }
+    receipt = outgoing_receipt(cfg.trust.scrub, metrics_path, receipt)  # no user, host or path leaves the site
     receipt = sign_document(receipt, site, trust.private_key(site))
     write_json(layout.receipt(r, site), receipt)  # last: its presence means "update published"
     site_state.prune(layout, site, keep_from=r)

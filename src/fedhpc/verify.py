@@ -22,9 +22,18 @@ from .tensorfile import TensorFileError, TensorSpec, read_header, read_metadata,
 
 
 def check_update(
-    layout: RunLayout, trust: TrustStore, run: str, r: int, site: str, base: dict, v: VerificationConfig
+    layout: RunLayout,
+    trust: TrustStore,
+    run: str,
+    r: int,
+    site: str,
+    base: dict,
+    v: VerificationConfig,
+    cfg: Config | None = None,
 ) -> dict:
-    """Checks one site's update on its own. Returns {"reasons": [...], "flags": [...], ...stats}."""
+    """Checks one site's update on its own. Returns {"reasons": [...], "flags": [...], ...stats}.
+
+    `cfg` (the whole config) is needed for masked updates (strategy.secure_aggregation)."""
     out: dict = {"site": site, "reasons": [], "flags": []}
     path = layout.receipt(r, site)
     try:
@@ -62,12 +71,20 @@ def check_update(
         out["reasons"].append("control.safetensors does not match the sha256 in its receipt (corrupt or tampered)")
         return out
     try:
-        got, want = read_specs(update), read_specs(layout.global_model(r))
-        codec = codec_from_metadata(read_metadata(update))
+        got, want, meta = read_specs(update), read_specs(layout.global_model(r)), read_metadata(update)
+        codec = codec_from_metadata(meta)
     except (TensorFileError, CompressionError) as exc:
         out["reasons"].append(str(exc))
         return out
     out["content_sha256"] = content_sha256(update)
+    if "secure_aggregation" in meta or (cfg is not None and cfg.strategy.secure_aggregation.enabled):
+        norm, why = _masked_norm(cfg, layout, r, site, receipt, meta, got, want)
+        if why:
+            out["reasons"].append(why)
+            return out
+        out["norm"] = norm
+        out["flags"].append("norm declared by the site: a masked update cannot be measured (secure aggregation)")
+        return _receipt_checks(out, receipt, layout, r, site, v)
     expected = expected_specs(want, codec)
     if got != expected and not (codec.scheme == "none" and got == want):
         diff = (
@@ -93,6 +110,19 @@ def check_update(
         out["reasons"].append(f"tensor {bad} has NaN or Inf values" if bad else "update norm overflows")
         return out
     out["norm"] = math.sqrt(sq)
+    return _receipt_checks(out, receipt, layout, r, site, v)
+
+
+def _masked_norm(cfg, layout, r, site, receipt, meta, got, want) -> tuple[float | None, str | None]:
+    if cfg is None:
+        return None, "the update is masked, but secure aggregation is off"
+    from .secure import check_masked
+
+    return check_masked(cfg, read_json(layout.plan(r)), site, receipt, meta, got, want)
+
+
+def _receipt_checks(out: dict, receipt: dict, layout: RunLayout, r: int, site: str, v: VerificationConfig) -> dict:
+    """The checks on what the site reports (norm cap, local losses, training curve)."""
     out["steps"] = int(receipt.get("steps", 0))
     out["tokens"] = int(receipt.get("tokens", 0))
     if v.max_update_norm is not None and out["norm"] > v.max_update_norm:
@@ -208,7 +238,7 @@ def outlier_scores(stats: dict[str, float], min_scale: float) -> dict[str, float
 def verify_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, base: dict) -> dict:
     arrivals = read_json(layout.arrivals(r))
     v = cfg.verification
-    checks = {s: check_update(layout, trust, cfg.run, r, s, base, v) for s in arrivals["arrived"]}
+    checks = {s: check_update(layout, trust, cfg.run, r, s, base, v, cfg) for s in arrivals["arrived"]}
     seen = accepted_before(layout, r)
     _mark_duplicates(checks, seen)
     passing = {s: c for s, c in checks.items() if not c["reasons"]}
@@ -301,7 +331,7 @@ def _verify_late(
     audit = AuditLog(layout.audit)
     for item in late:
         k, site = item["round"], item["site"]
-        c = check_update(layout, trust, cfg.run, k, site, load_global_meta(layout, trust, k), cfg.verification)
+        c = check_update(layout, trust, cfg.run, k, site, load_global_meta(layout, trust, k), cfg.verification, cfg)
         _mark_duplicates({site: c}, seen)
         verdict = {"round": r, "site": site, "from_round": k, "accepted": not c["reasons"], **c}
         write_json(layout.late_verdict(r, site, k), sign_document(verdict, COORDINATOR, trust.private_key(COORDINATOR)))
