@@ -110,3 +110,12 @@ def test_the_ledger_and_its_signed_heads_verify(secure_run, capsys):
     *_, layout, _ = secure_run
     assert main(["audit", "verify", str(layout.root)]) == 0
     assert "1 signed heads" in capsys.readouterr().out
+
+
+def test_the_model_card_records_the_protections(secure_run, capsys):
+    *_, layout, _ = secure_run
+    assert main(["provenance", str(layout.global_model(1))]) == 0
+    card = (layout.global_model(1).parent / "MODEL_CARD.md").read_text()
+    assert "| secure aggregation | on: the coordinator saw only sums of updates |" in card
+    assert "| encryption at rest | shards and held-out splits sealed (AES-256-GCM) |" in card
+    assert "| 0 | fedavg/mean | a100 (" in card  # round 0 summed a100 (and the others)

@@ -116,6 +116,27 @@ def cmd_secagg(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_provenance(a: argparse.Namespace) -> int:
+    from .config_schema import load
+    from .provenance import locate, write_provenance
+
+    root, g = locate(a.model)
+    trust = run_trust(root, a.config)
+    snapshot = Path(a.config) if a.config else root / "config.json"
+    cfg = load(snapshot) if snapshot.exists() else None
+    record, card = write_provenance(root, g, trust, cfg, Path(a.out) if a.out else None)
+    from .files import read_json
+
+    rec = read_json(record)
+    d = rec["data"]
+    print(
+        f"global model r{g:04d} ({rec['model_sha256'][:16]}…): {len(rec['rounds'])} contributing rounds, "
+        f"sites {', '.join(d['sites']) or 'none'}, {d['tokens_trained']:,} tokens from {len(d['sources'])} sources"
+    )
+    print(f"wrote {record} and {card}")
+    return 0
+
+
 def add_verbs(verb) -> None:
     """Register the trust verbs on the `fedhpc` parser (`verb` as in cli.parser)."""
     k = verb("keys", cmd_keys, "create identities: `init --site NAME`, or `ensure` every key the config needs")
@@ -132,3 +153,12 @@ def add_verbs(verb) -> None:
     au.add_argument("--config", help="config whose trust settings to use (default: the run's config.json)")
     sa = verb("secagg", cmd_secagg, "secure aggregation: request and check the survivors' seed reveals", round=True)
     sa.add_argument("action", choices=["recover"])
+    pv = verb(
+        "provenance",
+        cmd_provenance,
+        "trace a global model to its rounds, sites, shards and verdicts; write a model card",
+        config=False,
+    )
+    pv.add_argument("model", help="a global model.safetensors, its global/ directory or its round directory")
+    pv.add_argument("--config", help="config whose trust settings to use (default: the run's config.json)")
+    pv.add_argument("--out", help="where provenance.json and MODEL_CARD.md go (default: beside the model)")
