@@ -378,3 +378,15 @@ def test_hostile_config(tmp_path, text, reason):
     with pytest.raises(ConfigError) as info:
         load(path)
     assert reason in str(info.value)
+
+
+def test_the_coordinators_metrics_replay_skips_hostile_records(tmp_path):
+    """Tracking replays every arrival's metrics, rejected ones too: malformed records are skipped."""
+    from fedhpc.tracking import site_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        '{"time": 1, "step": 2, "loss": 3.0, "note": "x"}\n[1]\n{"time": "x", "step": 1, "loss": 1}\n'
+        '{"time": 1, "step": 3, "loss": NaN, "lr": 1e400, "ok": true}\n' + "[" * 5000 + "\n"
+    )
+    assert [(m.key, m.value, m.step) for m in site_metrics(path)] == [("loss", 3.0, 2)]

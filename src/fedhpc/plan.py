@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from .allocate import Shard, learned_throughput, make_plan
@@ -60,8 +61,12 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
     if cfg.rounds.learn_throughput and r > 0:
         tps = {}
         for site in sites:
-            if layout.receipt(r - 1, site).exists():
-                tps[site] = float(read_json(layout.receipt(r - 1, site)).get("tokens_per_second") or 0.0)
+            try:  # read before anyone verified it: a hostile receipt must not stop planning
+                tps[site] = max(0.0, float(read_json(layout.receipt(r - 1, site)).get("tokens_per_second") or 0.0))
+            except (FileNotFoundError, ValueError, TypeError, AttributeError):
+                continue
+            if not math.isfinite(tps[site]):
+                del tps[site]
         measured = learned_throughput({n: s.throughput for n, s in sites.items()}, tps)
     plan = make_plan(r, shards, sites, cfg.rounds.tokens_per_round, cfg.seed, prev, requeue, measured)
     plan["notes"] = joined + plan["notes"]
