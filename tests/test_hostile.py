@@ -15,7 +15,7 @@ from fedhpc.audit import AuditLog, verify_ledger
 from fedhpc.checkpoints import load_global_meta
 from fedhpc.config_schema import ConfigError, load
 from fedhpc.documents import DocumentError
-from fedhpc.exchange import complete, write_index
+from fedhpc.exchange import INDEX, complete, write_index
 from fedhpc.files import read_json, sha256_file, write_json
 from fedhpc.rawtensors import TensorReader
 from fedhpc.shards import load_manifest
@@ -390,3 +390,12 @@ def test_the_coordinators_metrics_replay_skips_hostile_records(tmp_path):
         '{"time": 1, "step": 3, "loss": NaN, "lr": 1e400, "ok": true}\n' + "[" * 5000 + "\n"
     )
     assert [(m.key, m.value, m.step) for m in site_metrics(path)] == [("loss", 3.0, 2)]
+
+
+def test_a_malformed_bundle_index_is_not_an_arrival_and_does_not_stop_the_coordinator(round_):
+    b = round_
+    b.publish("x")
+    d = b.layout.site_dir(1, "x")
+    for files in ({"../../outside/precious.txt": {"sha256": "0" * 64, "bytes": 1}}, {"receipt.json": "x"}, ["a"]):
+        write_json(d / INDEX, sign_document({"files": files}, "x", b.trust.private_key("x")))
+        assert complete(d, b.trust, "x") is False

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import FedhpcError
+from .files import write_bytes
 from .signing import COORDINATOR
 
 
@@ -46,8 +47,7 @@ def cmd_keys(a: argparse.Namespace) -> int:
                 continue
             # The trust list is the authority; the file only mirrors it for tools that look for one.
             if not pub.exists() or pub.read_text().strip() != trust.listed[name].strip():
-                pub.parent.mkdir(parents=True, exist_ok=True)
-                pub.write_text(trust.listed[name].strip() + "\n")
+                write_bytes(pub, (trust.listed[name].strip() + "\n").encode())
             continue
         if not pub.exists():
             if not cfg.trust.generate_missing:

@@ -320,9 +320,9 @@ def complete(directory: Path, trust: TrustStore, signer: str) -> bool:
     side of a publish: the hub checks before it counts an update as arrived)."""
     index = directory / INDEX
     try:
-        files = check_index(read_json(index), trust, signer, str(index))
-    except (FileNotFoundError, ValueError, SignatureError):
-        return False
+        files = check_index(read_json(index, max_bytes=16 << 20), trust, signer, str(index))
+    except (FileNotFoundError, ValueError, SignatureError, TransferError):
+        return False  # not there yet, or not a bundle its site signed: either way not an arrival
     return all(verified(directory / name, entry) for name, entry in files.items())
 
 
