@@ -4,6 +4,7 @@ the only way any of them may fail is the parser's own clear error (never an unha
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from tests.workflow_util import tiny_config
 FUZZ = settings(
     max_examples=2000,
     deadline=None,
-    derandomize=True,  # the same thousands of inputs on every run: a finding reproduces, CI is not flaky
+    derandomize=os.environ.get("FEDHPC_FUZZ_RANDOM")
+    != "1",  # the same thousands of inputs on every run: a finding reproduces, CI is not flaky
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
 )
@@ -330,7 +332,11 @@ def test_fuzz_config_values(tmp_path):
 
 
 @FUZZ_FILES
-@given(text=st.text(max_size=80) | json_values.map(lambda v: yaml.safe_dump(v)))
+@given(
+    text=st.text(max_size=80)
+    | json_values.map(lambda v: yaml.safe_dump(v))
+    | st.sampled_from(["? [a]\n", "1: 2\n", "null: x\n", ".nan\n", "&a [*a, *a]\n", "!!python/object:os.system ls\n"])
+)
 def test_fuzz_config_files(text):
     path = _SCRATCH / "config.yaml"
     path.write_text(text)

@@ -370,6 +370,9 @@ def test_plan_with_a_malformed_site_entry_is_refused_even_signed(tmp_path):
         ("sites: {a: {}}\nrounds: {count: 'many'}\n", "rounds.count: 'many' is not of type 'integer'"),
         ("sites: {'../../outside': {}}\n", "does not match"),
         ("\xff\xfe", "cannot parse"),
+        ("? [a, b]\n: 1\nsites: {a: {}}\n", "found unhashable key"),
+        ("null: 1\nsites: {a: {}}\n", "None: keys must be strings"),
+        ("sites: {1: {}}\n", "sites.1: keys must be strings"),
     ],
 )
 def test_hostile_config(tmp_path, text, reason):

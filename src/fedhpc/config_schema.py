@@ -275,15 +275,20 @@ def _secagg_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def _non_finite(value: Any, path: tuple) -> tuple | None:
-    """The key path of the first NaN or infinity in a parsed config (YAML has `.nan` and `.inf`), or None."""
+def _not_plain(value: Any, path: tuple) -> tuple[tuple, str] | None:
+    """(key path, problem) of the first value plain JSON cannot hold: a NaN or infinity (YAML has
+    `.nan` and `.inf`) or a key that is not a string (YAML allows `? [a]`, `1:` and `null:`)."""
     import math
 
     if isinstance(value, float) and not math.isfinite(value):
-        return path or ("(top level)",)
+        return path or ("(top level)",), "not a finite number"
+    if isinstance(value, dict):
+        for k in value:
+            if not isinstance(k, str):
+                return (*path, repr(k)), "keys must be strings"
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for k, v in items:
-        if (found := _non_finite(v, (*path, k))) is not None:
+        if (found := _not_plain(v, (*path, k))) is not None:
             return found
     return None
 
@@ -296,8 +301,8 @@ def validate(raw: Any, origin: str = "config", schema_file: str | Path | None = 
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
-    if bad := _non_finite(raw, ()):
-        raise ConfigError(f"{origin}: invalid configuration:\n  - {_dotted(bad)}: not a finite number")
+    if bad := _not_plain(raw, ()):
+        raise ConfigError(f"{origin}: invalid configuration:\n  - {_dotted(bad[0])}: {bad[1]}")
     schema = json.loads(Path(schema_file).read_text()) if schema_file else config_schema()
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(raw), key=lambda e: [str(p) for p in e.absolute_path])
