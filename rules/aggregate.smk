@@ -3,7 +3,7 @@
 
 rule aggregate:
     input:
-        f"{RUN}/rounds/r{{r}}/verdicts.json",
+        aggregate_inputs,
     output:
         model=f"{RUN}/rounds/r{{r}}/candidate/model.safetensors",
         record=f"{RUN}/rounds/r{{r}}/aggregate.json",
@@ -22,3 +22,20 @@ rule aggregate:
         launch=aggregate_launch,
     shell:
         "{params.launch}fedhpc aggregate --config {params.cfg} --round {wildcards.r} --threads {threads} > {log} 2>&1"
+
+
+# Secure aggregation: survivors reveal the seeds they shared with dropped sites.
+rule recover:
+    input:
+        f"{RUN}/rounds/r{{r}}/verdicts.json",
+    output:
+        f"{RUN}/rounds/r{{r}}/secagg/recovery.json",
+    log:
+        f"{RUN}/logs/recover/r{{r}}.log",
+    localrule: True
+    conda:
+        "../envs/fedhpc.yaml"
+    params:
+        cfg=CONFIG_JSON,
+    shell:
+        "fedhpc secagg recover --config {params.cfg} --round {wildcards.r} > {log} 2>&1"

@@ -216,6 +216,21 @@ def train_launch(wildcards, threads, resources):
     return launch
 
 
+def aggregate_inputs(wildcards):
+    """The verdicts and, with secure aggregation, the recovery that unmasks the survivors' sum."""
+    recovery = [f"{rdir(wildcards.r)}/secagg/recovery.json"]
+    verdicts = [f"{rdir(wildcards.r)}/verdicts.json"]
+    return verdicts + (recovery if CFG.strategy.secure_aggregation.enabled else [])
+
+
+def in_batch_step(wildcards=None):
+    """An `mpi` resource that runs a single-task job's command in the batch step itself. Its mere
+    presence stops the job-step executor from wrapping the command in its own `srun -n1`, which
+    drops SLURM_CONF from the environment and so reaches the default cluster, not this one (a
+    cluster configured through SLURM_CONF, such as the tests' second cluster)."""
+    return ""
+
+
 def aggregate_tasks(wildcards=None):
     return CFG.strategy.ranks
 

@@ -42,6 +42,8 @@ rule shard:
         f"{RUN}/logs/shard.log",
     conda:
         "../envs/fedhpc.yaml"
+    resources:
+        mpi=in_batch_step,
     params:
         cfg=CONFIG_JSON,
     shell:

@@ -14,6 +14,8 @@ rule evaluate_shared:
     conda:
         "../envs/fedhpc.yaml"
     threads: 2
+    resources:
+        mpi=in_batch_step,
     params:
         cfg=CONFIG_JSON,
     shell:
@@ -24,6 +26,8 @@ rule evaluate_shared:
 rule merge_eval_initial:
     input:
         f"{RUN}/rounds/r0000/global/evals/coordinator/eval.json",
+        # the plan knows which sites' catalogues (and held-out splits) take part
+        f"{RUN}/rounds/r0000/plan.json",
     output:
         f"{RUN}/rounds/r0000/global/eval.json",
     log:

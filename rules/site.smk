@@ -27,6 +27,8 @@ rule shard_site:
         f"{RUN}/logs/shard/{{site}}.log",
     conda:
         "../envs/fedhpc.yaml"
+    resources:
+        mpi=in_batch_step,
     params:
         cfg=CONFIG_JSON,
     shell:
@@ -46,6 +48,8 @@ rule evaluate_site:
     conda:
         "../envs/fedhpc.yaml"
     threads: 2
+    resources:
+        mpi=in_batch_step,
     params:
         cfg=CONFIG_JSON,
     shell:

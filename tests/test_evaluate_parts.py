@@ -52,19 +52,20 @@ def test_two_models_are_compared_on_the_domains_both_were_scored_on():
 
 def test_a_part_for_another_model_by_the_wrong_signer_or_with_absurd_numbers_is_refused(tmp_path):
     cfg, layout, trust = federation(tmp_path)
+    m, other = "a" * 64, "b" * 64
     good = sign_document(
-        part("lumi", {"law": {"loss": 2.5, "tokens": 64, "entropy_floor": None}}), "lumi", trust.private_key("lumi")
+        part("lumi", {"law": {"loss": 2.5, "tokens": 64, "entropy_floor": None}}, m), "lumi", trust.private_key("lumi")
     )
-    assert check_part(good, trust, "lumi", "m", "x")["domains"]["law"]["loss"] == 2.5
-    with pytest.raises(EvaluationError, match="scores model 'm', not other"):
-        check_part(good, trust, "lumi", "other", "x")  # a stale part, replayed for a newer candidate
-    forged = sign_document(part("lumi", {"law": {"loss": 0.1, "tokens": 64}}), "a100", trust.private_key("a100"))
+    assert check_part(good, trust, "lumi", m, "x")["domains"]["law"]["loss"] == 2.5
+    with pytest.raises(EvaluationError, match=f"scores model '{m}', not {other}"):
+        check_part(good, trust, "lumi", other, "x")  # a stale part, replayed for a newer candidate
+    forged = sign_document(part("lumi", {"law": {"loss": 0.1, "tokens": 64}}, m), "a100", trust.private_key("a100"))
     with pytest.raises(SignatureError, match="signed by 'a100', expected 'lumi'"):
-        check_part(forged, trust, "lumi", "m", "x")
+        check_part(forged, trust, "lumi", m, "x")
     for bad in ({"loss": -1.0, "tokens": 64}, {"loss": 1e9, "tokens": 64}, {"loss": 1.0, "tokens": 0}, "x"):
-        doc = sign_document(part("lumi", {"law": bad}), "lumi", trust.private_key("lumi"))
-        with pytest.raises(EvaluationError, match="implausible"):
-            check_part(doc, trust, "lumi", "m", "x")
+        doc = sign_document(part("lumi", {"law": bad}, m), "lumi", trust.private_key("lumi"))
+        with pytest.raises(ValueError, match="implausible|not a valid eval part"):
+            check_part(doc, trust, "lumi", m, "x")
 
 
 def test_each_holder_scores_only_its_own_splits_and_the_merge_waits_for_missing_ones_until_the_deadline(tmp_path):

@@ -91,6 +91,7 @@ class RoundBuilder:
         signer: str | None = None,
         key_of: str | None = None,
         sign: bool = True,
+        metadata: dict[str, str] | None = None,
         **receipt_fields: Any,
     ) -> dict[str, Any]:
         """Write update.safetensors and receipt.json for site `who`. The receipt is signed as `signer`
@@ -99,7 +100,7 @@ class RoundBuilder:
         save_state(
             update_path,
             self.good_update(who) if update is None else update,
-            {"run": self.run, "round": str(self.r), "site": who},
+            {"run": self.run, "round": str(self.r), "site": who, **(metadata or {})},
         )
         rec = {
             "run": self.run,
@@ -108,6 +109,7 @@ class RoundBuilder:
             "base_round": self.r,
             "base_sha256": self.base["sha256"],
             "update_sha256": sha256_file(update_path),
+            "shards": self.planned_shards(who),
             "tokens": 1000,
             "sequences": 10,
             "steps": 4,
@@ -120,6 +122,11 @@ class RoundBuilder:
             rec = sign_document(rec, signer, self.trust.private_key(key_of or signer))
         write_json(self.layout.receipt(self.r, who), rec)
         return rec
+
+    def planned_shards(self, who: str) -> list[str]:
+        """The shards round r's plan gave `who` (what a real site's receipt lists)."""
+        entry = read_json(self.layout.plan(self.r))["sites"].get(who) if self.layout.plan(self.r).exists() else None
+        return entry["shards"] if entry else [f"{who}-shard"]
 
     def write_arrivals(self, arrived: list[str] | None = None) -> None:
         arrived = self.sites if arrived is None else arrived
@@ -328,14 +335,20 @@ def test_a_replayed_round0_update_is_rejected_for_round_and_base(builder):
     ]
 
 
+def sign_variant(u: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Update `u` with some tensors negated (by the bits of i): the same norm to the last bit, but not
+    the same update, which verification would refuse as a duplicate submission."""
+    return {k: -v if (i >> j) & 1 else v for j, (k, v) in enumerate(sorted(u.items()))}
+
+
 def test_outlier_z_is_the_robust_distance_in_log_norm_per_sqrt_step(builder):
     # Three sites with identical update norms and one 100x larger: median/MAD of log(norm/sqrt(steps))
     # are those of the three, the MAD is 0, so the spread is the floor min_log_scale = 0.5 and
     # z = ln(100) / 0.5 = 9.21.
     b = builder(GOOD + ["x"])
     same = b.good_update("good1")
-    for s in GOOD:
-        b.publish(s, same)
+    for i, s in enumerate(GOOD):
+        b.publish(s, sign_variant(same, i))
     b.publish("x", {k: 100 * v for k, v in same.items()})
     b.write_arrivals()
     summary = b.verify()
@@ -351,8 +364,8 @@ def test_more_steps_legitimately_move_further_and_are_not_outliers(builder):
     # 100x the norm but 10^4 x the steps: the same norm per sqrt(step).
     b = builder(GOOD + ["x"])
     same = b.good_update("good1")
-    for s in GOOD:
-        b.publish(s, same, steps=4)
+    for i, s in enumerate(GOOD):
+        b.publish(s, sign_variant(same, i), steps=4)
     b.publish("x", {k: 100 * v for k, v in same.items()}, steps=40_000)
     b.write_arrivals()
     assert b.verify()["accepted"] == GOOD + ["x"]

@@ -76,6 +76,13 @@ def round_weights(
     return p, coef, why
 
 
+def _verified_receipt(path, sha: str | None, r: int) -> dict:
+    """A receipt, refused if it changed after verification: its token count sets the site's weight."""
+    if sha is not None and sha256_file(path) != sha:
+        raise AggregationError(f"{path} changed after verification; refusing to aggregate round {r}")
+    return read_json(path)
+
+
 def aggregate_round(
     cfg: Config, layout: RunLayout, r: int, base: dict, trust: TrustStore | None = None, threads: int = 1
 ) -> dict:
@@ -84,6 +91,16 @@ def aggregate_round(
     s = cfg.strategy
     verdicts = read_json(layout.verdicts(r))
     accepted = sorted(verdicts["accepted"])
+    secure = None
+    if s.secure_aggregation.enabled:
+        # Only the survivors the recovery unmasks are summed (all accepted, or none when too few).
+        from .secure import secure_sum
+        from .tensorfile import read_specs
+
+        if trust is None:
+            raise AggregationError("secure aggregation needs the trust store to check the recovery's signature")
+        secure = secure_sum(layout, trust, r, read_specs(layout.global_model(r)))
+        accepted = [site for site in accepted if site in secure.survivors]
     for site in accepted:
         # The file must still be the one that was verified: nothing may swap it in between.
         if sha256_file(layout.update(r, site)) != verdicts["update_sha256"][site]:
@@ -95,14 +112,17 @@ def aggregate_round(
             f"round {r}: {len(accepted)} accepted updates ({', '.join(accepted)}) are too few for strategy.rule "
             f"{s.rule!r} with strategy.faulty_sites = {s.faulty_sites}: {why}"
         )
-    receipts = {site: read_json(layout.receipt(r, site)) for site in accepted}
+    receipts = {
+        site: _verified_receipt(layout.receipt(r, site), verdicts.get("receipt_sha256", {}).get(site), r)
+        for site in accepted
+    }
     # Late updates of earlier rounds join with their own receipts (base_round < r: decayed weight).
     late = verdicts.get("late_accepted", {})
     for label, item in sorted(late.items()):
         path = layout.update(item["round"], item["site"])
         if sha256_file(path) != item["update_sha256"]:
             raise AggregationError(f"{path} changed after verification; refusing to aggregate round {r}")
-        receipts[label] = read_json(layout.receipt(item["round"], item["site"]))
+        receipts[label] = _verified_receipt(layout.receipt(item["round"], item["site"]), item.get("receipt_sha256"), r)
     paths = {site: layout.update(r, site) for site in accepted}
     paths.update({label: layout.update(item["round"], item["site"]) for label, item in late.items()})
     contributors = sorted(receipts)
@@ -128,6 +148,7 @@ def aggregate_round(
         layerwise=s.layerwise_norm,
         noise_multiplier=dp.noise_multiplier,
         noise_key=noise_key,
+        secure=secure if contributors else None,
     )
     opt = server_opt(s)
     keeps_state = bool(st.SERVER_STATE[s.name])
@@ -203,6 +224,9 @@ def aggregate_round(
         "ranks": comm.Get_size() if comm is not None else 1,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "late": sorted(late),
+        "secure_aggregation": {"survivors": list(secure.survivors), "pairs_unmasked": len(secure.corrections)}
+        if secure is not None
+        else None,
         "note": None if contributors else "no accepted updates: the candidate equals the base model",
     }
     write_json(layout.aggregate_record(r), record)

@@ -66,6 +66,7 @@ class Combine:
     layerwise: bool = False
     noise_multiplier: float = 0.0
     noise_key: bytes = b""
+    secure: object | None = None  # secure.SecureSum: the inputs are masked, only their sum is meaningful
 
     @property
     def needs_stats(self) -> bool:
@@ -204,6 +205,8 @@ def aggregate(
             # Verification checked this; the engine is also a library, so it refuses to guess.
             want = expected_specs(specs, u.codec)
             f32 = {n: TensorSpec("F32", s.shape) for n, s in specs.items()} if u.codec.scheme == "none" else want
+            if combine.secure is not None:
+                want = f32 = {n: TensorSpec("I64", s.shape) for n, s in specs.items()}
             if u.reader.specs not in (want, f32, specs):
                 raise ValueError(f"{u.reader.path}: tensors do not match the base model under codec {u.codec.scheme!r}")
         ctrls = [stack.enter_context(TensorReader(i.control)) for i in inputs if i.control is not None]
@@ -266,7 +269,10 @@ def aggregate(
 
         def emit(item: tuple[str, int, int]) -> None:
             name, a, b = item
-            delta = _combine(combine.rule, combine.faulty, ups, chosen, coef, scale, name, numel[name], a, b)
+            if combine.secure is not None and ups:
+                delta = _secure_mean(combine.secure, ups, name, a, b)
+            else:
+                delta = _combine(combine.rule, combine.faulty, ups, chosen, coef, scale, name, numel[name], a, b)
             if res.noise_std > 0:
                 delta += _noise(combine.noise_key, name, a, b - a, res.noise_std)
             prev = {}
@@ -362,6 +368,15 @@ def _choose(
         return chosen, {i: 1.0 / len(chosen) for i in chosen}
     share = sum(inputs[i].weight for i in chosen) or 1.0
     return chosen, {i: (inputs[i].coef if inputs[i].coef is not None else inputs[i].weight) / share for i in chosen}
+
+
+def _secure_mean(sec, ups: list[UpdateFile], name: str, a: int, b: int) -> torch.Tensor:
+    """Weighted mean of the plain updates over [a, b) from the masked ones: their sum modulo 2^64
+    with the dropped pairs' masks removed (secure.masked_sum_range)."""
+    from .secure import masked_sum_range
+
+    parts = (u.reader.read(name, a, b).numpy().view("uint64") for u in ups)
+    return masked_sum_range(sec, parts, name, a)
 
 
 def _map(fn, items: list, workers: int) -> list:

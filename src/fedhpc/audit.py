@@ -9,13 +9,18 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .files import canonical_json
+from .errors import FedhpcError
+from .files import canonical_json, parse_json
 
 GENESIS = "0" * 64
+
+
+class LedgerError(FedhpcError, ValueError):
+    """The ledger cannot be appended to or read (its last line is not a ledger entry)."""
 
 
 def _digest(prev: str, body: dict[str, Any]) -> str:
@@ -43,8 +48,15 @@ def _tail(path: Path) -> tuple[int, str, int]:
     lines = data[:complete].splitlines()
     if not lines:
         return 0, GENESIS, complete
-    last = json.loads(lines[-1])
-    return last["seq"] + 1, last["hash"], complete
+    try:
+        last = parse_json(lines[-1], str(path))
+        seq, digest = last["seq"], last["hash"]
+        assert isinstance(seq, int) and isinstance(digest, str)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise LedgerError(
+            f"{path}: its last complete line is not a ledger entry; nothing appended (see `fedhpc audit verify`)"
+        ) from None
+    return seq + 1, digest, complete
 
 
 class AuditLog:
@@ -83,7 +95,10 @@ class AuditLog:
     def events(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        try:
+            return [parse_json(line, str(self.path)) for line in self.path.read_bytes().splitlines() if line.strip()]
+        except ValueError as exc:
+            raise LedgerError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,8 @@ class LedgerCheck:
     lines: int
     bad_line: int | None = None  # 1-based line number of the first problem
     reason: str = ""
+    hashes: tuple[str, ...] = field(default=(), compare=False, repr=False)  # hash of each intact line, in order
+    heads: int = 0  # signed heads checked (ledger.verify_run)
 
 
 def verify_ledger(path: str | os.PathLike) -> LedgerCheck:
@@ -99,26 +116,28 @@ def verify_ledger(path: str | os.PathLike) -> LedgerCheck:
     path = Path(path)
     if not path.exists():
         return LedgerCheck(False, 0, None, f"{path} does not exist")
-    prev, expected_seq, n = GENESIS, 0, 0
+    prev, expected_seq, n, hashes = GENESIS, 0, 0, []
     for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
         if not raw:
             continue
         try:
-            body = json.loads(raw)
+            body = parse_json(raw, str(path))
             assert isinstance(body, dict)
         except (ValueError, AssertionError):
-            return LedgerCheck(False, n, n, "not a JSON object")
+            return LedgerCheck(False, n, n, "not a JSON object", tuple(hashes))
         claimed = body.pop("hash", None)
-        if body.get("seq") != expected_seq:
+        if body.get("seq") != expected_seq or isinstance(body.get("seq"), bool):
             return LedgerCheck(
                 False,
                 n,
                 n,
                 f"sequence number {body.get('seq')!r}, expected {expected_seq} (a line was removed, inserted or moved)",
+                tuple(hashes),
             )
         if body.get("prev") != prev:
-            return LedgerCheck(False, n, n, "does not chain to the previous line")
+            return LedgerCheck(False, n, n, "does not chain to the previous line", tuple(hashes))
         if claimed != _digest(prev, body):
-            return LedgerCheck(False, n, n, "content does not match its hash (edited)")
+            return LedgerCheck(False, n, n, "content does not match its hash (edited)", tuple(hashes))
         prev, expected_seq = claimed, expected_seq + 1
-    return LedgerCheck(True, expected_seq)
+        hashes.append(claimed)
+    return LedgerCheck(True, expected_seq, hashes=tuple(hashes))

@@ -13,6 +13,7 @@ import time
 from pathlib import PurePosixPath
 from typing import Any
 
+from .documents import check_document
 from .errors import FedhpcError
 from .files import read_json, write_json
 from .layout import RunLayout
@@ -47,6 +48,7 @@ def check_catalogue(doc: Any, trust: TrustStore, site: str, tokenizer_sha: str |
     if not isinstance(doc, dict):
         raise CatalogueError(f"{what}: not a JSON object")
     verify_document(doc, trust, site, what)
+    check_document("catalogue", doc, what)
     if doc.get("version") != CATALOGUE_VERSION or doc.get("site") != site:
         raise CatalogueError(
             f"{what}: version {doc.get('version')!r} for site {doc.get('site')!r}, "
@@ -99,6 +101,12 @@ def catalogued_sites(layout: RunLayout, trust: TrustStore, sites, tokenizer_sha:
         if doc is not None:
             out[site] = doc
     return out
+
+
+def catalogue_sites(layout: RunLayout) -> list[str]:
+    """The sites whose catalogue is in this run directory (for readers that have no config, e.g. provenance)."""
+    root = layout.data / "sites"
+    return sorted(p.name for p in root.iterdir() if (p / "catalogue.json").is_file()) if root.is_dir() else []
 
 
 def load_data(layout: RunLayout, trust: TrustStore, sites=()) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from .audit import AuditLog
 from .config import Config
+from .documents import check_document
 from .errors import FedhpcError
 from .files import read_json, sha256_file, write_json
 from .layout import RunLayout
@@ -49,8 +50,9 @@ def load_global_meta(layout: RunLayout, trust: TrustStore, r: int, check_hash: b
     path = layout.global_meta(r)
     if not path.exists():
         raise CheckpointError(f"{path}: no global model for round {r}")
-    meta = read_json(path)
+    meta = read_json(path, max_bytes=1 << 20)
     verify_document(meta, trust, COORDINATOR, str(path))
+    check_document("global_meta", meta, str(path))
     if meta.get("round") != r:
         raise CheckpointError(f"{path}: says round {meta.get('round')}, expected {r}")
     if check_hash and sha256_file(layout.global_model(r)) != meta["sha256"]:

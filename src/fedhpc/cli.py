@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cli_trust import add_verbs as add_trust_verbs
 from .config import Config
 from .config_schema import ConfigError, config_schema, load, markdown_docs
 from .errors import FedhpcError
@@ -32,7 +33,12 @@ def run_dir(cfg: Config) -> Path:
 def context(config_path: str) -> Ctx:
     cfg = load(config_path)
     layout = RunLayout.of(run_dir(cfg))
-    return Ctx(cfg, layout, TrustStore(cfg.trust.keys_dir or layout.keys_dir))
+    return Ctx(cfg, layout, trust_store(cfg, layout))
+
+
+def trust_store(cfg: Config, layout: RunLayout) -> TrustStore:
+    t = cfg.trust
+    return TrustStore(t.keys_dir or layout.keys_dir, t.public_keys, t.encryption)
 
 
 def cmd_config(a: argparse.Namespace) -> int:
@@ -45,27 +51,6 @@ def cmd_config(a: argparse.Namespace) -> int:
         Path(a.write).write_text(text)
     else:
         sys.stdout.write(text)
-    return 0
-
-
-def cmd_keys(a: argparse.Namespace) -> int:
-    from .signing import COORDINATOR, create_keypair
-
-    if a.action == "init":
-        path = create_keypair(a.dir, a.site)
-        print(f"created {path} (private, mode 600) and {path.with_suffix('.pub')} (share this one)")
-        return 0
-    ctx = context(a.config)
-    names = [COORDINATOR, *sorted(ctx.cfg.sites)]
-    for name in names:
-        if not (ctx.trust.keys_dir / f"{name}.pub").exists():
-            if not ctx.cfg.trust.generate_missing:
-                raise SystemExit(
-                    f"no key for {name!r} in {ctx.trust.keys_dir} and trust.generate_missing is false; "
-                    f"create it with `fedhpc keys init --site {name} --dir {ctx.trust.keys_dir}`"
-                )
-            create_keypair(ctx.trust.keys_dir, name)
-            print(f"created identity {name!r} in {ctx.trust.keys_dir}")
     return 0
 
 
@@ -359,17 +344,6 @@ def cmd_status(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_audit(a: argparse.Namespace) -> int:
-    from .audit import verify_ledger
-
-    check = verify_ledger(Path(a.run_dir) / "audit.jsonl")
-    if check.ok:
-        print(f"{a.run_dir}/audit.jsonl: intact, {check.lines} events")
-        return 0
-    print(f"{a.run_dir}/audit.jsonl: BROKEN at line {check.bad_line}: {check.reason}", file=sys.stderr)
-    return 1
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedhpc", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
@@ -387,10 +361,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["check", "schema", "docs"])
     c.add_argument("file", nargs="?", default="config.yaml")
     c.add_argument("--write", metavar="PATH", help="write schema/docs to PATH instead of stdout")
-    k = verb("keys", cmd_keys, "create identities: `init --site NAME`, or `ensure` every key the config needs")
-    k.add_argument("action", choices=["init", "ensure"])
-    k.add_argument("--site", default="coordinator")
-    k.add_argument("--dir", default="keys")
+    add_trust_verbs(verb)
     s = verb("synth", cmd_synth, "generate the synthetic corpus: the shared domains, or a site's own (--site)")
     s.add_argument("--site", help="generate the domains pinned to this site (default: the shared ones)")
     s.add_argument("--out", help="output directory (default: <run>/data/corpus, or data/sites/<site>/corpus)")
@@ -451,9 +422,6 @@ def parser() -> argparse.ArgumentParser:
     ct.add_argument("--no-fakeroot", action="store_true", help="build as root instead of with --fakeroot")
     st = verb("status", cmd_status, "print rounds × sites and their states", config=False)
     st.add_argument("run_dir")
-    au = verb("audit", cmd_audit, "verify the audit ledger of a run", config=False)
-    au.add_argument("action", choices=["verify"])
-    au.add_argument("run_dir")
     return p
 
 

@@ -240,6 +240,25 @@ class PrivacyConfig:
 
 
 @dataclass(kw_only=True)
+class SecureAggregationConfig:
+    """Pairwise additive masking (X25519): the coordinator learns only the sum of the updates."""
+
+    enabled: bool = opt(
+        False,
+        "Sites mask their (fp32) update with pairwise masks that cancel in the sum; survivors reveal the seeds "
+        "they shared with a site that dropped. Needs `rule: mean` and no per-site clipping, compression or DP.",
+    )
+    fraction_bits: int = opt(
+        32, "Fixed-point fraction bits of the masked integers (precision 2^-bits).", minimum=8, maximum=48
+    )
+    min_sites: int = opt(
+        2,
+        "Fewest accepted updates a round may sum: one alone would be that site's update in the clear.",
+        minimum=2,
+    )
+
+
+@dataclass(kw_only=True)
 class StrategyConfig:
     """How accepted updates become the next global model."""
 
@@ -304,6 +323,7 @@ class StrategyConfig:
         "MPI ranks of the aggregation job (they split the tensors by bytes; the result is bitwise the serial one).",
         minimum=1,
     )
+    secure_aggregation: SecureAggregationConfig = opt(SecureAggregationConfig, "Secure aggregation.")
 
 
 @dataclass(kw_only=True)
@@ -420,14 +440,53 @@ class TrackingConfig:
 
 
 @dataclass(kw_only=True)
+class EncryptionConfig:
+    """Encryption at rest: AES-256-GCM under per-shard data keys, wrapped by each reader's data key."""
+
+    shards: bool = opt(
+        False,
+        "Seal every shard (for its owning site, or for every site when unpinned) and held-out split (for the "
+        "coordinator); no plaintext token is written to disk.",
+    )
+    key_file: str | None = opt(
+        None,
+        "Data key file of each party, `{name}` standing for the site or `coordinator` (base64 of 32 bytes, mode "
+        "600, owned by the user); null: `<keys_dir>/{name}.datakey`.",
+    )
+    key_env: str = opt(
+        "FEDHPC_DATA_KEY_{NAME}",
+        "Environment variable that, when set, holds a party's data key instead of the file; `{NAME}` is the name "
+        "upper-cased with other characters than letters and digits as `_`.",
+    )
+
+
+@dataclass(kw_only=True)
+class ScrubConfig:
+    """What is removed from metrics, receipts and logs before they leave a site."""
+
+    user_names: bool = opt(True, "Replace this machine's user names (and home directories) with `[user]`.")
+    host_names: bool = opt(True, "Replace this machine's host names with `[host]`.")
+    paths: bool = opt(True, "Replace absolute file-system paths with `[path]`.")
+    patterns: list[str] = opt([], "Further regular expressions whose matches are replaced with `[scrubbed]`.")
+
+
+@dataclass(kw_only=True)
 class TrustConfig:
-    """Where identities (Ed25519 keys) come from."""
+    """Identities (Ed25519 keys), the trust list, encryption at rest and what leaves a site."""
 
     keys_dir: str | None = opt(
         None,
         "Directory of `<name>.pub` (and, where this machine signs, `<name>.key`) files; null uses `<run dir>/keys`.",
     )
     generate_missing: bool = opt(True, "Create missing key pairs (single-machine demo); set false in real federations.")
+    public_keys: dict[str, str] = opt(
+        {},
+        "The trust list: name → base64 Ed25519 public key (`fedhpc keys init` prints it) for `coordinator` and "
+        "every site. When set, only these identities are trusted and `.pub` files are ignored; empty: the `.pub` "
+        "files in `keys_dir` are trusted.",
+    )
+    encryption: EncryptionConfig = opt(EncryptionConfig, "Encryption at rest.")
+    scrub: ScrubConfig = opt(ScrubConfig, "Scrubbing of metrics, receipts and logs that leave a site.")
 
 
 @dataclass(kw_only=True)

@@ -14,6 +14,7 @@ import yaml
 
 from .config import Config
 from .errors import FedhpcError
+from .files import parse_json
 
 
 class ConfigError(FedhpcError, ValueError):
@@ -181,7 +182,14 @@ def _semantic_problems(cfg: Config) -> list[str]:
         problems.append("data.tokenizer.path: required when data.tokenizer.kind is 'pretrained'")
     if cfg.task.name == "gpt" and cfg.model.d_model % cfg.model.n_head:
         problems.append(f"model.n_head: {cfg.model.n_head} does not divide model.d_model ({cfg.model.d_model})")
-    return problems + task_problems + _strategy_problems(cfg, task) + _exchange_problems(cfg)
+    return (
+        problems
+        + task_problems
+        + _strategy_problems(cfg, task)
+        + _exchange_problems(cfg)
+        + _trust_problems(cfg)
+        + _secagg_problems(cfg)
+    )
 
 
 def _task_problems(cfg: Config) -> tuple[Any, list[str]]:
@@ -252,6 +260,96 @@ def _strategy_problems(cfg: Config, task: Any = None) -> list[str]:
     return problems
 
 
+def _trust_problems(cfg: Config) -> list[str]:
+    import base64
+    import binascii
+    import re
+
+    t, problems = cfg.trust, []
+    for name, text in sorted(t.public_keys.items()):
+        try:
+            ok = len(base64.b64decode(text.strip(), validate=True)) == 32
+        except (binascii.Error, ValueError):
+            ok = False
+        if not ok:
+            problems.append(f"trust.public_keys.{name}: not a base64 Ed25519 public key (32 bytes)")
+    if t.public_keys and "coordinator" not in t.public_keys:
+        problems.append("trust.public_keys: the trust list must include the coordinator's key (`coordinator: ...`)")
+    for i, pattern in enumerate(t.scrub.patterns):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(f"trust.scrub.patterns[{i}]: not a regular expression ({exc})")
+    for key in ("key_file", "key_env"):
+        template = getattr(t.encryption, key) or ""
+        try:
+            template.format(name="x", NAME="X")
+        except (KeyError, IndexError, ValueError):
+            problems.append(f"trust.encryption.{key}: {template!r} may only use {{name}} and {{NAME}}")
+    return problems
+
+
+def _secagg_problems(cfg: Config) -> list[str]:
+    """Secure aggregation hides every single update: refuse what needs to see one."""
+    if not cfg.strategy.secure_aggregation.enabled:
+        return []
+    st, why = cfg.strategy, "with strategy.secure_aggregation the coordinator only sees the sum of the updates"
+    problems = []
+    if st.rule != "mean":
+        problems.append(f"strategy.rule: {st.rule!r} needs every update on its own; {why} (use rule 'mean')")
+    for key, on, need in (
+        ("clip_norm", st.clip_norm is not None, "clip each update"),
+        ("layerwise_norm", st.layerwise_norm, "measure each update's tensors"),
+        ("heterogeneity_aware", st.heterogeneity_aware, "weigh updates by the others' effort after the fact"),
+        ("domain_cap", st.domain_cap is not None, "re-weigh updates by domain after the fact"),
+        ("privacy.noise_multiplier", st.privacy.noise_multiplier > 0, "clip each update to bound DP sensitivity"),
+    ):
+        if on:
+            problems.append(f"strategy.{key}: cannot {need}; {why}")
+    if st.name == "scaffold":
+        problems.append(f"strategy.name: scaffold's control variates are sent in the clear beside the update; {why}")
+    schemes = {cfg.training.compression.scheme} | {s.compression for s in cfg.sites.values() if s.compression}
+    if schemes - {"none"}:
+        problems.append(
+            f"training.compression: masks are added to the fp32 update; compressed updates ({', '.join(sorted(schemes - {'none'}))}) "
+            "would not cancel in the sum"
+        )
+    if cfg.rounds.late_updates == "fold":
+        problems.append(
+            "rounds.late_updates: a late site's masks were revealed when it was declared dropped, so folding its "
+            "update later would expose it; set 'drop'"
+        )
+    if cfg.exchange.role != "all" or cfg.exchange.kind != "local":
+        problems.append(
+            "exchange: secure aggregation's seed reveals are not carried over a hub yet; it runs with "
+            "exchange.kind 'local' (one machine or one cluster)"
+        )
+    if len(cfg.sites) < st.secure_aggregation.min_sites:
+        problems.append(
+            f"sites: secure aggregation needs at least strategy.secure_aggregation.min_sites = "
+            f"{st.secure_aggregation.min_sites} sites"
+        )
+    return problems
+
+
+def _not_plain(value: Any, path: tuple) -> tuple[tuple, str] | None:
+    """(key path, problem) of the first value plain JSON cannot hold: a NaN or infinity (YAML has
+    `.nan` and `.inf`) or a key that is not a string (YAML allows `? [a]`, `1:` and `null:`)."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or ("(top level)",), "not a finite number"
+    if isinstance(value, dict):
+        for k in value:
+            if not isinstance(k, str):
+                return (*path, repr(k)), "keys must be strings"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if (found := _not_plain(v, (*path, k))) is not None:
+            return found
+    return None
+
+
 def validate(raw: Any, origin: str = "config", schema_file: str | Path | None = None) -> Config:
     """Validate a parsed config against the schema and the cross-key rules; return it typed.
 
@@ -260,6 +358,8 @@ def validate(raw: Any, origin: str = "config", schema_file: str | Path | None = 
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+    if bad := _not_plain(raw, ()):
+        raise ConfigError(f"{origin}: invalid configuration:\n  - {_dotted(bad[0])}: {bad[1]}")
     schema = json.loads(Path(schema_file).read_text()) if schema_file else config_schema()
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(raw), key=lambda e: [str(p) for p in e.absolute_path])
@@ -275,9 +375,14 @@ def validate(raw: Any, origin: str = "config", schema_file: str | Path | None = 
 def load(path: str | Path) -> Config:
     path = Path(path)
     try:
-        raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        text = path.read_bytes().decode("utf-8")
+        raw = parse_json(text, str(path)) if path.suffix == ".json" else yaml.safe_load(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot parse ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: cannot parse (nested too deeply)") from None
     return validate(raw, str(path))
 
 

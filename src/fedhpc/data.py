@@ -17,12 +17,27 @@ from .config import Config, SourceConfig
 from .files import read_json
 from .ingest import DataError, iter_texts
 from .layout import RunLayout
-from .shards import DataDirs, build_shards, load_manifest, load_run_tokenizer, pack_sources
+from .shards import DataDirs, Sealing, build_shards, load_manifest, load_run_tokenizer, pack_sources
 from .signing import COORDINATOR, TrustStore, create_keypair
 from .synth import domain_sources
 from .taskdata import DataWriter
 from .tasks import Task, load_task
 from .tokenizer import build_tokenizer
+
+
+def sealing(cfg: Config, trust: TrustStore) -> Sealing:
+    """With `trust.encryption.shards`, who reads what: a site's own shards and held-out splits that
+    site (it trains and scores on them), a shared shard every site, a shared held-out split the
+    coordinator (which scores the shared domains). Sealing needs each reader's data key."""
+    if not cfg.trust.encryption.shards:
+        return None
+    sites = sorted(cfg.sites)
+
+    def readers(kind: str, residency: str | None) -> list:
+        names = [residency] if residency else [COORDINATOR] if kind == "heldout" else sites
+        return [trust.data_key(n) for n in names]
+
+    return readers
 
 
 def corpus_dir(layout: RunLayout, site: str | None) -> Path:
@@ -54,10 +69,13 @@ def prepare_data(cfg: Config, layout: RunLayout, trust: TrustStore) -> dict:
             "pinned data never leaves its site. Train a tokenizer elsewhere and use kind: pretrained, or kind: byte"
         )
     tok = build_tokenizer(cfg.data.tokenizer, iter_texts(sources))
-    manifest = build_shards(sources, cfg.data, tok, layout, cfg.seed, trust.private_key(COORDINATOR), entropy)
+    manifest = build_shards(
+        sources, cfg.data, tok, layout, cfg.seed, trust.private_key(COORDINATOR), entropy, sealing(cfg, trust)
+    )
     AuditLog(layout.audit).append(
         "data.sharded",
         holder=COORDINATOR,
+        sealed=cfg.trust.encryption.shards,
         shards=len(manifest["shards"]),
         tokens=sum(s["tokens"] for s in manifest["shards"]),
         heldout=[h["domain"] for h in manifest["heldout"]],
@@ -99,11 +117,13 @@ def prepare_site_data(cfg: Config, layout: RunLayout, trust: TrustStore, site: s
     if load_task(cfg).uses_tokens:
         tok = load_run_tokenizer(layout, manifest)
         sources, entropy = party_sources(cfg, layout, site)
-        shards, heldout = pack_sources(sources, cfg.data, tok, DataDirs.site(layout, site), cfg.seed, entropy)
+        dirs = DataDirs.site(layout, site)
+        shards, heldout = pack_sources(sources, cfg.data, tok, dirs, cfg.seed, entropy, sealing(cfg, trust))
     doc = write_catalogue(layout, site, tok_sha, shards, heldout, trust.private_key(site))
     AuditLog(layout.audit).append(
         "data.catalogued",
         holder=site,
+        sealed=cfg.trust.encryption.shards,
         shards=len(shards),
         tokens=sum(s["tokens"] for s in shards),
         heldout=[h["domain"] for h in heldout],

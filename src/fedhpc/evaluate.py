@@ -14,6 +14,7 @@ from typing import Any
 
 from .catalogue import load_catalogue, load_data, tokenizer_sha256
 from .config import Config
+from .documents import check_document
 from .errors import FedhpcError
 from .evaluators import run_evaluators
 from .files import finite_or_none, read_json, sha256_file, write_json
@@ -52,7 +53,7 @@ def score(cfg: Config, layout: RunLayout, trust: TrustStore, model_file: Path, m
 
     def heldout(entry: dict):
         if task.uses_tokens:
-            return read_heldout(layout, entry)
+            return read_heldout(layout, entry, trust=trust)
         return verified_file(layout, entry, f"held-out split {entry['domain']}")
 
     ec = EvalContext(cfg, layout, view, Path(model_file), meta, threads, heldout)
@@ -93,6 +94,7 @@ def evaluate_model(
 def check_part(doc: dict, trust: TrustStore, holder: str, model_sha256: str, what: str) -> dict:
     """A part after checking its signer, that it scores this model, and its numbers."""
     verify_document(doc, trust, holder, what)
+    check_document("eval_part", doc, what)
     if doc.get("model_sha256") != model_sha256:
         raise EvaluationError(f"{what}: scores model {doc.get('model_sha256')!r}, not {model_sha256}")
     domains = doc.get("domains")
@@ -254,7 +256,9 @@ def gather_parts(
     """Wait until every holder scored round r's `which` model, or `evaluation.deadline_minutes`
     after the model was written; merge what came. `fetch(holder)` pulls a part from a remote hub."""
     sha = sha256_file(model_file)
-    holders = expected_holders(layout, trust, cfg.sites)
+    # The sites that hold held-out data are those whose catalogues round r was planned from.
+    planned = read_json(layout.plan(r)).get("catalogues", {}) if layout.plan(r).exists() else cfg.sites
+    holders = expected_holders(layout, trust, planned)
     deadline = model_file.stat().st_mtime + cfg.evaluation.deadline_minutes * 60
     parts: dict[str, dict] = {}
     refused: dict[str, str] = {}

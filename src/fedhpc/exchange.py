@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .documents import DocumentError, check_document
 from .errors import FedhpcError
 from .files import atomic_path, fsync_dir, read_json, sha256_file, write_json
 from .signing import SignatureError, TrustStore, sign_document, verify_document
@@ -225,13 +226,22 @@ def check_index(doc: dict, trust: TrustStore, signer: str, what: str) -> dict[st
     """The index's files after checking its signature and that no name escapes the bundle."""
     verify_document(doc, trust, signer, what)
     files = doc.get("files")
-    if not isinstance(files, dict):
-        raise TransferError(f"{what}: no file list")
-    for name in files:
+    for name in files if isinstance(files, dict) else ():
         p = Path(name)
-        if p.is_absolute() or ".." in p.parts or name == INDEX or p.parts[0] == STAGING:
+        if (
+            not name
+            or "\0" in name
+            or p.is_absolute()
+            or ".." in p.parts
+            or name == INDEX
+            or p.parts[0] == STAGING
+            or p.as_posix() != name  # "a//b", "./a": one file, one spelling
+        ):
             raise TransferError(f"{what}: refuses file name {name!r}")
-    return files
+    try:
+        return check_document("bundle_index", doc, what)["files"]
+    except DocumentError as exc:
+        raise TransferError(str(exc)) from None
 
 
 def verified(path: Path, entry: dict) -> bool:
@@ -310,9 +320,9 @@ def complete(directory: Path, trust: TrustStore, signer: str) -> bool:
     side of a publish: the hub checks before it counts an update as arrived)."""
     index = directory / INDEX
     try:
-        files = check_index(read_json(index), trust, signer, str(index))
-    except (FileNotFoundError, ValueError, SignatureError):
-        return False
+        files = check_index(read_json(index, max_bytes=16 << 20), trust, signer, str(index))
+    except (FileNotFoundError, ValueError, SignatureError, TransferError):
+        return False  # not there yet, or not a bundle its site signed: either way not an arrival
     return all(verified(directory / name, entry) for name, entry in files.items())
 
 
@@ -343,7 +353,7 @@ class CompletenessCache:
 
 
 # What each side hands over. Sites publish only these names from their round directory.
-SITE_FILES = ("update.safetensors", "control.safetensors", "metrics.jsonl", "receipt.json")
+SITE_FILES = ("update.safetensors", "control.safetensors", "metrics.jsonl", "train.log", "receipt.json")
 ROUND_FILES = ("plan.json", "global/model.safetensors", "global/model.json", "global/server_state.safetensors")
 DATA_FILES = ("manifest.json", "manifest.sig", "tokenizer.json")
 

@@ -72,6 +72,10 @@ def exchange_action(cfg: Config, layout: RunLayout, trust: TrustStore, action: s
     d, names = bundle_dir(layout, action, r, which, site)
     rel = d.relative_to(layout.root).as_posix()
     if action in PUBLISHES:
+        if action == "publish" and layout.train_log(r, site).exists():  # the job's log travels too, scrubbed
+            from .scrub import Scrubber
+
+            Scrubber(cfg.trust.scrub).file(layout.train_log(r, site), d / "train.log")
         names = ex.present(d, names)
         ex.publish(transport, d, names, rel, site, trust.private_key(site))
         return f"published {', '.join(names) or 'nothing (no update this round)'} to {transport.describe()}/{rel}"

@@ -71,14 +71,29 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    path = Path(path)
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def parse_json(data: bytes | str, where: str) -> Any:
+    """Strict JSON: no NaN/Infinity (we never write them), no nesting deep enough to exhaust the stack."""
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        return json.loads(data, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: not valid JSON (nested too deeply)") from None
+
+
+def read_json(path: str | os.PathLike, max_bytes: int | None = None) -> Any:
+    """A JSON file; with `max_bytes`, a larger file is refused before it is read (hostile input)."""
+    path = Path(path)
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes is more than the {max_bytes} such a file may have")
+    try:
+        return parse_json(path.read_bytes(), str(path))
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, not a JSON file") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -122,6 +122,10 @@ class RunLayout:
     def metrics(self, r: int, site: str) -> Path:
         return self.site_dir(r, site) / "metrics.jsonl"
 
+    def train_log(self, r: int, site: str) -> Path:
+        """The site's training job log (Snakemake's `log:` of rule train), kept at the site."""
+        return self.root / "logs" / "train" / f"{round_name(r)}-{site}.log"
+
     def arrivals(self, r: int) -> Path:
         return self.round_dir(r) / "arrivals.json"
 
@@ -163,6 +167,18 @@ class RunLayout:
     def control_update(self, r: int, site: str) -> Path:
         """SCAFFOLD: the site's control-variate delta, published beside its update."""
         return self.site_dir(r, site) / "control.safetensors"
+
+    def secagg_request(self, r: int) -> Path:
+        """Secure aggregation: the coordinator's signed list of who is summed and who dropped."""
+        return self.round_dir(r) / "secagg" / "request.json"
+
+    def secagg_reveal(self, r: int, site: str) -> Path:
+        """Secure aggregation: a survivor's signed reveal of the seeds it shared with the dropped sites."""
+        return self.round_dir(r) / "secagg" / f"reveal-{site}.json"
+
+    def secagg_recovery(self, r: int) -> Path:
+        """Secure aggregation: what the aggregator needs to unmask the survivors' sum (coordinator-signed)."""
+        return self.round_dir(r) / "secagg" / "recovery.json"
 
     def aggregate_record(self, r: int) -> Path:
         return self.round_dir(r) / "aggregate.json"

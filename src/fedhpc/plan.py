@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from .allocate import Shard, learned_throughput, make_plan
 from .audit import AuditLog
-from .catalogue import CatalogueError, load_catalogue, load_data, tokenizer_sha256
+from .catalogue import load_catalogue, load_data, tokenizer_sha256
 from .config import Config
 from .errors import FedhpcError
 from .exchange import CompletenessCache, TransferError, audit_rejects, pull, transport_for
@@ -39,7 +40,10 @@ def identified_sites(cfg: Config, trust: TrustStore, r: int) -> tuple[dict, list
     (trust.generate_missing); otherwise it waits, with a note, until its key is installed."""
     usable, notes = {}, []
     for name, site in sorted(cfg.sites.items()):
-        if not (trust.keys_dir / f"{name}.pub").exists():
+        if trust.listed and name not in trust.listed:
+            notes.append(f"site {name!r} is not in the trust list (trust.public_keys); not planned until it is")
+            continue
+        if not trust.knows(name):
             if not cfg.trust.generate_missing:
                 notes.append(f"site {name!r} has no public key in {trust.keys_dir}; not planned until it does")
                 continue
@@ -92,7 +96,7 @@ def collect_catalogues(
             try:
                 if load_catalogue(layout, trust, site, tok) is not None:
                     found[site] = sha256_file(layout.catalogue(site))
-            except (CatalogueError, SignatureError) as exc:
+            except (ValueError, SignatureError) as exc:  # CatalogueError, DocumentError: malformed or lying
                 bad[site] = str(exc)
         missing = [s for s in sites if s not in found and s not in bad]
         # In one run directory the workflow built every catalogue before the plan: nothing to wait for.
@@ -132,8 +136,12 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
     if cfg.rounds.learn_throughput and r > 0:
         tps = {}
         for site in sites:
-            if layout.receipt(r - 1, site).exists():
-                tps[site] = float(read_json(layout.receipt(r - 1, site)).get("tokens_per_second") or 0.0)
+            try:  # read before anyone verified it: a hostile receipt must not stop planning
+                tps[site] = max(0.0, float(read_json(layout.receipt(r - 1, site)).get("tokens_per_second") or 0.0))
+            except (FileNotFoundError, ValueError, TypeError, AttributeError):
+                continue
+            if not math.isfinite(tps[site]):
+                del tps[site]
         measured = learned_throughput({n: s.throughput for n, s in sites.items()}, tps)
     plan = make_plan(r, shards, sites, cfg.rounds.tokens_per_round, cfg.seed, prev, requeue, measured)
     plan["notes"] = joined + notes + plan["notes"]

@@ -12,6 +12,7 @@ from .config import Config
 from .evaluate import comparable
 from .files import atomic_path, read_json, write_json
 from .layout import RunLayout
+from .ledger import sign_head
 from .signing import TrustStore
 
 # Fields of model.json that belong to one global model, not to the model family.
@@ -96,4 +97,5 @@ def promote_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, bas
         candidate_loss=candidate["loss"],
         failed_guards=sorted(failed),
     )
+    sign_head(layout, trust, cfg.run, r)  # after the round's last event: the anchor of its ledger lines
     return meta

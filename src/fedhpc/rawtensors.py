@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import stat
 import struct
 import threading
 from collections.abc import Mapping
@@ -19,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .tensorfile import _DTYPES, _NAMES, TensorFileError, TensorSpec
+from .tensorfile import _DTYPES, _NAMES, TensorFileError, TensorSpec, parse_header
 
-MAX_HEADER = 100_000_000
 WRITEBACK_BYTES = 16 << 20  # start writeback of a writer's dirty pages after this many bytes
 _ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in _NAMES.items()}
 
@@ -69,37 +69,14 @@ class TensorReader:
         self._bufs: dict[tuple[str, int], bytearray] = {}
 
     def _parse(self) -> None:
-        size = os.fstat(self.fd).st_size
-        raw = os.pread(self.fd, 8, 0)
-        if len(raw) != 8:
-            raise TensorFileError(f"{self.path}: truncated (no header)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(MAX_HEADER, size - 8):
-            raise TensorFileError(f"{self.path}: header length {n} is larger than the file or implausible")
-        try:
-            header = json.loads(os.pread(self.fd, n, 8))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise TensorFileError(f"{self.path}: header is not valid JSON") from None
-        if not isinstance(header, dict):
-            raise TensorFileError(f"{self.path}: header is not a JSON object")
-        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
-        self.specs: dict[str, TensorSpec] = {}
-        self.offsets: dict[str, int] = {}
-        data_start = 8 + n
-        for name, entry in sorted(header.items()):
-            try:
-                dtype, shape, (a, b) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise TensorFileError(f"{self.path}: tensor {name!r} has a malformed header entry") from None
-            if dtype not in _NAMES or any(s < 0 for s in shape):
-                raise TensorFileError(f"{self.path}: tensor {name!r} has dtype {dtype!r} / shape {list(shape)}")
-            spec = TensorSpec(dtype, shape)
-            if b - a != spec.nbytes or a < 0 or data_start + b > size:
-                raise TensorFileError(
-                    f"{self.path}: tensor {name!r} spans bytes {a}..{b} but needs {spec.nbytes} within the file "
-                    "(truncated or malformed)"
-                )
-            self.specs[name], self.offsets[name] = spec, data_start + a
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TensorFileError(f"{self.path}: not a regular file")
+        size = st.st_size
+        header = parse_header(self.path, os.pread(self.fd, 8, 0), lambda n, at: os.pread(self.fd, n, at), size)
+        self.metadata: dict[str, str] = header.metadata
+        self.specs: dict[str, TensorSpec] = header.specs
+        self.offsets: dict[str, int] = header.offsets
 
     def read(self, name: str, start: int, stop: int, slot: str = "") -> torch.Tensor:
         """Elements [start, stop) of flattened tensor `name`, in its stored dtype.

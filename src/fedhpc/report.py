@@ -91,11 +91,14 @@ def _plots(cfg: Config, layout: RunLayout, summary: dict) -> list[tuple[str, str
         xs, ys = [], []
         for r in range(summary["rounds_completed"]):
             path = layout.metrics(r, site)
-            for line in path.read_text().splitlines() if path.exists() else []:
-                rec = json.loads(line)
-                if rec.get("progress") is not None and rec.get("loss") is not None:
-                    xs.append(rec["progress"] * cfg.rounds.count)
-                    ys.append(rec["loss"])
+            for line in path.read_bytes().splitlines() if path.exists() else []:
+                try:
+                    rec = json.loads(line)
+                    x, y = float(rec["progress"]) * cfg.rounds.count, float(rec["loss"])
+                except (ValueError, TypeError, KeyError, RecursionError):
+                    continue  # a torn or hostile record: not plotted
+                xs.append(x)
+                ys.append(y)
         if xs:
             ax.plot(xs, ys, label=site, lw=1.2)
     ax.set(xlabel="round", ylabel="training loss", title="Local training loss per site")

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -18,8 +18,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from zarr.codecs import ZstdCodec
 
 from .config import DataConfig, SourceConfig
+from .documents import check_document
+from .envelope import DataKey, EnvelopeError, is_sealed, opened_store, sealed_store
 from .errors import FedhpcError
-from .files import fsync_dir, sha256_file, sha256_tree, write_bytes
+from .files import fsync_dir, parse_json, sha256_file, sha256_tree, write_bytes
 from .ingest import DataError, iter_source
 from .layout import RunLayout
 from .signing import COORDINATOR, SignatureError, TrustStore, sign_bytes, verify_bytes
@@ -72,13 +74,18 @@ class _ZarrStream:
     Only whole chunks are written until `commit`, so memory stays at one chunk whatever the array size.
     """
 
-    def __init__(self, final: Path, dtype: np.dtype, chunk: int, attributes: dict[str, Any]):
+    def __init__(
+        self, final: Path, dtype: np.dtype, chunk: int, attributes: dict[str, Any], readers: list[DataKey] | None = None
+    ):
         self.final = final
         self.tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
+        # Sealed: zarr writes through an encrypting store, so no plaintext chunk touches the disk.
+        store = sealed_store(self.tmp, sealed_context(final), readers) if readers else str(self.tmp)
+        self.sealed_for = [k.name for k in readers] if readers else None
         self.arr = zarr.create_array(
-            store=str(self.tmp),
+            store=store,
             shape=(0,),
             chunks=(chunk,),
             dtype=dtype,
@@ -150,11 +157,23 @@ class DataDirs:
         return path.relative_to(self.root).as_posix()
 
 
+def sealed_context(path: Path) -> str:
+    """What a sealed array's ciphertexts are bound to: `shards/<id>` or `heldout/<domain>`."""
+    return f"{path.parent.name}/{path.name.removesuffix('.zarr')}"
+
+
+# Who may read an array: (kind "shard" or "heldout", residency) -> their data keys; None: no sealing.
+Sealing = Callable[[str, str | None], list[DataKey]] | None
+
+
 class _ShardPacker:
     """Cuts one source's training stream into shards of exactly `shard_tokens` (the last may be shorter)."""
 
-    def __init__(self, source: SourceConfig, dirs: DataDirs, shard_tokens: int, dtype: np.dtype):
+    def __init__(
+        self, source: SourceConfig, dirs: DataDirs, shard_tokens: int, dtype: np.dtype, sealing: Sealing = None
+    ):
         self.source, self.dirs, self.shard_tokens, self.dtype = source, dirs, shard_tokens, dtype
+        self.readers = sealing("shard", source.site) if sealing else None
         self.entries: list[dict[str, Any]] = []
         self.writer: _ZarrStream | None = None
         self.shard_id = ""
@@ -166,7 +185,7 @@ class _ShardPacker:
                 self.shard_id = f"{self.source.name}-{len(self.entries):05d}"
                 chunk = min(CHUNK_TOKENS, self.shard_tokens)
                 attrs = {"fedhpc": {"shard": self.shard_id, "source": self.source.name, "domain": self.source.domain}}
-                self.writer = _ZarrStream(self.dirs.shard(self.shard_id), self.dtype, chunk, attrs)
+                self.writer = _ZarrStream(self.dirs.shard(self.shard_id), self.dtype, chunk, attrs, self.readers)
             take = min(self.shard_tokens - self.writer.tokens, len(ids) - pos)
             self.writer.append(ids[pos : pos + take])
             pos += take
@@ -175,22 +194,24 @@ class _ShardPacker:
 
     def _commit(self) -> None:
         assert self.writer is not None
+        sealed_for = self.writer.sealed_for
         tokens, sha = self.writer.tokens, self.writer.commit()
         s = self.source
-        self.entries.append(
-            {
-                "id": self.shard_id,
-                "path": self.dirs.rel(self.dirs.shard(self.shard_id)),
-                "tokens": tokens,
-                "domain": s.domain,
-                "language": s.language,
-                "source": s.source or s.path,
-                "licence": s.licence,
-                "residency": s.site,
-                "sha256": sha,
-                "dtype": str(self.dtype),
-            }
-        )
+        entry = {
+            "id": self.shard_id,
+            "path": self.dirs.rel(self.dirs.shard(self.shard_id)),
+            "tokens": tokens,
+            "domain": s.domain,
+            "language": s.language,
+            "source": s.source or s.path,
+            "licence": s.licence,
+            "residency": s.site,
+            "sha256": sha,
+            "dtype": str(self.dtype),
+        }
+        if sealed_for:
+            entry["sealed_for"] = sealed_for
+        self.entries.append(entry)
         self.writer = None
 
     def finish(self) -> list[dict[str, Any]]:
@@ -265,14 +286,17 @@ def build_shards(
     seed: int,
     signer_key: Ed25519PrivateKey,
     domain_entropy: dict[str, float | None],
+    sealing: Sealing = None,
 ) -> dict[str, Any]:
-    """Tokenise, split and pack `sources` into `data/`; write the tokenizer and the coordinator's signed manifest."""
+    """Tokenise, split and pack `sources` into `data/`; write the tokenizer and the coordinator's signed manifest.
+
+    With `sealing`, every array is encrypted for the readers it names (envelope.py)."""
     # No valid manifest may point at shards while they are being rewritten.
     layout.manifest_sig.unlink(missing_ok=True)
     layout.manifest.unlink(missing_ok=True)
     save_tokenizer(tokenizer, layout.tokenizer)
     tok_sha = sha256_file(layout.tokenizer)
-    shards, heldout = pack_sources(sources, data, tokenizer, DataDirs.shared(layout), seed, domain_entropy)
+    shards, heldout = pack_sources(sources, data, tokenizer, DataDirs.shared(layout), seed, domain_entropy, sealing)
     manifest: dict[str, Any] = {
         "version": MANIFEST_VERSION,
         "tokenizer": {
@@ -300,6 +324,7 @@ def pack_sources(
     dirs: DataDirs,
     seed: int,
     domain_entropy: dict[str, float | None],
+    sealing: Sealing = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Tokenise, split and pack every source into `dirs`: (shard entries, held-out entries).
 
@@ -323,7 +348,7 @@ def pack_sources(
             dom.sites.add(source.site)
             dom.pretokenised |= source.format == "hdf5"
             rng = np.random.default_rng(source_seed(seed, source.name))
-            packer = _ShardPacker(source, dirs, data.shard_tokens, dtype)
+            packer = _ShardPacker(source, dirs, data.shard_tokens, dtype, sealing)
             held: list[tuple[np.ndarray, int | None]] = []
             # The newest training document waits here, so it can still become held-out if none was drawn.
             pending: tuple[np.ndarray, int | None] | None = None
@@ -356,7 +381,11 @@ def pack_sources(
                 if dom.writer is None:
                     attrs = {"fedhpc": {"heldout": source.domain}}
                     dom.writer = _ZarrStream(
-                        dirs.heldout(source.domain), dtype, min(CHUNK_TOKENS, data.shard_tokens), attrs
+                        dirs.heldout(source.domain),
+                        dtype,
+                        min(CHUNK_TOKENS, data.shard_tokens),
+                        attrs,
+                        sealing("heldout", source.site) if sealing else None,
                     )
                 for ids, nbytes in held:
                     dom.writer.append(ids)
@@ -379,7 +408,7 @@ def pack_sources(
                     file=sys.stderr,
                 )
                 continue
-            tokens = dom.writer.tokens
+            tokens, sealed_for = dom.writer.tokens, dom.writer.sealed_for
             sha = dom.writer.commit()
             writer, dom.writer = dom.writer, None
             bpt = None if dom.pretokenised else dom.text_bytes / tokens
@@ -396,6 +425,7 @@ def pack_sources(
                     "bytes_per_token": bpt,
                     "entropy_floor_nats_per_token": floor,
                     "residency": residency,
+                    **({"sealed_for": sealed_for} if sealed_for else {}),
                 }
             )
     except BaseException:
@@ -418,7 +448,7 @@ def load_manifest(layout: RunLayout, trust: TrustStore) -> dict[str, Any]:
         raise SignatureError(f"{layout.manifest}: unsigned (no {layout.manifest_sig})")
     sig = layout.manifest_sig.read_text().strip()
     verify_bytes(trust.public_key(COORDINATOR), body, sig, str(layout.manifest))
-    manifest = json.loads(body)
+    manifest = check_document("manifest", parse_json(body, str(layout.manifest)), str(layout.manifest))
     if manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(
             f"{layout.manifest}: manifest version {manifest.get('version')!r}, expected {MANIFEST_VERSION}"
@@ -434,7 +464,9 @@ def load_run_tokenizer(layout: RunLayout, manifest: dict[str, Any]) -> Tokenizer
     return load_tokenizer(layout.tokenizer)
 
 
-def _read_array(layout: RunLayout, entry: dict[str, Any], what: str, verify: bool) -> np.ndarray:
+def _read_array(
+    layout: RunLayout, entry: dict[str, Any], what: str, verify: bool, trust: TrustStore | None
+) -> np.ndarray:
     rel = PurePosixPath(entry["path"])
     if rel.is_absolute() or ".." in rel.parts:
         raise ShardIntegrityError(f"{what}: path {entry['path']!r} leaves the run directory")
@@ -445,8 +477,16 @@ def _read_array(layout: RunLayout, entry: dict[str, Any], what: str, verify: boo
         actual = sha256_tree(path)
         if actual != entry["sha256"]:
             raise ShardIntegrityError(f"{what}: {path} has sha256 {actual}, manifest says {entry['sha256']}")
+    store: Any = str(path)
+    if is_sealed(path):
+        readers = entry.get("sealed_for") or []
+        if trust is None:
+            raise EnvelopeError(f"{what}: {path} is sealed; reading it needs a data key")
+        store = opened_store(path, sealed_context(path), trust.data_keys(readers), f"{what} ({path})")
     try:
-        tokens = np.asarray(zarr.open_array(str(path), mode="r")[:])
+        tokens = np.asarray(zarr.open_array(store=store, mode="r")[:])
+    except EnvelopeError:
+        raise
     except Exception as exc:  # zarr, codecs and the filesystem raise many unrelated types
         raise ShardIntegrityError(f"{what}: {path} cannot be read ({type(exc).__name__}: {exc})") from None
     if tokens.ndim != 1 or len(tokens) != entry["tokens"] or str(tokens.dtype) != entry.get("dtype", str(tokens.dtype)):
@@ -456,11 +496,16 @@ def _read_array(layout: RunLayout, entry: dict[str, Any], what: str, verify: boo
     return tokens
 
 
-def read_shard(layout: RunLayout, entry: dict[str, Any], verify: bool = True) -> np.ndarray:
-    """Tokens of a manifest shard entry; with `verify`, only after its tree hash matches the manifest."""
-    return _read_array(layout, entry, f"shard {entry['id']}", verify)
+def read_shard(
+    layout: RunLayout, entry: dict[str, Any], verify: bool = True, trust: TrustStore | None = None
+) -> np.ndarray:
+    """Tokens of a manifest shard entry; with `verify`, only after its tree hash matches the manifest.
+    A sealed shard is opened with a data key of one of its readers that `trust` can load here."""
+    return _read_array(layout, entry, f"shard {entry['id']}", verify, trust)
 
 
-def read_heldout(layout: RunLayout, entry: dict[str, Any], verify: bool = True) -> np.ndarray:
+def read_heldout(
+    layout: RunLayout, entry: dict[str, Any], verify: bool = True, trust: TrustStore | None = None
+) -> np.ndarray:
     """Tokens of a manifest held-out entry; with `verify`, only after its tree hash matches the manifest."""
-    return _read_array(layout, entry, f"held-out split {entry['domain']}", verify)
+    return _read_array(layout, entry, f"held-out split {entry['domain']}", verify, trust)

@@ -1,10 +1,11 @@
-"""Ed25519 identities: key files, and signatures embedded in JSON documents."""
+"""Ed25519 identities: key files, the trust list, and signatures embedded in JSON documents."""
 
 from __future__ import annotations
 
 import base64
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,51 +26,123 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def private_dir(path: str | os.PathLike) -> Path:
+    """`path` as a directory only its owner can enter (created with mode 0700 if missing)."""
+    path = Path(path)
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+    return path
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write a secret file atomically, mode 0600 from the moment it exists."""
+    with atomic_path(path) as tmp:
+        os.chmod(tmp, 0o600)
+        tmp.write_text(text)
+
+
 def create_keypair(keys_dir: str | os.PathLike, name: str, overwrite: bool = False) -> Path:
-    """Write `<name>.key` (mode 0600) and `<name>.pub` into `keys_dir`; return the key path."""
-    keys_dir = Path(keys_dir)
-    keys_dir.mkdir(parents=True, exist_ok=True)
+    """Write `<name>.key` (mode 0600), `<name>.pub` and the agreement-key certificate
+    `<name>.x25519.json` into `keys_dir` (mode 0700 when created); return the key path."""
+    from .agreement import write_certificate
+
+    keys_dir = private_dir(keys_dir)
     key_path, pub_path = keys_dir / f"{name}.key", keys_dir / f"{name}.pub"
     if key_path.exists() and not overwrite:
         raise FileExistsError(f"{key_path} already exists; refusing to replace an identity")
     key = Ed25519PrivateKey.generate()
-    raw = key.private_bytes_raw()
-    with atomic_path(key_path) as tmp:
-        os.chmod(tmp, 0o600)
-        tmp.write_text(_b64(raw) + "\n")
+    write_secret(key_path, _b64(key.private_bytes_raw()) + "\n")
     with atomic_path(pub_path) as tmp:
-        tmp.write_text(_b64(key.public_key().public_bytes_raw()) + "\n")
+        tmp.write_text(public_b64(key.public_key()) + "\n")
+    write_certificate(keys_dir, name, key)
     return key_path
+
+
+def public_b64(key: Ed25519PublicKey) -> str:
+    """A public key as the trust list holds it."""
+    return _b64(key.public_bytes_raw())
+
+
+def check_private_file(path: Path, what: str = "private key") -> None:
+    """Refuse a secret that others could read, or that is not this user's regular file."""
+    st = path.lstat()
+    if not stat.S_ISREG(st.st_mode):
+        raise PermissionError(f"{path}: {what} is not a regular file (a symlink or device is refused)")
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise PermissionError(
+            f"{path}: {what} is readable by others (mode {oct(st.st_mode & 0o777)}); run chmod 600 {path}"
+        )
+    if st.st_uid != os.geteuid():
+        raise PermissionError(f"{path}: {what} belongs to uid {st.st_uid}, not to this user ({os.geteuid()})")
 
 
 def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
     path = Path(path)
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise PermissionError(
-            f"{path}: private key is readable by others (mode {oct(mode & 0o777)}); run chmod 600 {path}"
-        )
+    check_private_file(path)
     try:
         return Ed25519PrivateKey.from_private_bytes(base64.b64decode(path.read_text().strip(), validate=True))
     except ValueError as exc:
         raise ValueError(f"{path}: not an Ed25519 private key ({exc})") from None
 
 
+def parse_public_key(text: str, where: str) -> Ed25519PublicKey:
+    try:
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(text.strip(), validate=True))
+    except ValueError as exc:
+        raise SignatureError(f"{where}: not an Ed25519 public key ({exc})") from None
+
+
 def load_public_key(path: str | os.PathLike) -> Ed25519PublicKey:
     path = Path(path)
-    try:
-        return Ed25519PublicKey.from_public_bytes(base64.b64decode(path.read_text().strip(), validate=True))
-    except ValueError as exc:
-        raise ValueError(f"{path}: not an Ed25519 public key ({exc})") from None
+    return parse_public_key(path.read_text(), str(path))
 
 
 class TrustStore:
-    """Public keys of the coordinator and every site, read from `<name>.pub` files in one directory."""
+    """Public keys of the coordinator and every site.
 
-    def __init__(self, keys_dir: str | os.PathLike):
+    With a trust list (`trust.public_keys`: name → base64 Ed25519 key) only the listed
+    identities exist and `.pub` files are ignored; without one, `<keys_dir>/<name>.pub`
+    files are trusted (the single-machine demo). Private keys always come from
+    `<keys_dir>/<name>.key`.
+    """
+
+    def __init__(self, keys_dir: str | os.PathLike, public_keys: Mapping[str, str] | None = None, encryption=None):
         self.keys_dir = Path(keys_dir)
+        self.listed = dict(public_keys or {})
+        self.encryption = encryption  # config.EncryptionConfig: where data keys come from
+
+    def data_key(self, name: str):
+        """`name`'s data key (envelope.DataKey) from its environment variable or file."""
+        from .envelope import load_data_key
+
+        enc = self.encryption
+        return load_data_key(
+            name, enc.key_file if enc else None, enc.key_env if enc else "FEDHPC_DATA_KEY_{NAME}", self.keys_dir
+        )
+
+    def data_keys(self, names) -> list:
+        """The data keys of `names` that this machine holds (a site holds its own only)."""
+        from .envelope import MissingDataKey
+
+        out = []
+        for name in names:
+            try:
+                out.append(self.data_key(name))
+            except MissingDataKey:
+                continue  # a key present but malformed or too open is an error, not skipped
+        return out
+
+    def knows(self, name: str) -> bool:
+        return name in self.listed if self.listed else (self.keys_dir / f"{name}.pub").is_file()
 
     def public_key(self, name: str) -> Ed25519PublicKey:
+        if self.listed:
+            if name not in self.listed:
+                raise SignatureError(
+                    f"unknown signer {name!r}: not in the trust list (trust.public_keys: {', '.join(sorted(self.listed))})"
+                )
+            return parse_public_key(self.listed[name], f"trust.public_keys.{name}")
         path = self.keys_dir / f"{name}.pub"
         if not path.is_file():
             raise SignatureError(f"unknown signer {name!r}: no public key {path}")
@@ -81,7 +154,13 @@ class TrustStore:
             raise FileNotFoundError(
                 f"no private key for {name!r} at {path}; create it with `fedhpc keys init --site {name}`"
             )
-        return load_private_key(path)
+        key = load_private_key(path)
+        if name in self.listed and public_b64(key.public_key()) != self.listed[name].strip():
+            raise SignatureError(
+                f"{path} is not the identity trust.public_keys.{name} lists (its public key is "
+                f"{public_b64(key.public_key())}); signatures made with it would be refused"
+            )
+        return key
 
 
 def sign_bytes(key: Ed25519PrivateKey, data: bytes) -> str:
@@ -91,7 +170,7 @@ def sign_bytes(key: Ed25519PrivateKey, data: bytes) -> str:
 def verify_bytes(public: Ed25519PublicKey, data: bytes, signature_b64: str, what: str) -> None:
     try:
         public.verify(base64.b64decode(signature_b64, validate=True), data)
-    except (InvalidSignature, ValueError):
+    except (InvalidSignature, ValueError, TypeError):
         raise SignatureError(f"{what}: signature does not verify") from None
 
 
@@ -103,10 +182,20 @@ def sign_document(doc: dict[str, Any], signer: str, key: Ed25519PrivateKey) -> d
 
 def verify_document(doc: dict[str, Any], trust: TrustStore, expected_signer: str, what: str) -> None:
     """Raise SignatureError unless `doc` carries a valid signature by `expected_signer`."""
+    if not isinstance(doc, dict):
+        raise SignatureError(f"{what}: not a JSON object")
     sig = doc.get("signature")
     if not isinstance(sig, dict) or not isinstance(sig.get("value"), str):
         raise SignatureError(f"{what}: unsigned")
-    if sig.get("signer") != expected_signer:
-        raise SignatureError(f"{what}: signed by {sig.get('signer')!r}, expected {expected_signer!r}")
+    signer = sig.get("signer")
+    if signer != expected_signer:
+        known = isinstance(signer, str) and trust.knows(signer)
+        raise SignatureError(
+            f"{what}: signed by {signer!r}{'' if known else ' (an unknown signer)'}, expected {expected_signer!r}"
+        )
     body = {k: v for k, v in doc.items() if k != "signature"}
-    verify_bytes(trust.public_key(expected_signer), canonical_json(body), sig["value"], what)
+    try:
+        data = canonical_json(body)
+    except (ValueError, TypeError):
+        raise SignatureError(f"{what}: holds values JSON cannot sign (NaN or Infinity)") from None
+    verify_bytes(trust.public_key(expected_signer), data, sig["value"], what)

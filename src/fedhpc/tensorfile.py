@@ -7,13 +7,14 @@ import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from .errors import FedhpcError
-from .files import atomic_path
+from .files import atomic_path, parse_json
 
 _DTYPES = {
     torch.float32: "F32",
@@ -54,34 +55,121 @@ class TensorSpec:
         return n
 
 
-def read_specs(path: str | os.PathLike) -> dict[str, TensorSpec]:
-    """Names, dtypes and shapes from the header alone (no tensor data is read)."""
+MAX_HEADER = 100_000_000  # bytes of JSON header; the format's own reference limit
+MAX_TENSORS = 1_000_000
+MAX_NDIM = 16
+MAX_METADATA = 1_000_000  # bytes of __metadata__ strings
+
+
+@dataclass(frozen=True)
+class Header:
+    """A checked safetensors header: tensors (sorted by name), their absolute byte offsets, metadata."""
+
+    specs: dict[str, TensorSpec]
+    offsets: dict[str, int]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def _int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_header(path: str | os.PathLike, head8: bytes, read: Callable[[int, int], bytes], size: int) -> Header:
+    """Check a safetensors header as hostile input: every malformation is a TensorFileError naming `path`.
+
+    `read(n, offset)` returns up to n bytes at offset; `size` is the file's length. Names must be
+    non-empty strings without control characters, dtypes known, shapes short lists of ints >= 0,
+    and the tensors must tile the data section exactly (no overlap, gap or trailing bytes), so
+    nothing in the file is unaccounted for and no tensor reaches outside it.
+    """
+    if len(head8) != 8:
+        raise TensorFileError(f"{path}: truncated (no header)")
+    (n,) = struct.unpack("<Q", head8)
+    if n > MAX_HEADER or n > size - 8:
+        raise TensorFileError(f"{path}: header length {n} is larger than the file or implausible")
+    raw = read(n, 8)
+    if len(raw) != n:
+        raise TensorFileError(f"{path}: truncated header")
+    try:
+        header = parse_json(raw, str(path))
+    except ValueError:
+        raise TensorFileError(f"{path}: header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise TensorFileError(f"{path}: header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise TensorFileError(f"{path}: __metadata__ must map strings to strings")
+    if sum(len(k) + len(v) for k, v in meta.items()) > MAX_METADATA:
+        raise TensorFileError(f"{path}: __metadata__ is implausibly large")
+    if len(header) > MAX_TENSORS:
+        raise TensorFileError(f"{path}: {len(header)} tensors is implausible")
+    data_start = 8 + n
+    specs, offsets, spans = {}, {}, []
+    for name, entry in sorted(header.items()):
+        if not name or any(ord(c) < 32 or c == "\x7f" for c in name) or len(name) > 1024:
+            raise TensorFileError(f"{path}: tensor name {name[:80]!r} is empty, too long or has control characters")
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise TensorFileError(f"{where} has a malformed header entry")
+        dtype, shape, span = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _NAMES:
+            raise TensorFileError(f"{where} has dtype {str(dtype)[:40]!r}; known: {', '.join(sorted(_NAMES))}")
+        if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_int(d) and d >= 0 for d in shape):
+            raise TensorFileError(f"{where} has shape {str(shape)[:80]}: not a list of at most {MAX_NDIM} ints >= 0")
+        if not isinstance(span, list) or len(span) != 2 or not all(_int(x) for x in span):
+            raise TensorFileError(f"{where} has data_offsets {str(span)[:80]}: not two integers")
+        spec = TensorSpec(dtype, tuple(shape))
+        a, b = span
+        if a < 0 or b - a != spec.nbytes or data_start + b > size:
+            raise TensorFileError(
+                f"{where} spans bytes {a}..{b} but needs {spec.nbytes} within the file (truncated or malformed)"
+            )
+        specs[name], offsets[name] = spec, data_start + a
+        spans.append((a, b, name))
+    end = 0
+    for a, b, name in sorted(spans):
+        if a != end:
+            raise TensorFileError(
+                f"{path}: tensor {name!r} starts at byte {a} of the data, expected {end} (overlapping or gapped tensors)"
+            )
+        end = b
+    if data_start + end != size:
+        raise TensorFileError(f"{path}: {size - data_start - end} bytes after the last tensor (appended data)")
+    return Header(specs, offsets, dict(meta), data_start)
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """The checked header of a safetensors file (no tensor data is read)."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise TensorFileError(f"{path}: truncated (no header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100_000_000:
-                raise TensorFileError(f"{path}: header of {n} bytes is implausibly large")
-            header = json.loads(fh.read(n))
+            size = os.fstat(fh.fileno()).st_size
+
+            def read(n: int, offset: int) -> bytes:
+                fh.seek(offset)
+                return fh.read(n)
+
+            return parse_header(path, fh.read(8), read, size)
     except FileNotFoundError:
         raise TensorFileError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise TensorFileError(f"{path}: header is not valid JSON") from None
-    header.pop("__metadata__", None)
-    return {k: TensorSpec(v["dtype"], v["shape"]) for k, v in sorted(header.items())}
+    except IsADirectoryError:
+        raise TensorFileError(f"{path}: is a directory") from None
+
+
+def read_specs(path: str | os.PathLike) -> dict[str, TensorSpec]:
+    """Names, dtypes and shapes from the header alone (no tensor data is read)."""
+    return read_header(path).specs
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    return read_header(path).metadata
 
 
 @contextmanager
 def open_tensors(path: str | os.PathLike) -> Iterator[Mapping[str, torch.Tensor]]:
     """A lazy name → tensor mapping over a memory-mapped file."""
+    read_header(path)  # our checks first: the library maps the file and trusts more than we do
     try:
         handle = safe_open(str(path), framework="pt")
     except Exception as exc:  # safetensors raises its own error types for malformed files

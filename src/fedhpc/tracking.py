@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -55,6 +56,29 @@ def _parent_run(client, exp_id: str, cfg: Config, layout: RunLayout) -> str:
     return run.info.run_id
 
 
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and abs(x) < 1e300
+
+
+def site_metrics(path):
+    """MLflow metrics of a site's metrics.jsonl; records that are not well-formed are skipped."""
+    from mlflow.entities import Metric
+
+    if not path.exists() or path.stat().st_size > 64 << 20:
+        return
+    for line in path.read_bytes().splitlines():
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if not isinstance(rec, dict) or not _finite(rec.get("time")) or not _finite(rec.get("step")):
+            continue
+        ts, step = int(rec["time"] * 1000), int(rec["step"])
+        for k, v in rec.items():
+            if k not in ("round", "site", "time", "step", "steps") and _finite(v):
+                yield Metric(str(k)[:200], float(v), ts, step)
+
+
 def track_round(cfg: Config, layout: RunLayout, r: int) -> dict:
     """Log round r; idempotent, so a coordinator killed half-way can simply run it again."""
     from mlflow.entities import Metric, Param
@@ -69,7 +93,9 @@ def track_round(cfg: Config, layout: RunLayout, r: int) -> dict:
     children = {}
     arrivals = read_json(layout.arrivals(r))
     for site in arrivals["arrived"]:
-        receipt = read_json(layout.receipt(r, site))
+        # Replayed for every arrival, rejected ones too: read as hostile input, never trusted to be well-formed.
+        receipt = read_json(layout.receipt(r, site), max_bytes=1 << 20)
+        receipt = receipt if isinstance(receipt, dict) else {}
         child = client.create_run(
             exp_id,
             run_name=f"r{r:04d}/{site}",
@@ -79,21 +105,15 @@ def track_round(cfg: Config, layout: RunLayout, r: int) -> dict:
         # Common receipt fields and those of the task (a batch shape, a loss name…) that it reported.
         keys = ("task", "micro_batch", "grad_accum", "ranks", "engine", "batch_tokens", "batch_size", "mini_batch_size")
         params = {
-            k: receipt[k] for k in (*keys, "loss_function", "steps", "tokens", "device") if receipt.get(k) is not None
+            k: str(receipt.get(k))[:200]
+            for k in (*keys, "loss_function", "steps", "tokens", "device")
+            if receipt.get(k) is not None
         }
-        metrics = []
-        path = layout.metrics(r, site)
-        for line in path.read_text().splitlines() if path.exists() else []:
-            rec = json.loads(line)
-            ts, step = int(rec["time"] * 1000), int(rec["step"])
-            metrics += [
-                Metric(k, float(v), ts, step)
-                for k, v in rec.items()
-                if k not in ("round", "site", "time", "step", "steps") and isinstance(v, (int, float))
-            ]
+        metrics = list(site_metrics(layout.metrics(r, site)))
+        finished = receipt.get("finished_at")
         for k in ("loss_before", "loss_after", "tokens_per_second", "update_bytes"):
-            if receipt.get(k) is not None:
-                metrics.append(Metric(k, float(receipt[k]), int(receipt["finished_at"] * 1000), 0))
+            if _finite(receipt.get(k)) and _finite(finished):
+                metrics.append(Metric(k, float(receipt[k]), int(finished * 1000), 0))
         for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 entries
             client.log_batch(
                 rid,

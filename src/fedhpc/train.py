@@ -18,8 +18,10 @@ from .checkpoints import load_global_meta
 from .compress import Codec, codec_metadata, encode_with_feedback
 from .config import Config
 from .distributed import World
+from .documents import check_document
 from .files import append_jsonl, finite_or_none, read_json, sha256_file, write_json
 from .layout import RunLayout
+from .scrub import outgoing_receipt
 from .shards import read_shard
 from .signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
 from .sysinfo import SystemProbe
@@ -52,7 +54,7 @@ def pick_device(choice: str, world: World) -> torch.device:
 def load_plan(layout: RunLayout, trust: TrustStore, r: int) -> dict:
     plan = read_json(layout.plan(r))
     verify_document(plan, trust, COORDINATOR, str(layout.plan(r)))
-    return plan
+    return check_document("plan", plan, str(layout.plan(r)))
 
 
 def existing_receipt(layout: RunLayout, trust: TrustStore, r: int, site: str, base_sha: str) -> dict | None:
@@ -181,7 +183,7 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
             plan_entry=entry,
             shards=[shards[sid] for sid in entry["shards"]],
             read_shard=lambda s: (
-                read_shard(layout, s) if task.uses_tokens else verified_file(layout, s, f"shard {s['id']}")
+                read_shard(layout, s, trust=trust) if task.uses_tokens else verified_file(layout, s, f"shard {s['id']}")
             ),
             log=log,
             seed=lambda purpose: stable_seed(cfg.seed, purpose, r, site),
@@ -197,7 +199,16 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
     update = {k: local[k] - global_state[k].float() for k in local}
     codec = site_codec(cfg, site)
     meta = {"run": cfg.run, "round": str(r), "site": site, "base_sha256": base["sha256"], **codec_metadata(codec)}
-    save_state(layout.update(r, site), encode_update(cfg, layout, site, r, update, codec), meta)
+    outgoing: dict = {}
+    if cfg.strategy.secure_aggregation.enabled:
+        from .secure import masked_update
+
+        plan = load_plan(layout, trust, r)
+        tensors, masked_meta, outgoing = masked_update(cfg, trust, plan, site, update, result.tokens, result.samples)
+        meta.update(masked_meta)
+    else:
+        tensors = encode_update(cfg, layout, site, r, update, codec)
+    save_state(layout.update(r, site), tensors, meta)
     control = {}
     if correction is not None and correction.scaffold:
         c_new, c_delta = correction.control_update()
@@ -241,7 +252,9 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME"),
         "host": socket.gethostname(),
+        **outgoing,
     }
+    receipt = outgoing_receipt(cfg.trust.scrub, metrics_path, receipt)  # no user, host or path leaves the site
     receipt = sign_document(receipt, site, trust.private_key(site))
     write_json(layout.receipt(r, site), receipt)  # last: its presence means "update published"
     site_state.prune(layout, site, keep_from=r)
