@@ -1,4 +1,4 @@
-"""Global checkpoints: create, publish (coordinator-signed) and load with hash and signature checks."""
+"""Global checkpoints and round plans: create, publish (coordinator-signed) and load with hash and signature checks."""
 
 from __future__ import annotations
 
@@ -12,11 +12,17 @@ from .errors import FedhpcError
 from .files import read_json, sha256_file, write_json
 from .layout import RunLayout
 from .signing import COORDINATOR, TrustStore, sign_document, verify_document
-from .tensorfile import save_state
 
 
 class CheckpointError(FedhpcError, ValueError):
     """A global checkpoint is missing, unsigned, or does not match its recorded hash."""
+
+
+def load_plan(layout: RunLayout, trust: TrustStore, r: int) -> dict:
+    """Round r's plan, after checking the coordinator's signature and the plan's schema."""
+    plan = read_json(layout.plan(r))
+    verify_document(plan, trust, COORDINATOR, str(layout.plan(r)))
+    return check_document("plan", plan, str(layout.plan(r)))
 
 
 def publish_global(layout: RunLayout, trust: TrustStore, r: int, model_file: Path, fields: dict[str, Any]) -> dict:
@@ -31,6 +37,7 @@ def init_global(cfg: Config, layout: RunLayout, trust: TrustStore, manifest: dic
     """Round 0's global model: the task's initial exchanged tensors (random init, a pretrained
     checkpoint, fresh adapters…), coordinator-signed like every later one."""
     from .tasks import load_task
+    from .tensorfile import save_state  # torch: only where a model is made
 
     task = load_task(cfg)
     state, described = task.init_model(manifest)

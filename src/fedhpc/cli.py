@@ -30,8 +30,9 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / cfg.run
 
 
-def context(config_path: str) -> Ctx:
-    cfg = load(config_path)
+def context(config_path: str, with_task: bool = True) -> Ctx:
+    """The config (`with_task`: also the task's own checks, which import it), run layout and trust."""
+    cfg = load(config_path, with_task)
     layout = RunLayout.of(run_dir(cfg))
     return Ctx(cfg, layout, trust_store(cfg, layout))
 
@@ -60,7 +61,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
     from .data import corpus_dir
     from .synth import generate_corpus
 
-    ctx = context(a.config)
+    ctx = context(a.config, with_task=False)
     if ctx.cfg.data.synth is None:
         raise SystemExit(f"{a.config}: data.synth is not set; nothing to generate")
     # Each party generates only the domains it holds: the shared ones, or a site's pinned ones.
@@ -155,7 +156,7 @@ def cmd_gather(a: argparse.Namespace) -> int:
     from .exchange import announce_stop, withdraw_stop
     from .gather import QuorumError, gather
 
-    ctx = context(a.config)
+    ctx = context(a.config, with_task=False)
     staged = ctx.cfg.exchange.kind != "local"
     if staged:
         withdraw_stop(ctx.cfg.exchange, ctx.layout)
@@ -224,7 +225,7 @@ def cmd_merge_eval(a: argparse.Namespace) -> int:
     from .evaluate import gather_parts
     from .exchange_cli import eval_fetcher
 
-    ctx = context(a.config)
+    ctx = context(a.config, with_task=False)
     out = ctx.layout.global_eval(a.round) if a.which == "global" else ctx.layout.candidate_eval(a.round)
     model = _model_of(ctx.layout, a.round, a.which)
     res = gather_parts(ctx.cfg, ctx.layout, ctx.trust, a.round, a.which, model, eval_fetcher(ctx, a.round, a.which))
@@ -240,7 +241,7 @@ def cmd_promote(a: argparse.Namespace) -> int:
     from .checkpoints import load_global_meta
     from .promote import promote_round
 
-    ctx = context(a.config)
+    ctx = context(a.config, with_task=False)
     meta = promote_round(ctx.cfg, ctx.layout, ctx.trust, a.round, load_global_meta(ctx.layout, ctx.trust, a.round))
     print(f"round {a.round + 1} global from {meta['source']}: {meta['reason']}")
     return 0
@@ -274,7 +275,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 def cmd_exchange(a: argparse.Namespace) -> int:
     from .exchange_cli import exchange_action
 
-    ctx = context(a.config)
+    ctx = context(a.config, with_task=False)
     print(exchange_action(ctx.cfg, ctx.layout, ctx.trust, a.action, a.round, a.which))
     return 0
 

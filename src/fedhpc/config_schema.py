@@ -147,7 +147,7 @@ def _convert(tp: Any, value: Any) -> Any:
     return value
 
 
-def _semantic_problems(cfg: Config) -> list[str]:
+def _semantic_problems(cfg: Config, with_task: bool = True) -> list[str]:
     problems = []
     sites = set(cfg.sites)
     domains: dict[str, str] = {}
@@ -167,7 +167,9 @@ def _semantic_problems(cfg: Config) -> list[str]:
         if s.name in names:
             problems.append(f"data.sources[{i}].name: source {s.name!r} is defined twice")
         names.add(s.name)
-    task, task_problems = _task_problems(cfg)
+    # Loading the task imports it (for the built-in ones: torch); a job that only reads the
+    # blackboard re-reads a config the workflow already checked whole, and skips that.
+    task, task_problems = _task_problems(cfg) if with_task else (None, [])
     if task is not None and task.uses_tokens and not synth_domains and not cfg.data.sources:
         problems.append("data: no data; set data.synth or data.sources")
     if "coordinator" in sites:
@@ -232,7 +234,7 @@ def _exchange_problems(cfg: Config) -> list[str]:
 
 
 def _strategy_problems(cfg: Config, task: Any = None) -> list[str]:
-    from .strategies import tolerance_problem
+    from .tolerance import tolerance_problem
 
     st, problems = cfg.strategy, []
     if st.name in ("fedprox", "scaffold") and task is not None and not task.corrects_gradients:
@@ -350,7 +352,7 @@ def _not_plain(value: Any, path: tuple) -> tuple[tuple, str] | None:
     return None
 
 
-def validate(raw: Any, origin: str = "config", schema_file: str | Path | None = None) -> Config:
+def validate(raw: Any, origin: str = "config", schema_file: str | Path | None = None, with_task: bool = True) -> Config:
     """Validate a parsed config against the schema and the cross-key rules; return it typed.
 
     `schema_file` (the workflow's `schemas/config.schema.json`) is used when given; it is
@@ -366,13 +368,13 @@ def validate(raw: Any, origin: str = "config", schema_file: str | Path | None = 
     if errors:
         raise ConfigError(f"{origin}: invalid configuration:\n" + describe_errors(errors))
     cfg = _build(Config, raw)
-    problems = _semantic_problems(cfg)
+    problems = _semantic_problems(cfg, with_task)
     if problems:
         raise ConfigError(f"{origin}: invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
     return cfg
 
 
-def load(path: str | Path) -> Config:
+def load(path: str | Path, with_task: bool = True) -> Config:
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -383,7 +385,7 @@ def load(path: str | Path) -> Config:
         raise ConfigError(f"{path}: cannot parse ({exc})") from None
     except RecursionError:
         raise ConfigError(f"{path}: cannot parse (nested too deeply)") from None
-    return validate(raw, str(path))
+    return validate(raw, str(path), with_task=with_task)
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:

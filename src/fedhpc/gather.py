@@ -6,13 +6,13 @@ import math
 import time
 
 from .audit import AuditLog
+from .checkpoints import load_plan
 from .config import Config
 from .errors import FedhpcError
 from .exchange import CompletenessCache, TransferError, audit_rejects, pull, transport_for
 from .files import read_json, write_json
 from .layout import RunLayout
 from .signing import TrustStore
-from .train import load_plan
 
 
 class QuorumError(FedhpcError, RuntimeError):

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from .tolerance import tolerance_problem  # noqa: F401  (re-exported: part of the strategy API)
+
 # ----------------------------------------------------------------------------- weights
 
 
@@ -184,19 +186,6 @@ def layerwise_scales(norms: Mapping[str, float], weights: Mapping[str, float]) -
     total = sum(weights[s] for s in norms)
     ref = sum(weights[s] * norms[s] for s in norms) / total if total > 0 else 0.0
     return {s: (ref / n if n > 0 else 0.0) for s, n in sorted(norms.items())}
-
-
-def tolerance_problem(rule: str, n: int, faulty: int, select: int | None = None) -> str | None:
-    """Why `rule` cannot tolerate `faulty` Byzantine sites among `n`, or None when it can."""
-    if rule in ("median", "trimmed_mean") and n < 2 * faulty + 1:
-        return f"{rule} tolerates f faulty sites only with n ≥ 2f + 1 = {2 * faulty + 1} sites; there are {n}"
-    if rule in ("krum", "multikrum") and n <= 2 * faulty + 2:
-        return f"{rule} needs n > 2f + 2 = {2 * faulty + 2} sites to tolerate f = {faulty}; there are {n}"
-    if rule == "multikrum" and select is not None and select > n - faulty:
-        return f"multikrum can average at most n − f = {n - faulty} updates, not {select}"
-    if rule == "mean" and faulty > 0:
-        return "the weighted mean has no breakdown point: one faulty site moves it arbitrarily (use median, trimmed_mean or krum)"
-    return None
 
 
 # ----------------------------------------------------------------------------- server optimisers

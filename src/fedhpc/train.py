@@ -14,16 +14,15 @@ from . import distributed, site_state
 from .allocate import stable_seed
 from .audit import AuditLog
 from .catalogue import load_data
-from .checkpoints import load_global_meta
+from .checkpoints import load_global_meta, load_plan
 from .compress import Codec, codec_metadata, encode_with_feedback
 from .config import Config
 from .distributed import World
-from .documents import check_document
 from .files import append_jsonl, finite_or_none, read_json, sha256_file, write_json
 from .layout import RunLayout
 from .scrub import outgoing_receipt
 from .shards import read_shard
-from .signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
+from .signing import SignatureError, TrustStore, sign_document, verify_document
 from .sysinfo import SystemProbe
 from .taskdata import verified_file
 from .tasks import RoundContext, load_task
@@ -49,12 +48,6 @@ def pick_device(choice: str, world: World) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", world.local_rank)
     return torch.device("cpu")
-
-
-def load_plan(layout: RunLayout, trust: TrustStore, r: int) -> dict:
-    plan = read_json(layout.plan(r))
-    verify_document(plan, trust, COORDINATOR, str(layout.plan(r)))
-    return check_document("plan", plan, str(layout.plan(r)))
 
 
 def existing_receipt(layout: RunLayout, trust: TrustStore, r: int, site: str, base_sha: str) -> dict | None:

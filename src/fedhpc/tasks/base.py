@@ -11,15 +11,18 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
-import torch
 
 from ..config import Config, SiteConfig
-from ..distributed import World
 from ..errors import FedhpcError
 from ..layout import RunLayout
+
+if TYPE_CHECKING:  # torch is imported by the tasks that train: planning and config checks need none of it
+    import torch
+
+    from ..distributed import World
 
 
 class TaskError(FedhpcError, ValueError):
