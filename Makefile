@@ -34,7 +34,8 @@ demo: $(BIN)/.installed
 	$(BIN)/fedhpc run --profile $(PROFILE) --configfile $(CONFIG)
 
 test: $(BIN)/.installed .slurm-installed
-	$(BIN)/pytest -q
+	# Two workers: most of an end-to-end test is job start-up and polling, not arithmetic.
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 lint: $(BIN)/.installed
 	$(BIN)/snakemake --lint

@@ -87,3 +87,16 @@ def s3_hub():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.hookimpl(tryfirst=True)  # xdist's loadgroup reads the marks in its own hook of this name
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs two workers), tests that share a session resource run
+    in one worker: every Slurm test (one cluster per machine: /etc/slurm/slurm.conf and fixed
+    ports), and the users of the finished federation (built once, not once per worker)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & {"slurm", "slurm_b"}:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif "finished" in fixtures:
+            item.add_marker(pytest.mark.xdist_group("finished"))

@@ -5,6 +5,7 @@ directory reached with rsync over SSH (loopback sshd)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -188,6 +189,17 @@ def scontrol_job(cluster, job_id: str) -> dict[str, str]:
     return dict(f.split("=", 1) for f in out.split() if "=" in f)
 
 
+def train_job_logs(side: Path, job: str) -> str:
+    """The Slurm logs of a site's training jobs, newest lines of each: what to read when a
+    requeue went another way than the test expects."""
+    logs = sorted((side / ".snakemake" / "slurm_logs" / "rule_train" / job).glob("*.log"))
+    text = "\n".join(f"== {p.name}\n" + "\n".join(p.read_text().splitlines()[-40:]) for p in logs)
+    head = [
+        ln for ln in (side / "run.log").read_text().splitlines() if any(w in ln for w in ("SLURM", "Error", "fail"))
+    ]
+    return (text or "no Slurm logs kept") + "\n== run.log\n" + "\n".join(head[-40:])
+
+
 def test_two_slurm_clusters_a_late_site_a_requeued_job_a_coordinator_killed_while_aggregating_and_rollbacks(
     tmp_path, sshd_hub, slurm, slurm_b
 ):
@@ -244,7 +256,7 @@ def test_two_slurm_clusters_a_late_site_a_requeued_job_a_coordinator_killed_whil
         procs["lumi"] = start(sides["lumi"], "--site", "lumi", profile="ci-slurm", environ=env_with(**slurm.env()))
         procs["a100"] = start(sides["a100"], "--site", "a100", profile="ci-slurm", environ=a100_env)
         # Fault: the node under lumi's round-1 training job "fails": Slurm requeues the job
-        # (what slurm-requeue asks for), and it trains again under the same job id.
+        # (what slurm-requeue asks for), and it trains again.
         metrics = sides["lumi"] / RUN / "rounds/r0001/sites/lumi/metrics.jsonl"
         wait_for(metrics, "lumi's round-1 training", procs["lumi"], sides["lumi"], timeout=600, poll=0.05)
         assert not metrics.with_name("receipt.json").exists(), "lumi finished before its job could be requeued"
@@ -287,14 +299,25 @@ def test_two_slurm_clusters_a_late_site_a_requeued_job_a_coordinator_killed_whil
     # model the sites pulled next is the previous one, restored bit for bit.
     rolled = [e for e in story if e["event"] == "round.rolled_back"]
     assert [e["round"] for e in rolled] == [1, 2]
-    assert all("held-out loss regressed from" in e["reason"] for e in rolled)
+    # (over the domains both models were scored on, when a holder's scores missed the evaluation
+    # deadline under load)
+    assert all(re.match(r"held-out loss( over [\w, ]+)? regressed from \d", e["reason"]) for e in rolled), rolled
     assert sha256_file(layout.global_model(2)) == sha256_file(layout.global_model(0))
     assert sha256_file(RunLayout(sides["lumi"] / RUN).global_model(1)) == sha256_file(layout.global_model(0))
-    # lumi's requeued job trained round 1 twice under one job id and published once; the
-    # coordinator saw one update from it, in time.
+    # lumi trained round 1 again after the fault and published once; the coordinator saw one
+    # update from it, in time. Either recovery the profile configures may be the one that ran:
+    # usually Slurm's requeue (the same job id trains again), but Slurm shows an admin-requeued
+    # job as FAILED for a moment, and if the executor polls in that moment it counts a failure
+    # and `retries: 1` resubmits (a new job id, which Snakemake logs as a failed attempt).
     lumi = [e for e in events(sides["lumi"] / RUN / "audit.jsonl") if e.get("round") == 1]
-    assert [e["event"] for e in lumi] == ["train.started", "train.started", "update.published"]
-    assert len({e["slurm_job_id"] for e in lumi if e["event"] == "train.started"}) == 1
+    jobs_seen = train_job_logs(sides["lumi"], "0001_lumi")
+    assert [e["event"] for e in lumi] == ["train.started", "train.started", "update.published"], jobs_seen
+    first, second = (e["slurm_job_id"] for e in lumi if e["event"] == "train.started")
+    assert first == job, jobs_seen
+    assert read_json(RunLayout(sides["lumi"] / RUN).receipt(1, "lumi"))["slurm_job_id"] == second
+    if second != first:
+        retried = f"SLURM-job '{first}' failed, SLURM status is: 'FAILED'"
+        assert retried in (sides["lumi"] / "run.log").read_text(), jobs_seen
     assert "lumi" in read_json(layout.arrivals(1))["arrived"]
     # The corrupted copy was caught by its hash, recorded, fetched again, and a100 trained
     # round 1 from the coordinator's model, bit for bit.

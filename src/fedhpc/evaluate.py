@@ -7,7 +7,6 @@ signed scores travel; `merge` combines the parts per domain and overall for the 
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,9 @@ from .config import Config
 from .documents import check_document
 from .errors import FedhpcError
 from .evaluators import run_evaluators
-from .files import finite_or_none, read_json, sha256_file, write_json
+from .files import read_json, sha256_file, write_json
 from .layout import RunLayout
+from .scores import summary_of
 from .shards import load_manifest, read_heldout
 from .signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
 from .taskdata import verified_file
@@ -105,28 +105,6 @@ def check_part(doc: dict, trust: TrustStore, holder: str, model_sha256: str, wha
         if not isinstance(tokens, int) or tokens <= 0 or (loss is not None and not (0 <= loss < 1e4)):
             raise EvaluationError(f"{what}: domain {name!r} has implausible scores {d!r}")
     return doc
-
-
-def summary_of(domains: dict[str, dict]) -> dict:
-    """Token-weighted loss over `domains`, with perplexity and the floor where every domain has one."""
-    total = sum(d["tokens"] for d in domains.values())
-    if any(d["loss"] is None for d in domains.values()):
-        loss = float("nan")
-    else:
-        loss = sum(d["loss"] * d["tokens"] for d in domains.values()) / max(total, 1)
-    floors = [d.get("entropy_floor") for d in domains.values()]
-    floor = (
-        None
-        if (not floors or None in floors)
-        else sum(d["entropy_floor"] * d["tokens"] for d in domains.values()) / total
-    )
-    return {
-        "loss": finite_or_none(loss),
-        "perplexity": finite_or_none(math.exp(min(loss, 700))),
-        "tokens": total,
-        "entropy_floor": floor,
-        "gap_to_floor": None if floor is None else finite_or_none(loss - floor),
-    }
 
 
 def _weighted(ds: list[dict]) -> dict:

@@ -20,6 +20,7 @@ from ..errors import FedhpcError
 from ..files import finite_or_none
 from ..loop import local_round, mean_loss, to_windows
 from ..model import exported_state, load_exported_state
+from ..scores import summary_of
 from ..site_correction import GradCorrection
 from ..sites import BatchShape, batch_shape, site_ranks
 from ..tensorfile import load_state
@@ -208,26 +209,8 @@ class TokenLMTask(Task):
 
 
 def pooled(domains: dict[str, dict]) -> dict[str, Any]:
-    """Token-weighted loss, perplexity and entropy floor over the domains."""
-    total = sum(d["tokens"] for d in domains.values())
-    if any(d["loss"] is None for d in domains.values()):
-        loss = float("nan")
-    else:
-        loss = sum(d["loss"] * d["tokens"] for d in domains.values()) / max(total, 1)
-    floors = [d["entropy_floor"] for d in domains.values()]
-    floor = (
-        None
-        if (not floors or None in floors)
-        else sum(d["entropy_floor"] * d["tokens"] for d in domains.values()) / total
-    )
-    return {
-        "loss": finite_or_none(loss),
-        "perplexity": finite_or_none(math.exp(min(loss, 700))),
-        "tokens": total,
-        "entropy_floor": floor,
-        "gap_to_floor": None if floor is None else finite_or_none(loss - floor),
-        "domains": domains,
-    }
+    """Token-weighted loss, perplexity and entropy floor over the domains, with the domains."""
+    return {**summary_of(domains), "domains": domains}
 
 
 def gradient_correction(
