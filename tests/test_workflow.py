@@ -209,3 +209,58 @@ def test_a_two_rank_deepspeed_zero3_site_publishes_one_full_update(finished, tmp
         copy / "rounds" / "r0001" / "global" / "model.safetensors"
     )
     assert receipt["loss_after"] < receipt["loss_before"]
+
+
+def test_a_second_job_of_a_site_round_drops_its_update_when_the_first_published(finished, tmp_path, monkeypatch):
+    """A Slurm requeue and a Snakemake retry of one failure can both train a site-round; the one
+    that publishes second keeps the first one's update and receipt untouched."""
+    import shutil
+
+    import fedhpc.train
+    from fedhpc.cli import context
+    from fedhpc.train import train_site
+
+    _, cfg, run = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (tmp_path / "c.json").write_text(json.dumps({**cfg, "output_dir": str(tmp_path), "run": "run"}))
+    ctx = context(str(tmp_path / "c.json"))
+    site_dir = copy / "rounds" / "r0001" / "sites" / "a100"
+    before = {p.name: p.read_bytes() for p in site_dir.iterdir() if p.is_file()}
+    lines = len((copy / "audit.jsonl").read_text().splitlines())
+    # This job started before the other one published: its own precheck found nothing to reuse.
+    monkeypatch.setattr(fedhpc.train, "_precheck", lambda *a, **k: None)
+    status = train_site(ctx.cfg, ctx.layout, ctx.trust, 1, "a100", threads=1)
+    assert status["state"] == "published" and status["reused"]
+    assert status["update_sha256"] == json.loads(before["receipt.json"])["update_sha256"]
+    for name in ("update.safetensors", "receipt.json"):
+        assert (site_dir / name).read_bytes() == before[name], name
+    new = [json.loads(x) for x in (copy / "audit.jsonl").read_text().splitlines()[lines:]]
+    assert [e["event"] for e in new] == ["train.started", "update.duplicate_dropped"]
+
+
+def test_the_publish_lock_makes_a_second_holder_wait(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from fedhpc.files import exclusive_lock
+
+    lock = tmp_path / "locks" / "publish.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from fedhpc.files import exclusive_lock\n"
+            f"with exclusive_lock({str(lock)!r}) as held:\n"
+            "    print(held, flush=True); time.sleep(1.5)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "True"
+    t0 = time.monotonic()
+    with exclusive_lock(lock) as held:
+        waited = time.monotonic() - t0
+    holder.wait(timeout=10)
+    assert held and waited > 0.8, waited

@@ -62,6 +62,30 @@ def clear_stale_parts(directory: str | os.PathLike) -> list[Path]:
     return gone
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[bool]:
+    """Hold an exclusive flock on `path` (created with its directory) for the block; yields
+    whether it is held. A filesystem without flock (a Lustre mount without -o flock answers
+    ENOSYS or EOPNOTSUPP) runs the block unlocked, yielding False, rather than failing the job."""
+    import errno
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOLCK):
+                raise
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -119,6 +119,11 @@ class RunLayout:
     def receipt(self, r: int, site: str) -> Path:
         return self.site_dir(r, site) / "receipt.json"
 
+    def publish_lock(self, r: int, site: str) -> Path:
+        """Held while a site's job publishes round r: two jobs of one site-round (a Slurm requeue
+        and a Snakemake retry) publish one after the other. Kept at the site; never sent."""
+        return self.root / "locks" / f"publish-{round_name(r)}-{site}.lock"
+
     def metrics(self, r: int, site: str) -> Path:
         return self.site_dir(r, site) / "metrics.jsonl"
 

@@ -18,7 +18,7 @@ from .checkpoints import load_global_meta, load_plan
 from .compress import Codec, codec_metadata, encode_with_feedback
 from .config import Config
 from .distributed import World
-from .files import append_jsonl, finite_or_none, read_json, sha256_file, write_json
+from .files import append_jsonl, exclusive_lock, finite_or_none, read_json, sha256_file, write_json
 from .layout import RunLayout
 from .scrub import outgoing_receipt
 from .shards import read_shard
@@ -188,83 +188,95 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
     distributed.barrier(world)
     if not world.is_main:
         return {"state": "published", "rank": world.rank}
+    with exclusive_lock(layout.publish_lock(r, site)) as locked:
+        if not locked:
+            print(f"warning: no flock on {layout.publish_lock(r, site).parent}; publishing unlocked", file=sys.stderr)
+        # Another job of this site-round (Slurm's requeue and Snakemake's retry of one failure)
+        # may have published while this one trained: its update and receipt stand and ours is
+        # dropped, so update, receipt, control variates and error-feedback residual come from one
+        # job (the optimizer state, saved while training, is from whichever of the two ended last).
+        if (done := existing_receipt(layout, trust, r, site, base["sha256"])) is not None:
+            audit.append("update.duplicate_dropped", round=r, site=site, kept_sha256=done["update_sha256"])
+            return {"state": "published", "reused": True, "update_sha256": done["update_sha256"]}
 
-    update = {k: local[k] - global_state[k].float() for k in local}
-    codec = site_codec(cfg, site)
-    meta = {"run": cfg.run, "round": str(r), "site": site, "base_sha256": base["sha256"], **codec_metadata(codec)}
-    outgoing: dict = {}
-    if cfg.strategy.secure_aggregation.enabled:
-        from .secure import masked_update
+        update = {k: local[k] - global_state[k].float() for k in local}
+        codec = site_codec(cfg, site)
+        meta = {"run": cfg.run, "round": str(r), "site": site, "base_sha256": base["sha256"], **codec_metadata(codec)}
+        outgoing: dict = {}
+        if cfg.strategy.secure_aggregation.enabled:
+            from .secure import masked_update
 
-        plan = load_plan(layout, trust, r)
-        tensors, masked_meta, outgoing = masked_update(cfg, trust, plan, site, update, result.tokens, result.samples)
-        meta.update(masked_meta)
-    else:
-        tensors = encode_update(cfg, layout, site, r, update, codec)
-    save_state(layout.update(r, site), tensors, meta)
-    control = {}
-    if correction is not None and correction.scaffold:
-        c_new, c_delta = correction.control_update()
-        save_state(layout.control_update(r, site), c_delta, meta)
-        site_state.save_tensors(layout, site, "control", r, c_new)
-        control = {
-            "control_sha256": sha256_file(layout.control_update(r, site)),
-            "control_bytes": layout.control_update(r, site).stat().st_size,
+            plan = load_plan(layout, trust, r)
+            tensors, masked_meta, outgoing = masked_update(
+                cfg, trust, plan, site, update, result.tokens, result.samples
+            )
+            meta.update(masked_meta)
+        else:
+            tensors = encode_update(cfg, layout, site, r, update, codec)
+        save_state(layout.update(r, site), tensors, meta)
+        control = {}
+        if correction is not None and correction.scaffold:
+            c_new, c_delta = correction.control_update()
+            save_state(layout.control_update(r, site), c_delta, meta)
+            site_state.save_tensors(layout, site, "control", r, c_new)
+            control = {
+                "control_sha256": sha256_file(layout.control_update(r, site)),
+                "control_bytes": layout.control_update(r, site).stat().st_size,
+            }
+        receipt = {
+            "run": cfg.run,
+            "round": r,
+            "site": site,
+            "base_round": r,
+            "base_sha256": base["sha256"],
+            "update_sha256": sha256_file(layout.update(r, site)),
+            "update_bytes": layout.update(r, site).stat().st_size,
+            "compression": codec.scheme,
+            **control,
+            "shards": entry["shards"],
+            "task": cfg.task.name,
+            "tokens": result.tokens,
+            "sequences": result.samples,
+            "steps": result.steps,
+            "ranks": world.size,
+            "launcher": world.launcher,
+            **result.receipt,
+            "lr_first": result.lr_first,
+            "lr_last": result.lr_last,
+            "lr_sum": result.lr_sum,
+            "loss_before": finite_or_none(result.loss_before),
+            "loss_after": finite_or_none(result.loss_after),
+            "train_loss_last": finite_or_none(result.train_loss_last),
+            "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
+            "train_seconds": result.seconds,
+            "started_at": started,
+            "finished_at": time.time(),
+            "device": str(device),
+            "threads": threads,
+            "accelerator_declared": site_cfg.accelerator,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME"),
+            "host": socket.gethostname(),
+            **outgoing,
         }
-    receipt = {
-        "run": cfg.run,
-        "round": r,
-        "site": site,
-        "base_round": r,
-        "base_sha256": base["sha256"],
-        "update_sha256": sha256_file(layout.update(r, site)),
-        "update_bytes": layout.update(r, site).stat().st_size,
-        "compression": codec.scheme,
-        **control,
-        "shards": entry["shards"],
-        "task": cfg.task.name,
-        "tokens": result.tokens,
-        "sequences": result.samples,
-        "steps": result.steps,
-        "ranks": world.size,
-        "launcher": world.launcher,
-        **result.receipt,
-        "lr_first": result.lr_first,
-        "lr_last": result.lr_last,
-        "lr_sum": result.lr_sum,
-        "loss_before": finite_or_none(result.loss_before),
-        "loss_after": finite_or_none(result.loss_after),
-        "train_loss_last": finite_or_none(result.train_loss_last),
-        "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
-        "train_seconds": result.seconds,
-        "started_at": started,
-        "finished_at": time.time(),
-        "device": str(device),
-        "threads": threads,
-        "accelerator_declared": site_cfg.accelerator,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME"),
-        "host": socket.gethostname(),
-        **outgoing,
-    }
-    receipt = outgoing_receipt(cfg.trust.scrub, metrics_path, receipt)  # no user, host or path leaves the site
-    receipt = sign_document(receipt, site, trust.private_key(site))
-    write_json(layout.receipt(r, site), receipt)  # last: its presence means "update published"
-    site_state.prune(layout, site, keep_from=r)
-    site_state.prune_tensors(layout, site, keep_from=r)
-    audit.append(
-        "update.published",
-        round=r,
-        site=site,
-        update_sha256=receipt["update_sha256"],
-        tokens=result.tokens,
-        steps=result.steps,
-        ranks=world.size,
-        engine=result.receipt.get("engine"),
-        loss_before=receipt["loss_before"],
-        loss_after=receipt["loss_after"],
-    )
-    return {"state": "published", "reused": False, "update_sha256": receipt["update_sha256"], "ranks": world.size}
+        receipt = outgoing_receipt(cfg.trust.scrub, metrics_path, receipt)  # no user, host or path leaves the site
+        receipt = sign_document(receipt, site, trust.private_key(site))
+        write_json(layout.receipt(r, site), receipt)  # last: its presence means "update published"
+        site_state.prune(layout, site, keep_from=r)
+        site_state.prune_tensors(layout, site, keep_from=r)
+        audit.append(
+            "update.published",
+            round=r,
+            site=site,
+            update_sha256=receipt["update_sha256"],
+            tokens=result.tokens,
+            steps=result.steps,
+            ranks=world.size,
+            engine=result.receipt.get("engine"),
+            loss_before=receipt["loss_before"],
+            loss_after=receipt["loss_after"],
+        )
+        return {"state": "published", "reused": False, "update_sha256": receipt["update_sha256"], "ranks": world.size}
 
 
 def site_codec(cfg: Config, site: str) -> Codec:
