@@ -91,3 +91,11 @@ def test_evaluator_options_are_checked(finished):
         config_with(finished, [{"name": "domain_perplexity", "options": {"max_ppl": 3}}])
     with pytest.raises(ConfigError, match=r"evaluation.evaluators\[0\].name: 'nope' is neither a built-in"):
         config_with(finished, [{"name": "nope"}])
+
+
+def test_an_evaluator_without_evaluate_is_named(finished, tmp_path):
+    (tmp_path / "lazy.py").write_text("from fedhpc.evaluators import Evaluator\nclass Lazy(Evaluator):\n    pass\n")
+    with pytest.raises(
+        ConfigError, match=r"evaluation.evaluators\[0\].name: '.*lazy.py:Lazy' does not implement evaluate"
+    ):
+        config_with(finished, [{"name": f"{tmp_path}/lazy.py:Lazy"}])

@@ -102,3 +102,12 @@ def test_user_task_data_is_hashed_into_the_signed_manifest(tmp_path):
     with pytest.raises(ShardIntegrityError, match="north-000"):
         verified_file(layout, entry, "shard north-000")
     assert json.loads(layout.manifest.read_text())["task"] == EXAMPLE
+
+
+def test_a_task_missing_a_required_method_is_named_before_any_round(tmp_path):
+    (tmp_path / "half.py").write_text(
+        "from fedhpc.tasks import Task\nclass Half(Task):\n    def init_model(self, manifest):\n        return {}, {}\n"
+    )
+    assert problems_of(raw({"name": f"{tmp_path}/half.py:Half"}))[0] == (
+        f"task.name: '{tmp_path}/half.py:Half' does not implement evaluate, train_round (docs/writing-a-task.md)"
+    )

@@ -8,6 +8,7 @@ config that rolls the round back (compliance checks). See docs/writing-a-task.md
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from .tasks import EvalContext, NoOptions, Task, resolve
 from .tasks.base import TaskError, options_from
 
 
-class Evaluator:
+class Evaluator(abc.ABC):
     """Base class of evaluators."""
 
     Options: type = NoOptions
@@ -28,8 +29,9 @@ class Evaluator:
     def __init__(self, cfg: Config, options: Any):
         self.cfg, self.options = cfg, options
 
+    @abc.abstractmethod
     def evaluate(self, task: Task, ec: EvalContext, result: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """This evaluator's results for the model `ec` holds; `result` is the task's own evaluation."""
 
 
 @dataclass(kw_only=True)
@@ -103,6 +105,8 @@ def load_evaluators(cfg: Config) -> list[tuple[str, Evaluator, bool]]:
         cls = resolve(ev.name, f"{key}.name", BUILTIN)
         if not (isinstance(cls, type) and issubclass(cls, Evaluator)):
             raise TaskError(f"{key}.name: {ev.name!r} is not a subclass of fedhpc.evaluators.Evaluator")
+        if cls.__abstractmethods__:
+            raise TaskError(f"{key}.name: {ev.name!r} does not implement {', '.join(sorted(cls.__abstractmethods__))}")
         label = ev.name.rsplit(":", 1)[-1] if ":" in ev.name else ev.name
         if label in seen:
             label = f"{label}#{i}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -67,9 +69,6 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[bool]:
     """Hold an exclusive flock on `path` (created with its directory) for the block; yields
     whether it is held. A filesystem without flock (a Lustre mount without -o flock answers
     ENOSYS or EOPNOTSUPP) runs the block unlocked, yielding False, rather than failing the job."""
-    import errno
-    import fcntl
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:

@@ -61,4 +61,7 @@ def load_task(cfg) -> Task:
     cls = resolve(cfg.task.name, "task.name", BUILTIN)
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise TaskError(f"task.name: {cfg.task.name!r} is not a subclass of fedhpc.tasks.Task")
+    if cls.__abstractmethods__:  # say which, before the first site finds out mid-round
+        missing = ", ".join(sorted(cls.__abstractmethods__))
+        raise TaskError(f"task.name: {cfg.task.name!r} does not implement {missing} (docs/writing-a-task.md)")
     return cls(cfg, options_from(cls.Options, cfg.task.options, "task.options"))

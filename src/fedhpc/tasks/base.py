@@ -7,6 +7,7 @@ signatures, verification, aggregation, the gate and the audit log. See docs/writ
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,7 +94,7 @@ class EvalContext:
     read_heldout: Callable[[dict[str, Any]], Any]  # verified contents (token arrays) or path (file splits)
 
 
-class Task:
+class Task(abc.ABC):
     """Base class of a training task. Subclasses set `Options` (a dataclass: the task's
     `task.options`, unknown keys are errors) and implement the methods below."""
 
@@ -115,24 +116,25 @@ class Task:
         raise TaskError(f"task {type(self).__name__} does not prepare data")
 
     # -- model -----------------------------------------------------------------------------
+    @abc.abstractmethod
     def init_model(self, manifest: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(the initial exchanged tensors, fields describing the model for model.json)."""
-        raise NotImplementedError
 
     def plan_site(self, site: str, site_cfg: SiteConfig, manifest: dict[str, Any]) -> dict[str, Any]:
         """Fields the plan records for a site (e.g. the batch size its memory allows)."""
         return {}
 
     # -- training (sites) ------------------------------------------------------------------
+    @abc.abstractmethod
     def train_round(self, rc: RoundContext) -> LocalResult:
-        raise NotImplementedError
+        """One local round from `rc.global_state` on `rc.shards`: the new exchanged tensors and counts."""
 
     # -- evaluation (coordinator) ----------------------------------------------------------
+    @abc.abstractmethod
     def evaluate(self, ec: EvalContext) -> dict[str, Any]:
         """Held-out metrics; must hold `loss` (lower is better: the gate compares it) and
         `domains` ({domain: {loss, …}}); may hold `guards` ({name: {ok, value, reason}}),
         and a failed guard rolls the round back."""
-        raise NotImplementedError
 
     # -- hand-over -------------------------------------------------------------------------
     def export(self, state: dict[str, torch.Tensor], meta: dict[str, Any], out: Path, layout: RunLayout) -> dict:

@@ -7,6 +7,7 @@ state and the FedProx/SCAFFOLD gradient corrections are shared.
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any
 
@@ -38,13 +39,13 @@ class TokenLMTask(Task):
     corrects_gradients = True
 
     # -- what subclasses provide -----------------------------------------------------------
+    @abc.abstractmethod
     def build_module(self, vocab_size: int, meta: dict[str, Any] | None = None) -> torch.nn.Module:
         """The trainable module: `forward(idx, targets)` -> (logits, mean loss)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def shape_model(self, vocab_size: int) -> ModelConfig:
         """The model's shape for the memory estimate of a site's micro-batch."""
-        raise NotImplementedError
 
     @property
     def seq_len(self) -> int:
