@@ -7,8 +7,8 @@ input per second) gives FedAvg of N site updates plus the base, (N + 1) × S byt
 (N + 1) × S / (0.5 × bound) seconds. Whatever the arithmetic, the job must also write the
 S-byte result into a new file. This measures, in one run: the bound (`torch.sum` over 1 GiB
 of fp32, all threads, as benchmarks/aggregate.py does), and the time to write S bytes into a
-new file on the given directory's filesystem with 1 and with all threads (pwrite of 1 MiB
-blocks at their offsets, then fsync, as the aggregator does), and a warm `pread` of the same
+new file on the given directory's filesystem with 1 and with all threads (the aggregator's
+own writer: preallocated, pwrite of 1 MiB blocks at their offsets, fsync), and a warm `pread` of the same
 bytes for comparison. Prints the write time as a fraction of the budget; medians of --repeats.
 JSON on the last line.
 """
@@ -24,8 +24,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from fedhpc.rawtensors import TensorWriter
+from fedhpc.tensorfile import TensorSpec
 
 MIB = 1 << 20
 
@@ -39,16 +41,23 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def write_new(path: Path, size: int, workers: int) -> None:
-    block = np.ones(MIB, dtype=np.uint8)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.ftruncate(fd, size)
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda k: os.pwrite(fd, block, k * MIB), range(size // MIB)))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def write_new(path: Path, size: int, workers: int) -> float:
+    """Seconds to write `size` bytes into a new file the way the aggregator does: its TensorWriter
+    (preallocated, pwrite of 1 MiB blocks at their offsets, writeback started as it goes, fsync,
+    rename). The previous file is removed first, untimed: truncating its cached pages is not part
+    of writing a round's new model."""
+    path.unlink(missing_ok=True)
+    os.sync()
+    block = torch.ones(MIB, dtype=torch.uint8)
+    w = TensorWriter(path, {"x": TensorSpec("U8", (size,))}, None)
+    t0 = time.perf_counter()
+    w.create()
+    w.open()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda k: w.write("x", k * MIB, block), range(size // MIB)))
+    w.close()
+    w.commit()
+    return time.perf_counter() - t0
 
 
 def read_warm(path: Path, size: int) -> None:
@@ -76,7 +85,7 @@ def main() -> None:
     budget = (a.sites + 1) * size / (0.5 * bound * 1e9)
     with tempfile.TemporaryDirectory(dir=a.tmp) as d:
         out = Path(d) / "out.bin"
-        write = {w: median_seconds(lambda w=w: write_new(out, size, w), a.repeats) for w in sorted({1, threads})}
+        write = {w: statistics.median(write_new(out, size, w) for _ in range(a.repeats)) for w in sorted({1, threads})}
         read_warm(out, size)
         read = median_seconds(lambda: read_warm(out, size), a.repeats)
     best = min(write.values())

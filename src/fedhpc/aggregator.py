@@ -1,18 +1,20 @@
 """The streaming (and optionally MPI-parallel) aggregator: N update files → next model + server state.
 
-Memory holds one chunk per site plus the output chunk (per worker thread), whatever N and the
-model size: every tensor is read in element ranges (pread into reused buffers), combined in
-fp32 and written at its place in a preallocated output file. Chunks are independent work
-items: `workers` threads share them on a node, and MPI ranks split the tensors by bytes and
-write their own ranges of the same files. Every per-chunk computation and every reduction
-order is the same whoever runs it, so the files are bitwise identical to the serial run's.
+Memory holds a few chunks per site plus the output chunk (per worker thread), whatever N and
+the model size: every tensor is read in element ranges (views of the memory-mapped inputs,
+rawtensors.TensorReader), combined in fp32 and written at its place in a preallocated output
+file. Chunks are independent work items: `workers` threads share them on a node, and MPI
+ranks split the tensors by bytes and write their own ranges of the same files. Every
+per-chunk computation and every reduction order is the same whoever runs it, so the files
+are bitwise identical to the serial run's.
 
 Speed: the work is memory-bound (the page cache read once, one multiply-add per site and
-element, one copy out), so chunks are sized to stay in a core's L2 cache (1 MiB; 16 MiB took
-1.7-2x the CPU time) and torch's intra-op threads are pinned to one while the aggregator runs:
-splitting each 1 MiB add over OpenMP threads saves little, and with more runnable threads than
-cores (a loaded node) every OpenMP barrier can wait a whole scheduler time slice (2 threads on
-a busy 2-core machine: 16 s instead of 1 s). Parallelism comes from the worker threads instead.
+element, one copy out). Chunks are 2 MiB: with mapped inputs the per-chunk Python and
+dispatch cost is what is left to save (1 MiB took 8 % longer, 16 MiB spills the cache).
+torch's intra-op threads are pinned to one while the aggregator runs: splitting each add
+over OpenMP threads saves little, and with more runnable threads than cores (a loaded node)
+every OpenMP barrier can wait a whole scheduler time slice (2 threads on a busy 2-core
+machine: 16 s instead of 1 s). Parallelism comes from the worker threads instead.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class UpdateFile:
             t = self.reader.read(name, a, b)
             return t if t.dtype == torch.float32 else t.to(torch.float32)
         return decode_range(
-            lambda stored, x, y: self.reader.read(stored, x, y, slot=stored[len(name) :]),
+            self.reader.read,
             name,
             numel,
             self.codec,
@@ -176,7 +178,7 @@ def aggregate(
     state_in: Path | None = None,
     state_out: Path | None = None,
     control_scale: float = 0.0,
-    chunk_bytes: int = 1 << 20,
+    chunk_bytes: int = 2 << 20,
     metadata: dict[str, str] | None = None,
     comm=None,
     workers: int = 1,
@@ -277,7 +279,7 @@ def aggregate(
                 delta += _noise(combine.noise_key, name, a, b - a, res.noise_std)
             prev = {}
             if state_r is not None:
-                prev = {k: state_r.read(f"{name}@{k}", a, b, slot=k).clone() for k in keys if k != "control"}
+                prev = {k: state_r.read(f"{name}@{k}", a, b).clone() for k in keys if k != "control"}
             x = base_r.read(name, a, b)
             if not ups:
                 # Nothing arrived: the model (bit for bit, signed zeros included) and the
@@ -286,12 +288,12 @@ def aggregate(
                 for k in keys if sout is not None else ():
                     old = prev.get(k) if k != "control" else None
                     if old is None and state_r is not None and f"{name}@{k}" in state_r.specs:
-                        old = state_r.read(f"{name}@{k}", a, b, slot=k).clone()
+                        old = state_r.read(f"{name}@{k}", a, b).clone()
                     sout.write(f"{name}@{k}", a, old if old is not None else torch.zeros(b - a))
                 return
             new_x, new_state = server.step(x, delta, prev)
             if keys == ("control",):
-                c = state_r.read(f"{name}@control", a, b, slot="c").clone() if state_r else torch.zeros(b - a)
+                c = state_r.read(f"{name}@control", a, b).clone() if state_r else torch.zeros(b - a)
                 for r in ctrls:
                     c.add_(r.read(name, a, b).to(torch.float32), alpha=control_scale)
                 new_state = {"control": c}
@@ -405,7 +407,10 @@ def _combine(
     if rule in ("median", "trimmed_mean"):
         xs = torch.stack([ups[i].read(name, n, a, b) * scale[i][name] for i in chosen])
         return st.coordinate_median(xs) if rule == "median" else st.trimmed_mean(xs, faulty)
-    acc = torch.zeros(b - a, dtype=torch.float32)
-    for i in chosen:
+    if not chosen:
+        return torch.zeros(b - a, dtype=torch.float32)
+    first, *rest = chosen
+    acc = torch.mul(ups[first].read(name, n, a, b), coef[first] * scale[first][name])
+    for i in rest:
         acc.add_(ups[i].read(name, n, a, b), alpha=coef[i] * scale[i][name])
     return acc

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import json
 import os
 import sys
@@ -433,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb != "run":
             p.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.snakemake_args = unknown + args.snakemake_args  # `fedhpc run --dry-run` needs no `--`
+    # A mapped input truncated under a reader faults (SIGBUS): print where, not just the signal.
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # no real stderr (embedded, captured)
+        faulthandler.enable()
     try:
         return args.fn(args)
     except ConfigError as exc:

@@ -314,7 +314,7 @@ class StrategyConfig:
     staleness: StalenessConfig = opt(StalenessConfig, "Decay of late updates' weight.")
     privacy: PrivacyConfig = opt(PrivacyConfig, "Central differential privacy.")
     chunk_mb: float = opt(
-        1.0,
+        2.0,
         "Working-set size per site read by the aggregator (MB); tensors larger than this are streamed in chunks.",
         exclusiveMinimum=0,
     )

@@ -1,20 +1,29 @@
-"""Safetensors read and written by element range with pread/pwrite, for the streaming aggregator.
+"""Safetensors read (memory-mapped) and written (pwrite) by element range, for the streaming aggregator.
 
-Reading through `pread` into reused buffers costs one copy from the page cache and cannot
-fault: a mapped file truncated underneath would kill the coordinator with SIGBUS, a pread
-only comes back short (an error naming the file). Writing at known offsets lets several
-threads or MPI ranks fill one output file in parallel; writeback is started every few MiB
-(sync_file_range) so the closing fsync does not wait for the whole file.
+Reading maps each file once and hands out views of it: no copy out of the page cache, which
+is what the aggregator's speed depends on (a pread of every input alone took more than the
+whole time budget of the bandwidth goal). The mapping is shared and read-only, so nothing can
+change a file through it. Pages a stream has finished with are unmapped again (MADV_DONTNEED
+on the previous range of the same stream), so the resident set stays at a chunk per stream
+whatever the file sizes. A file truncated underneath is refused with its name when the size
+check before each read sees it; one truncated in the middle of a read faults (SIGBUS), which
+the CLI reports with faulthandler's traceback, and the job fails before anything is renamed.
+
+Writing at known offsets lets several threads or MPI ranks fill one output file in parallel;
+writeback is started every few MiB (sync_file_range) so the closing fsync does not wait for
+the whole file.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import os
 import stat
 import struct
 import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,6 +31,8 @@ import torch
 
 from .tensorfile import _DTYPES, _NAMES, TensorFileError, TensorSpec, parse_header
 
+RELEASE_BYTES = 2 << 20  # a reader unmaps the pages it handed out after this many bytes
+FOLIO_BYTES = 2 << 20  # the largest page-cache folio a fault may map (x86-64: PMD size)
 WRITEBACK_BYTES = 16 << 20  # start writeback of a writer's dirty pages after this many bytes
 _ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in _NAMES.items()}
 
@@ -30,18 +41,18 @@ def _itemsize(dtype: str) -> int:
     return _ITEMSIZE[dtype]
 
 
-def _sync_file_range():
-    """libc's sync_file_range (Linux), or None."""
+def _libc(name: str, *argtypes):
+    """A function of libc (Linux) taking `argtypes` and returning an int, or None where it has none."""
     try:
-        f = ctypes.CDLL(None, use_errno=True).sync_file_range
+        f = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (AttributeError, OSError):
         return None
-    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    f.restype = ctypes.c_int
+    f.argtypes, f.restype = list(argtypes), ctypes.c_int
     return f
 
 
-_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_FALLOCATE = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -63,48 +74,75 @@ class TensorReader:
             raise TensorFileError(f"{self.path}: missing") from None
         try:
             self._parse()
+            self._map = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            with warnings.catch_warnings():
+                # torch warns that the buffer is read-only: it is, on purpose (see the module docstring).
+                warnings.simplefilter("ignore", UserWarning)
+                self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         except Exception:
             os.close(self.fd)
             raise
-        self._bufs: dict[tuple[str, int], bytearray] = {}
+        self._spans: dict[int, list[int]] = {}  # per thread: [lowest, highest byte handed out, bytes]
 
     def _parse(self) -> None:
         st = os.fstat(self.fd)
         if not stat.S_ISREG(st.st_mode):
             raise TensorFileError(f"{self.path}: not a regular file")
-        size = st.st_size
-        header = parse_header(self.path, os.pread(self.fd, 8, 0), lambda n, at: os.pread(self.fd, n, at), size)
+        self.size = st.st_size
+        header = parse_header(self.path, os.pread(self.fd, 8, 0), lambda n, at: os.pread(self.fd, n, at), self.size)
         self.metadata: dict[str, str] = header.metadata
         self.specs: dict[str, TensorSpec] = header.specs
         self.offsets: dict[str, int] = header.offsets
 
-    def read(self, name: str, start: int, stop: int, slot: str = "") -> torch.Tensor:
-        """Elements [start, stop) of flattened tensor `name`, in its stored dtype.
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of flattened tensor `name`, in its stored dtype: a read-only view
+        of the mapped file (copy it before changing it).
 
-        The result is a view of a buffer reused per `slot` and thread: use it before this
-        thread's next read of the slot.
+        The pages a reader has handed out are unmapped again every RELEASE_BYTES (the page
+        cache keeps them): a view stays valid, but one kept long faults its pages in again.
         """
         spec = self.specs.get(name)
         if spec is None:
             raise TensorFileError(f"{self.path}: has no tensor {name!r}")
         if not 0 <= start <= stop <= _numel(spec.shape):
             raise TensorFileError(f"{self.path}: range {start}..{stop} is outside tensor {name!r}")
-        item = _itemsize(spec.dtype)
-        nbytes = (stop - start) * item
-        key = (slot, threading.get_ident())
-        buf = self._bufs.get(key)
-        if buf is None or len(buf) < nbytes:
-            buf = self._bufs[key] = bytearray(max(nbytes, 8))
-        view = memoryview(buf)[:nbytes]
-        got = os.preadv(self.fd, [view], self.offsets[name] + start * item) if nbytes else 0
-        if got != nbytes:
-            raise TensorFileError(f"{self.path}: short read of tensor {name!r} (file truncated while reading?)")
-        if not nbytes:
-            return torch.empty(0, dtype=_NAMES[spec.dtype])
-        return torch.frombuffer(buf, dtype=_NAMES[spec.dtype], count=stop - start)
+        if os.fstat(self.fd).st_size < self.size:
+            raise TensorFileError(f"{self.path}: shorter than when it was opened (truncated while reading?)")
+        dtype, item = _NAMES[spec.dtype], _itemsize(spec.dtype)
+        at, end = self.offsets[name] + start * item, self.offsets[name] + stop * item
+        if end == at:
+            return torch.empty(0, dtype=dtype)
+        self._note(at, end)
+        if at % item == 0:
+            return self._bytes[at:end].view(dtype)
+        # A tensor stored off its alignment (possible in a foreign file): an aligned copy.
+        return self._bytes[at:end].clone().view(dtype)
+
+    def _note(self, a: int, b: int) -> None:
+        # One span per thread: a span shared by threads would be reset under a range another
+        # thread is still reading, whose pages then fault back in and are never released.
+        # The range being handed out joins the span after the release: it is still to be read.
+        span = self._spans.setdefault(threading.get_ident(), [self.size, 0, 0])
+        if span[2] >= RELEASE_BYTES:
+            self._unmap(span[0], span[1])
+            span[0], span[1], span[2] = self.size, 0, 0
+        span[0], span[1], span[2] = min(span[0], a), max(span[1], b), span[2] + b - a
+
+    def _unmap(self, a: int, b: int) -> None:
+        # A fault maps the whole page-cache folio around it (up to 2 MiB), so pages on either
+        # side of the span may be mapped too (those below again, after the last release): they
+        # go as well. Outward to whole pages: a page another thread still reads faults in again.
+        a, b = max(0, a - FOLIO_BYTES), min(b + FOLIO_BYTES, self.size)
+        a -= a % mmap.PAGESIZE
+        if b > a:
+            self._map.madvise(mmap.MADV_DONTNEED, a, b - a)
 
     def close(self) -> None:
         if self.fd >= 0:
+            # Not mmap.close(): torch does not hold the buffer export, so that would unmap
+            # pages under views still alive. Every view holds the mmap object; the mapping
+            # goes with the last of them.
+            self._bytes = self._map = None
             os.close(self.fd)
             self.fd = -1
 
@@ -156,7 +194,11 @@ class TensorWriter:
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.pwrite(fd, self.head, 0)
-            os.ftruncate(fd, self.size)
+            # Blocks reserved up front make each later pwrite cheaper (ext4: 0.026 s instead of
+            # 0.043 s for 256 MiB). Not posix_fallocate: where the filesystem cannot, glibc's
+            # emulation would write the whole file once more; there a sparse file will do.
+            if _FALLOCATE is None or _FALLOCATE(fd, 0, 0, self.size) != 0:
+                os.ftruncate(fd, self.size)
         finally:
             os.close(fd)
 

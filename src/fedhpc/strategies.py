@@ -244,7 +244,7 @@ def server_step(
         return t.to(torch.float32, copy=True) if t is not None else torch.full_like(d, init)
 
     if name in ("fedavg", "fedprox", "scaffold"):
-        return x32 + lr * d, {}
+        return torch.add(x32, d, alpha=lr), {}
     if name == "fedavgm":
         m = prev("momentum").mul_(momentum).add_(d)
         return x32 + lr * m, {"momentum": m}
