@@ -308,7 +308,7 @@ def _resign(b: RoundBuilder, site: str, receipt: dict, path: Path) -> None:
 
 def test_round_weights_decay_stale_updates_then_cap_domains_then_normalise_effort():
     from fedhpc.aggregate import round_weights
-    from fedhpc.config import StrategyConfig
+    from fedhpc.config_strategy import StrategyConfig
 
     s = StrategyConfig(heterogeneity_aware=True, domain_cap=0.6)
     s.staleness.decay, s.staleness.exponent = "polynomial", 1.0

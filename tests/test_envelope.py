@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedhpc.config import DataConfig, EncryptionConfig
+from fedhpc.config import DataConfig
+from fedhpc.config_trust import EncryptionConfig
 from fedhpc.envelope import (
     DataKey,
     EnvelopeError,

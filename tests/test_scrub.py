@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedhpc.cli import main
-from fedhpc.config import ScrubConfig
+from fedhpc.config_trust import ScrubConfig
 from fedhpc.exchange import INDEX
 from fedhpc.files import read_json, write_json
 from fedhpc.scrub import Scrubber, outgoing_receipt

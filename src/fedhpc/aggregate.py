@@ -9,7 +9,8 @@ from . import strategies as st
 from .aggregator import Combine, ServerOpt, SiteInput, aggregate
 from .audit import AuditLog
 from .catalogue import load_data
-from .config import Config, StrategyConfig
+from .config import Config
+from .config_strategy import StrategyConfig
 from .errors import FedhpcError
 from .files import clear_stale_parts, read_json, sha256_file, write_json
 from .layout import RunLayout

@@ -6,21 +6,12 @@ The dataclasses are the single source of truth: the JSON-Schema in `workflow/sch
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, dataclass
 from typing import Any, Literal
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-
-
-def opt(default: Any = MISSING, doc: str = "", **schema: Any) -> Any:
-    """A dataclass field with its documentation and extra JSON-Schema constraints."""
-    meta = {"doc": doc, "schema": schema}
-    if isinstance(default, (list, dict)):
-        value = default
-        return field(default_factory=lambda: type(value)(value), metadata=meta)
-    if isinstance(default, type) and hasattr(default, "__dataclass_fields__"):
-        return field(default_factory=default, metadata=meta)
-    return field(default=default, metadata=meta)
+from .config_fields import NAME_PATTERN, opt
+from .config_strategy import StrategyConfig
+from .config_trust import ExchangeConfig, TrustConfig
 
 
 @dataclass(kw_only=True)
@@ -216,117 +207,6 @@ class TrainingConfig:
 
 
 @dataclass(kw_only=True)
-class StalenessConfig:
-    """How much a late update (built on an older global model) still counts."""
-
-    decay: Literal["constant", "polynomial", "hinge", "exponential"] = opt(
-        "polynomial",
-        "Weight multiplier by staleness s (rounds): `constant` 1, `polynomial` (1+s)^-a, "
-        "`hinge` 1 up to `hinge` rounds then 1/(a(s-hinge)+1), `exponential` e^(-a s).",
-    )
-    exponent: float = opt(0.5, "The `a` of the decay functions.", minimum=0)
-    hinge: int = opt(4, "Rounds of grace of the `hinge` decay.", minimum=0)
-
-
-@dataclass(kw_only=True)
-class PrivacyConfig:
-    """Central differential privacy: clip each site's update, add Gaussian noise to the aggregate."""
-
-    noise_multiplier: float = opt(
-        0.0, "Noise std as a multiple of the sensitivity (clip_norm × largest weight); 0 turns DP off.", minimum=0
-    )
-    clip_norm: float = opt(1.0, "L2 norm every site's update is clipped to when DP is on.", exclusiveMinimum=0)
-    delta: float = opt(1e-5, "The δ at which ε is reported after every round.", exclusiveMinimum=0, exclusiveMaximum=1)
-
-
-@dataclass(kw_only=True)
-class SecureAggregationConfig:
-    """Pairwise additive masking (X25519): the coordinator learns only the sum of the updates."""
-
-    enabled: bool = opt(
-        False,
-        "Sites mask their (fp32) update with pairwise masks that cancel in the sum; survivors reveal the seeds "
-        "they shared with a site that dropped. Needs `rule: mean` and no per-site clipping, compression or DP.",
-    )
-    fraction_bits: int = opt(
-        32, "Fixed-point fraction bits of the masked integers (precision 2^-bits).", minimum=8, maximum=48
-    )
-    min_sites: int = opt(
-        2,
-        "Fewest accepted updates a round may sum: one alone would be that site's update in the clear.",
-        minimum=2,
-    )
-
-
-@dataclass(kw_only=True)
-class StrategyConfig:
-    """How accepted updates become the next global model."""
-
-    name: Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "diloco", "scaffold"] = opt(
-        "fedavg",
-        "Server rule on the combined update: `fedavg`; `fedavgm` (server momentum); `fedprox` (FedAvg with a "
-        "proximal term at the sites); `fedadam`/`fedyogi`/`fedadagrad` (adaptive server optimisers); `diloco` "
-        "(outer Nesterov SGD); `scaffold` (control variates correct the sites' gradients).",
-    )
-    weighting: Literal["tokens", "samples", "uniform"] = opt(
-        "tokens", "Weight of each site: tokens trained, sequences trained, or equal."
-    )
-    server_lr: float | None = opt(
-        None,
-        "Server learning rate; null takes the strategy's default (1.0; diloco 0.7; adaptive ones 0.01).",
-        exclusiveMinimum=0,
-    )
-    momentum: float | None = opt(
-        None, "Server momentum of fedavgm and diloco; null: 0.9.", minimum=0, exclusiveMaximum=1
-    )
-    beta1: float = opt(0.9, "First-moment decay of the adaptive server optimisers.", minimum=0, exclusiveMaximum=1)
-    beta2: float = opt(0.99, "Second-moment decay of fedadam and fedyogi.", minimum=0, exclusiveMaximum=1)
-    tau: float = opt(1e-3, "Adaptivity floor τ of the adaptive server optimisers.", exclusiveMinimum=0)
-    proximal_mu: float = opt(
-        0.01, "FedProx: weight μ of the proximal term μ/2 ‖w − w_global‖² in the sites' loss.", minimum=0
-    )
-    rule: Literal["mean", "median", "trimmed_mean", "krum", "multikrum"] = opt(
-        "mean",
-        "How site updates are combined: weighted `mean`; coordinate-wise `median`; `trimmed_mean` (drops f from "
-        "each end); `krum` (the one update closest to its n-f-2 neighbours); `multikrum` (weighted mean of the "
-        "`multikrum_select` best by Krum score).",
-    )
-    faulty_sites: int = opt(
-        0,
-        "Faulty or malicious sites (f) the rule must tolerate; configurations that cannot are refused.",
-        minimum=0,
-    )
-    multikrum_select: int | None = opt(None, "Updates Multi-Krum averages; null: n - f.", minimum=1)
-    clip_norm: float | None = opt(
-        None, "Scale each site's update down to this L2 norm before combining (null: no clipping).", exclusiveMinimum=0
-    )
-    layerwise_norm: bool = opt(
-        False, "Scale every site's tensor to the weighted mean norm of that tensor across sites before combining."
-    )
-    heterogeneity_aware: bool = opt(
-        False,
-        "Normalise each update by its local effort (Σ step learning rates), FedNova style, so sites with "
-        "different batch sizes, step counts and learning rates count by data, not by how far they moved.",
-    )
-    domain_cap: float | None = opt(
-        None, "Largest share of the aggregate any data domain may hold (null: no cap).", exclusiveMinimum=0, maximum=1
-    )
-    staleness: StalenessConfig = opt(StalenessConfig, "Decay of late updates' weight.")
-    privacy: PrivacyConfig = opt(PrivacyConfig, "Central differential privacy.")
-    chunk_mb: float = opt(
-        2.0,
-        "Working-set size per site read by the aggregator (MB); tensors larger than this are streamed in chunks.",
-        exclusiveMinimum=0,
-    )
-    ranks: int = opt(
-        1,
-        "MPI ranks of the aggregation job (they split the tensors by bytes; the result is bitwise the serial one).",
-        minimum=1,
-    )
-    secure_aggregation: SecureAggregationConfig = opt(SecureAggregationConfig, "Secure aggregation.")
-
-
-@dataclass(kw_only=True)
 class RoundsConfig:
     """The sequence of federated rounds."""
 
@@ -437,95 +317,6 @@ class TrackingConfig:
     mlflow: bool = opt(True, "Log the federation to MLflow.")
     uri: str | None = opt(None, "MLflow tracking URI; null uses a SQLite store inside the run directory.")
     experiment: str = opt("fedhpc", "MLflow experiment name.")
-
-
-@dataclass(kw_only=True)
-class EncryptionConfig:
-    """Encryption at rest: AES-256-GCM under per-shard data keys, wrapped by each reader's data key."""
-
-    shards: bool = opt(
-        False,
-        "Seal every shard (for its owning site, or for every site when unpinned) and held-out split (for the "
-        "coordinator); no plaintext token is written to disk.",
-    )
-    key_file: str | None = opt(
-        None,
-        "Data key file of each party, `{name}` standing for the site or `coordinator` (base64 of 32 bytes, mode "
-        "600, owned by the user); null: `<keys_dir>/{name}.datakey`.",
-    )
-    key_env: str = opt(
-        "FEDHPC_DATA_KEY_{NAME}",
-        "Environment variable that, when set, holds a party's data key instead of the file; `{NAME}` is the name "
-        "upper-cased with other characters than letters and digits as `_`.",
-    )
-
-
-@dataclass(kw_only=True)
-class ScrubConfig:
-    """What is removed from metrics, receipts and logs before they leave a site."""
-
-    user_names: bool = opt(True, "Replace this machine's user names (and home directories) with `[user]`.")
-    host_names: bool = opt(True, "Replace this machine's host names with `[host]`.")
-    paths: bool = opt(True, "Replace absolute file-system paths with `[path]`.")
-    patterns: list[str] = opt([], "Further regular expressions whose matches are replaced with `[scrubbed]`.")
-
-
-@dataclass(kw_only=True)
-class TrustConfig:
-    """Identities (Ed25519 keys), the trust list, encryption at rest and what leaves a site."""
-
-    keys_dir: str | None = opt(
-        None,
-        "Directory of `<name>.pub` (and, where this machine signs, `<name>.key`) files; null uses `<run dir>/keys`.",
-    )
-    generate_missing: bool = opt(True, "Create missing key pairs (single-machine demo); set false in real federations.")
-    public_keys: dict[str, str] = opt(
-        {},
-        "The trust list: name → base64 Ed25519 public key (`fedhpc keys init` prints it) for `coordinator` and "
-        "every site. When set, only these identities are trusted and `.pub` files are ignored; empty: the `.pub` "
-        "files in `keys_dir` are trusted.",
-    )
-    encryption: EncryptionConfig = opt(EncryptionConfig, "Encryption at rest.")
-    scrub: ScrubConfig = opt(ScrubConfig, "Scrubbing of metrics, receipts and logs that leave a site.")
-
-
-@dataclass(kw_only=True)
-class ExchangeConfig:
-    """How round directories move between the coordinator's hub and the sites (multi-site mode)."""
-
-    kind: Literal["local", "shared", "rsync", "s3"] = opt(
-        "local",
-        "`local`: every stage works in one run directory (one machine, or one cluster's shared filesystem); "
-        "`shared`: the hub is a directory both sides mount; `rsync`: the hub is reached with rsync over SSH, "
-        "sites connecting out to it; `s3`: the hub is a prefix in an S3-compatible object store (e.g. LUMI-O) "
-        "that the coordinator and the sites all reach as clients.",
-    )
-    role: Literal["all", "coordinator", "site"] = opt(
-        "all",
-        "What this invocation runs: `all` (every stage, local exchange), `coordinator` (plan, gather, verify, "
-        "aggregate, evaluate, promote on the hub) or `site` (pull, train, publish for `exchange.site`). Usually "
-        "given on the command line: `fedhpc run --role site --site NAME`.",
-    )
-    site: str | None = opt(None, "The site this invocation acts for when `role` is `site`.")
-    hub: str | None = opt(
-        None,
-        "The coordinator's run directory as the sites reach it: a path (`shared`) or `[user@]host:/path` (`rsync`); "
-        "for `s3`, `s3://bucket/prefix`.",
-    )
-    s3_endpoint: str | None = opt(
-        None,
-        "S3 endpoint URL (LUMI-O: `https://lumidata.eu`); null: AWS. Credentials come from the usual AWS "
-        "variables or files.",
-    )
-    ssh_port: int = opt(22, "SSH port of the hub.", minimum=1, maximum=65535)
-    ssh_key: str | None = opt(None, "Private key the site logs in to the hub with (null: ssh's default).")
-    known_hosts: str | None = opt(
-        None, "known_hosts file pinning the hub's host key (null: ssh's default; unknown hosts are refused)."
-    )
-    poll_seconds: float = opt(10.0, "How often a site looks for the next round on the hub.", exclusiveMinimum=0)
-    wait_minutes: float = opt(
-        1440.0, "How long a site waits for the next round to appear on the hub before it stops.", exclusiveMinimum=0
-    )
 
 
 @dataclass(kw_only=True)

@@ -414,7 +414,7 @@ def markdown_docs() -> str:
     out = [
         "# Configuration reference",
         "",
-        "Generated from `src/fedhpc/config.py` by `fedhpc config docs`; do not edit by hand.",
+        "Generated from the dataclasses in `src/fedhpc/config.py`, `config_strategy.py` and `config_trust.py` by `fedhpc config docs`; do not edit by hand.",
         "Unknown keys, wrong types and values outside the allowed set stop the run before any",
         "work, with a message naming the key and what is allowed.",
         "",

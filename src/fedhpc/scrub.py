@@ -18,7 +18,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from .config import ScrubConfig
+from .config_trust import ScrubConfig
 from .files import write_bytes
 
 # Receipt fields that are identifiers, not free text: they must reach the coordinator as they are.

@@ -16,7 +16,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .config import NAME_PATTERN
+from .config_fields import NAME_PATTERN
 from .files import atomic_path, sha256_file, write_bytes
 from .layout import RunLayout
 from .shards import MANIFEST_VERSION, ShardIntegrityError
