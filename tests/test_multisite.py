@@ -308,15 +308,21 @@ def test_two_slurm_clusters_a_late_site_a_requeued_job_a_coordinator_killed_whil
     # update from it, in time. Either recovery the profile configures may be the one that ran:
     # usually Slurm's requeue (the same job id trains again), but Slurm shows an admin-requeued
     # job as FAILED for a moment, and if the executor polls in that moment it counts a failure
-    # and `retries: 1` resubmits (a new job id, which Snakemake logs as a failed attempt).
+    # and `retries: 1` resubmits (a new job id, which Snakemake logs as a failed attempt). Then
+    # the requeued job may train as well: the publish lock lets one of the two publish and the
+    # other drop its update.
     lumi = [e for e in events(sides["lumi"] / RUN / "audit.jsonl") if e.get("round") == 1]
     jobs_seen = train_job_logs(sides["lumi"], "0001_lumi")
-    assert [e["event"] for e in lumi] == ["train.started", "train.started", "update.published"], jobs_seen
-    first, second = (e["slurm_job_id"] for e in lumi if e["event"] == "train.started")
-    assert first == job, jobs_seen
-    assert read_json(RunLayout(sides["lumi"] / RUN).receipt(1, "lumi"))["slurm_job_id"] == second
-    if second != first:
-        retried = f"SLURM-job '{first}' failed, SLURM status is: 'FAILED'"
+    kinds = [e["event"] for e in lumi]
+    started = [e["slurm_job_id"] for e in lumi if e["event"] == "train.started"]
+    assert kinds.count("update.published") == 1 and kinds[:2] == ["train.started", "train.started"], jobs_seen
+    assert started[0] == job and len(started) in (2, 3), jobs_seen
+    if len(started) == 3:
+        assert kinds.count("update.duplicate_dropped") == 1 and len(set(started)) == 2, jobs_seen
+    published_by = read_json(RunLayout(sides["lumi"] / RUN).receipt(1, "lumi"))["slurm_job_id"]
+    assert published_by in started[1:], jobs_seen
+    if set(started) != {job}:
+        retried = f"SLURM-job '{job}' failed, SLURM status is: 'FAILED'"
         assert retried in (sides["lumi"] / "run.log").read_text(), jobs_seen
     assert "lumi" in read_json(layout.arrivals(1))["arrived"]
     # The corrupted copy was caught by its hash, recorded, fetched again, and a100 trained
