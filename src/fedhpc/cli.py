@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cli_tools import add_verbs as add_tool_verbs
 from .cli_trust import add_verbs as add_trust_verbs
 from .config import Config
 from .config_schema import ConfigError, config_schema, load, markdown_docs
@@ -282,71 +283,6 @@ def cmd_exchange(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(a: argparse.Namespace) -> int:
-    from .export import export_model
-
-    ctx = context(a.config)
-    rec = export_model(ctx.cfg, ctx.layout, ctx.trust, Path(a.model), Path(a.out))
-    print(f"exported round {rec['round']} ({rec['sha256'][:16]}) as {rec.get('architecture')} to {rec['out']}")
-    return 0
-
-
-def cmd_serve(a: argparse.Namespace) -> int:
-    from .serve import load_served, make_server
-
-    served = load_served(a.model_dir, a.threads)
-    server = make_server(served, a.host, a.port)
-    host, port = server.server_address[:2]
-    print(f"serving {a.model_dir} on http://{host}:{port}{served.route}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
-
-
-def cmd_run(a: argparse.Namespace) -> int:
-    from .launch import run
-
-    extra = a.snakemake_args[1:] if a.snakemake_args[:1] == ["--"] else a.snakemake_args
-    return run(a.profile, a.configfile, a.directory, extra, a.role, a.site)
-
-
-def cmd_submit(a: argparse.Namespace) -> int:
-    from .submit import submit
-
-    job = submit(a.profile, a.configfile, a.directory, a.logs)
-    print(f"submitted the head process as Slurm job {job.job_id}")
-    print(f"  stdout: {job.paths.stdout}")
-    print(f"  stderr: {job.paths.stderr}")
-    print(f"follow it with: squeue -j {job.job_id}; tail -f {job.paths.stdout}")
-    return 0
-
-
-def cmd_container(a: argparse.Namespace) -> int:
-    from .containers import DEFINITIONS, build, problems
-
-    names = list(DEFINITIONS) if a.name == "all" else [a.name]
-    if a.action == "check":
-        found = [p for n in names for p in problems(n)]
-        for p in found:
-            print(p, file=sys.stderr)
-        print(f"checked {', '.join(names)}: {'ok' if not found else f'{len(found)} problem(s)'}")
-        return 1 if found else 0
-    for n in names:
-        print(f"built {build(n, Path(a.out), fakeroot=not a.no_fakeroot)}")
-    return 0
-
-
-def cmd_status(a: argparse.Namespace) -> int:
-    from .status import format_table, round_states
-
-    print(format_table(round_states(RunLayout.of(a.run_dir))))
-    return 0
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedhpc", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
@@ -393,38 +329,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("action", choices=sorted(EXCHANGE_ACTIONS))
     x.add_argument("--round", type=int, default=0)
     x.add_argument("--which", choices=["global", "candidate"], default="candidate")
-    ex_ = verb("export", cmd_export, "export a global model as a Hugging Face directory (+ model card)")
-    ex_.add_argument("model", help="a global model, e.g. results/<run>/rounds/r0004/global/model.safetensors")
-    ex_.add_argument("out", help="directory to write")
-    sv = verb(
-        "serve",
-        cmd_serve,
-        "serve an exported model: POST /v1/completions (causal LM) or /v1/embeddings (sentence embeddings)",
-        config=False,
-    )
-    sv.add_argument("model_dir", help="a directory written by `fedhpc export`")
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    sv.add_argument("--port", type=int, default=8000, help="port (0: any free one; the address is printed)")
-    sv.add_argument("--threads", type=int, default=1)
-    rn = verb("run", cmd_run, "run the workflow (rerun the same command to resume after any crash)", config=False)
-    rn.add_argument("--profile", default="profiles/local", help="Snakemake profile (default: profiles/local)")
-    rn.add_argument("--configfile", help="config file (default: the workflow's config.yaml)")
-    rn.add_argument("--directory", default=".", help="working directory (default: .)")
-    rn.add_argument("--role", choices=["all", "coordinator", "site"], help="multi-site mode: what this side runs")
-    rn.add_argument("--site", help="multi-site mode: the site this side is (implies --role site)")
-    rn.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="further arguments, passed to snakemake")
-    sb = verb("submit", cmd_submit, "run the workflow's head process as its own Slurm job (submitit)", config=False)
-    sb.add_argument("--profile", required=True, help="Snakemake profile; its head.yaml sets the head job")
-    sb.add_argument("--configfile", help="config file (default: the workflow's config.yaml)")
-    sb.add_argument("--directory", default=".", help="working directory (default: .)")
-    sb.add_argument("--logs", default="logs/head", help="where the head job's logs go (default: logs/head)")
-    ct = verb("container", cmd_container, "check or build the Apptainer images (rocm, cuda, cpu)", config=False)
-    ct.add_argument("action", choices=["check", "build"])
-    ct.add_argument("name", nargs="?", default="all", choices=["rocm", "cuda", "cpu", "all"])
-    ct.add_argument("--out", default="containers/images", help="where built .sif images go")
-    ct.add_argument("--no-fakeroot", action="store_true", help="build as root instead of with --fakeroot")
-    st = verb("status", cmd_status, "print rounds × sites and their states", config=False)
-    st.add_argument("run_dir")
+    add_tool_verbs(verb)
     return p
 
 
