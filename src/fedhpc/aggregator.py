@@ -382,7 +382,7 @@ def _secure_mean(sec, ups: list[UpdateFile], name: str, a: int, b: int) -> torch
 
 
 def _map(fn, items: list, workers: int) -> list:
-    """fn over items, results in order; on `workers` threads (torch ops and pread release the GIL)."""
+    """fn over items, results in order; on `workers` threads (torch ops and pwrite release the GIL)."""
     if workers <= 1 or len(items) <= 1:
         return [fn(i) for i in items]
     with ThreadPoolExecutor(workers) as pool:
