@@ -23,7 +23,8 @@ rounds are the scarce resource. What was tried (seed 1234, gap to centralized):
 - heterogeneity_aware helps FedAvg and DiLoCo alike; DiLoCo's default outer step overshoots in
   few rounds (lr 0.4 better at 10 rounds); FedAdam needs a server lr tuned to the round count;
 - SCAFFOLD is the best at 6 rounds (+4.46%); with heterogeneity_aware +4.92%; FedProx
-  (mu 0.01) +10.15%; at 12 × 40k SCAFFOLD +2.87%;
+  (mu 0.01) +10.15%; at 12 × 40k SCAFFOLD +2.87%, at 24 × 20k +2.91% (more rounds stop helping);
+  a server lr above 1 does not buy the missing optimizer steps (SCAFFOLD at 1.5: 3.011 vs 2.967);
 - the batch-size penalty is small here and heterogeneity-aware weighting removes it: with every
   site at 512 tokens per step (`fedavg_same_batch`) naive FedAvg ends at 3.049, at the sites'
   own 2048/1024/512 at 3.059, heterogeneity-aware at 3.018; SCAFFOLD at 512 everywhere 2.912
