@@ -30,7 +30,10 @@ in the same run: the median time of `torch.sum` over a 1 GiB fp32 tensor, all to
 (one thread reported alongside), -> GB/s. Beside it, the read floor: the median time to
 pread the same N + 1 input files once (1 MiB blocks, --workers threads, no arithmetic, no
 output), the most any aggregator that reads these files can reach on this machine; ours is
-reported as a fraction of both.
+reported as a fraction of both. Two more floors say where the time goes: the mapped read
+(the aggregator's own reader on fresh mappings, each chunk view summed, no output) and writing
+the output alone (the aggregator's writer, fsynced); their sum is set against the time the
+bandwidth goal allows.
 
 Medians of --repeats runs (default 5 for sizes up to 512 MiB, 3 above), contenders alternating
 order, the bound measured once per repeat. Other load on the machine is reported (1-minute
@@ -170,6 +173,71 @@ def child_read_floor(job: dict) -> dict:
     return {"seconds": statistics.median(times)}
 
 
+def child_mapped_floor(job: dict) -> dict:
+    """Reading the inputs the aggregator's way with no arithmetic and no output: fresh mappings
+    (fedhpc.rawtensors.TensorReader) handing out chunk views on --workers threads, each view
+    summed once so its pages are touched (page cache warm, the run itself times the warm-up)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from fedhpc.rawtensors import TensorReader
+
+    torch.set_num_threads(1)
+    chunk = job["chunk_bytes"] // 4
+    times = []
+    for _ in range(job["repeats"]):
+        warm(job["paths"])
+        readers = [TensorReader(p) for p in job["paths"]]
+        numel = {n: s.nbytes // 4 for n, s in readers[0].specs.items()}
+        items = [(n, a, min(a + chunk, numel[n])) for n in sorted(numel) for a in range(0, numel[n], chunk)]
+
+        def read(item: tuple[str, int, int], readers: list = readers) -> float:
+            return sum(float(r.read(*item).sum()) for r in readers)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(job["workers"]) as pool:
+            list(pool.map(read, items))
+        times.append(time.perf_counter() - t0)
+        for r in readers:
+            r.close()
+    return {"seconds": statistics.median(times)}
+
+
+def child_write_floor(job: dict) -> dict:
+    """Writing the output alone: the aggregator's TensorWriter with the base's layout, chunk
+    ranges of a constant filled on --workers threads, fsync and rename (nothing read, nothing
+    computed). The previous file is removed and the disk synced first, untimed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from fedhpc.rawtensors import TensorReader, TensorWriter
+
+    with TensorReader(job["base"]) as r:
+        specs = r.specs
+    chunk = job["chunk_bytes"] // 4
+    block = torch.ones(chunk, dtype=torch.float32)
+    items = [
+        (n, a, min(a + chunk, s.nbytes // 4)) for n, s in sorted(specs.items()) for a in range(0, s.nbytes // 4, chunk)
+    ]
+    times = []
+    for _ in range(job["repeats"]):
+        Path(job["out"]).unlink(missing_ok=True)
+        os.sync()
+        w = TensorWriter(job["out"], specs, None)
+        t0 = time.perf_counter()
+        w.create()
+        w.open()
+        with ThreadPoolExecutor(job["workers"]) as pool:
+            list(pool.map(lambda it, w=w: w.write(it[0], it[1], block[: it[2] - it[1]]), items))
+        w.close()
+        w.commit()
+        times.append(time.perf_counter() - t0)
+    Path(job["out"]).unlink(missing_ok=True)
+    return {"seconds": statistics.median(times)}
+
+
 def child_workload(job: dict) -> dict:
     """Write the base and N site updates, seeded, into job["dir"]."""
     import torch
@@ -216,6 +284,8 @@ CHILDREN = {
     "flower": child_flower,
     "bandwidth": child_bandwidth,
     "read_floor": child_read_floor,
+    "mapped_floor": child_mapped_floor,
+    "write_floor": child_write_floor,
     "workload": child_workload,
     "check": child_check,
 }
@@ -309,6 +379,8 @@ def bench_size(a: argparse.Namespace, size_mib: int, flower_py: str, tmp_root: P
     runs: dict[str, list[dict]] = {"ours": [], "flower": []}
     bounds: list[dict] = []
     floors: list[float] = []
+    mapped: list[float] = []  # seconds
+    writes: list[float] = []  # seconds
     with tempfile.TemporaryDirectory(prefix="fedhpc-aggbench-", dir=tmp_root) as tmpdir:
         tmp = Path(tmpdir)
         t0 = time.perf_counter()
@@ -371,6 +443,20 @@ def bench_size(a: argparse.Namespace, size_mib: int, flower_py: str, tmp_root: P
             floor_job = {"paths": files, "repeats": 5, "workers": a.workers}
             floors.append(in_bytes / run_child(sys.executable, "read_floor", floor_job)["seconds"] / 1e9)
             print(f"repeat {i} floor  pread of the inputs alone: {floors[-1]:.2f} GB/s", flush=True)
+            part = {"repeats": 3, "workers": a.workers, "chunk_bytes": runs["ours"][-1]["chunk_bytes"]}
+            mapped.append(run_child(sys.executable, "mapped_floor", {**part, "paths": files})["seconds"])
+            writes.append(
+                run_child(
+                    sys.executable,
+                    "write_floor",
+                    {**part, "base": w["base"], "out": str(tmp / "write_floor.safetensors")},
+                )["seconds"]
+            )
+            print(
+                f"repeat {i} floor  mapped read of the inputs alone: {in_bytes / mapped[-1] / 1e9:.2f} GB/s "
+                f"({mapped[-1]:.3f} s); writing the output alone: {writes[-1]:.3f} s",
+                flush=True,
+            )
         load.append(os.getloadavg()[0])
         max_err = run_child(sys.executable, "check", {"base": w["base"], **outs})["max_abs_diff"]
 
@@ -398,6 +484,11 @@ def bench_size(a: argparse.Namespace, size_mib: int, flower_py: str, tmp_root: P
         "read_floor_gbps": statistics.median(floors),
         "read_floor_fraction_of_bandwidth": statistics.median(floors) / bound,
         "fraction_of_read_floor": in_bytes / ours_s / 1e9 / statistics.median(floors),
+        "mapped_read_floor_gbps": in_bytes / statistics.median(mapped) / 1e9,
+        "write_floor_seconds": statistics.median(writes),
+        # What the bandwidth goal allows, against reading alone plus writing alone (no arithmetic).
+        "goal_budget_seconds": in_bytes / (GOALS["fraction_of_bandwidth"] * bound * 1e9),
+        "read_plus_write_floor_seconds": statistics.median(mapped) + statistics.median(writes),
         "ours_seconds": ours_s,
         "flower_seconds": flower_s,
         "flower_load_seconds": med("flower", "load_seconds"),
@@ -440,6 +531,12 @@ def table(results: dict[str, dict]) -> None:
             f"{size:>5} {'floor: pread of the inputs':26s} {'':7s} {r['read_floor_gbps']:7.2f}  "
             f"({r['read_floor_fraction_of_bandwidth']:.0%} of the bound: the most any reader of these files reaches; "
             f"ours is {r['fraction_of_read_floor']:.0%} of it)"
+        )
+        print(
+            f"{size:>5} {'floor: mapped read':26s} {'':7s} {r['mapped_read_floor_gbps']:7.2f}  (the aggregator's reader, "
+            f"no arithmetic); writing the output alone {r['write_floor_seconds']:.3f} s; the two together "
+            f"{r['read_plus_write_floor_seconds']:.3f} s against the {GOALS['fraction_of_bandwidth']:.0%} goal's "
+            f"{r['goal_budget_seconds']:.3f} s, ours {r['ours_seconds']:.3f} s"
         )
         met = {k: "met" if v else "MISSED" for k, v in r["met"].items()}
         print(
@@ -488,6 +585,8 @@ def main() -> None:
                 "throughput": "GB (1e9 B) of input (N update files + base) per second, both contenders",
                 "bandwidth": "median torch.sum over 1 GiB fp32, all torch threads",
                 "read_floor": "median pread of the N + 1 input files in 1 MiB blocks, --workers threads, nothing else",
+                "mapped_read_floor": "fresh TensorReader mappings, chunk views summed, --workers threads, no output",
+                "write_floor": "TensorWriter of the base's layout filled with a constant, fsynced and renamed",
                 "goals": GOALS,
                 "sizes": results,
                 "all_met": all(all(r["met"].values()) for r in results.values()),
