@@ -17,7 +17,7 @@ SCHEMA_FILE = REPO / "workflow" / "schemas" / "config.schema.json"
 
 TRAINING_KEYS = (
     "batch_tokens, beta1, beta2, compression, device, grad_clip, keep_optimizer_state, local_eval_fraction, "
-    "log_every, lr, max_micro_batch, min_lr_ratio, precision, warmup_fraction, weight_decay"
+    "log_every, lr, lr_batch_scaling, max_micro_batch, min_lr_ratio, precision, warmup_fraction, weight_decay"
 )
 SITE_KEYS = (
     "accelerator, batch_tokens, compression, container, energy_weight, engine, gpu_memory_gb, gpus, memory_gb, "

@@ -232,6 +232,30 @@ def test_local_round_of_a_later_round_does_not_warm_up_again():
     assert t.lr > res.lr_first > res.lr_last > t.lr * t.min_lr_ratio
 
 
+@pytest.mark.parametrize("scaling, factor", [("none", 1.0), ("sqrt", 2.0)])
+def test_a_site_on_four_times_the_batch_trains_at_sqrt_four_times_the_lr(scaling, factor):
+    # 4 sequences of 8 tokens per step against a federation batch of 8 tokens: sqrt(32 / 8) = 2.
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=1, n_head=2, d_model=8, seq_len=8)
+    t = TrainingConfig(lr=1e-3, batch_tokens=8, warmup_fraction=0.0, min_lr_ratio=0.1, lr_batch_scaling=scaling)
+    windows = to_windows(torch.randint(0, 16, (16 * 8 + 1,)), 8)
+    res = local_round(
+        Engine(GPT(cfg, 16), t, World(), torch.device("cpu")),
+        windows,
+        BatchShape(2, 2, 1, 8),
+        t,
+        torch.device("cpu"),
+        lambda f: (1 + f) / 4,
+        torch.Generator().manual_seed(0),
+    )
+    assert res.steps == 4
+    assert res.lr_first == pytest.approx(factor * lr_at(0.25, t), rel=1e-12)
+    assert res.lr_last == pytest.approx(factor * lr_at((1 + 3 / 4) / 4, t), rel=1e-12)
+    # The effort heterogeneity-aware weighting divides by carries the same factor.
+    unscaled = sum(lr_at((1 + k / 4) / 4, t) for k in range(4))
+    assert res.lr_sum == pytest.approx(factor * unscaled, rel=1e-12)
+
+
 # ================================================================= gather (closing a round)
 
 

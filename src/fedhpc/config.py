@@ -180,6 +180,12 @@ class TrainingConfig:
     max_micro_batch: int = opt(64, "Upper bound on sequences per micro-batch, whatever the memory.", minimum=1)
     lr: float = opt(1e-3, "Peak learning rate of the schedule that runs across all rounds.", exclusiveMinimum=0)
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of `lr` (cosine decay).", minimum=0, maximum=1)
+    lr_batch_scaling: Literal["none", "sqrt"] = opt(
+        "none",
+        "`sqrt`: in token language-model tasks, a site stepping on more or fewer tokens than `batch_tokens` (its "
+        "own `batch_tokens`) trains at `lr` × √(its tokens per step / `batch_tokens`), Adam's square-root scaling "
+        "rule, so it moves about as far per token as a site on the federation's batch; `none`: every site at `lr`.",
+    )
     warmup_fraction: float = opt(
         0.05, "Fraction of the whole federation (all rounds) spent warming up, once.", minimum=0, maximum=1
     )

@@ -31,6 +31,13 @@ def lr_at(progress: float, t: TrainingConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cos)
 
 
+def lr_scale(tokens_per_step: int, t: TrainingConfig) -> float:
+    """A site's multiplier on the schedule (training.lr_batch_scaling): 1, or √(its batch / the federation's)."""
+    if t.lr_batch_scaling == "sqrt":
+        return math.sqrt(tokens_per_step / t.batch_tokens)
+    return 1.0
+
+
 def make_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]  # a frozen base (LoRA) is not optimised
     decay = [p for p in params if p.dim() >= 2]
@@ -123,11 +130,12 @@ def local_round(
     ctx = autocast_for(device, t.precision)
     engine.train(True)
     t0 = time.perf_counter()
-    lr_first = lr = lr_at(progress(0.0), t)
+    scale = lr_scale(shape.tokens_per_step, t)
+    lr_first = lr = lr_at(progress(0.0), t) * scale
     loss_sum = torch.zeros((), device=device)
     last_loss, tokens_done, last_log_t, last_log_tokens, lr_sum = float("nan"), 0, t0, 0, 0.0
     for step in range(steps):
-        lr = lr_at(progress(step / steps), t)
+        lr = lr_at(progress(step / steps), t) * scale
         lr_sum += lr
         engine.set_lr(lr)
         for micro in range(shape.grad_accum):
