@@ -35,8 +35,9 @@ rounds are the scarce resource. What was tried (seed 1234, gap to centralized):
   3.659 with every round from the 5th rolled back, DiLoCo at lr 0.3 3.169, at its defaults
   (24 × 20k) 3.115; a peak lr of 0.006 instead of 0.003 is worse for all (central 2.8436,
   central_sum_batch 2.9150, SCAFFOLD 2.9565);
-- a lower local lr reduces the drift: SCAFFOLD at lr 0.0015 ends at 2.9155 at 12 × 40k (+2.71%,
-  the best gap so far) and at 2.8766 at 24 × 80k (+2.96%; 0.00075: 2.8791), against centralized
+- a lower local lr reduces the drift: SCAFFOLD at lr 0.0015 ends at 2.9101 at 24 × 20k (+2.49%,
+  the best gap so far; 0.00075 there: 3.0340, too slow), 2.9155 at 12 × 40k (+2.71%) and 2.8766
+  at 24 × 80k (+2.96%; 0.00075: 2.8791), against centralized
   at lr 0.003 (better than at 0.006; centralized at 0.0015 not run); the square-root rule (`scaffold_sqrt_lr`, training.lr_batch_scaling:
   sqrt, lumi ×2, a100 ×√2) is worse: 2.9777 at 12 × 40k and lr 0.003 (one update excluded),
   2.8909 at 24 × 80k and lr 0.0015;
