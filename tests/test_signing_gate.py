@@ -13,12 +13,12 @@ import torch
 
 import fedhpc.gather as gather_mod
 from fedhpc.audit import AuditLog
-from fedhpc.config import ModelConfig, TrainingConfig
+from fedhpc.config import ModelConfig, SiteConfig, TrainingConfig
 from fedhpc.distributed import World
 from fedhpc.engines import Engine
 from fedhpc.files import read_json
 from fedhpc.gather import QuorumError, gather
-from fedhpc.loop import local_round, lr_at, to_windows
+from fedhpc.loop import local_round, lr_at, lr_scale, to_windows
 from fedhpc.model import GPT
 from fedhpc.promote import gate
 from fedhpc.signing import (
@@ -29,7 +29,7 @@ from fedhpc.signing import (
     sign_document,
     verify_document,
 )
-from fedhpc.sites import BatchShape
+from fedhpc.sites import BatchShape, batch_shape
 from tests.test_verify import RoundBuilder
 
 # ================================================================= signing
@@ -239,8 +239,9 @@ def test_a_site_on_four_times_the_batch_trains_at_sqrt_four_times_the_lr(scaling
     cfg = ModelConfig(n_layer=1, n_head=2, d_model=8, seq_len=8)
     t = TrainingConfig(lr=1e-3, batch_tokens=8, warmup_fraction=0.0, min_lr_ratio=0.1, lr_batch_scaling=scaling)
     windows = to_windows(torch.randint(0, 16, (16 * 8 + 1,)), 8)
+    engine = Engine(GPT(cfg, 16), t, World(), torch.device("cpu"))
     res = local_round(
-        Engine(GPT(cfg, 16), t, World(), torch.device("cpu")),
+        engine,
         windows,
         BatchShape(2, 2, 1, 8),
         t,
@@ -249,11 +250,23 @@ def test_a_site_on_four_times_the_batch_trains_at_sqrt_four_times_the_lr(scaling
         torch.Generator().manual_seed(0),
     )
     assert res.steps == 4
+    # What the optimizer stepped with, not only what the round reports.
+    assert {g["lr"] for g in engine.optimizer.param_groups} == {res.lr_last}
     assert res.lr_first == pytest.approx(factor * lr_at(0.25, t), rel=1e-12)
     assert res.lr_last == pytest.approx(factor * lr_at((1 + 3 / 4) / 4, t), rel=1e-12)
     # The effort heterogeneity-aware weighting divides by carries the same factor.
     unscaled = sum(lr_at((1 + k / 4) / 4, t) for k in range(4))
     assert res.lr_sum == pytest.approx(factor * unscaled, rel=1e-12)
+
+
+def test_a_site_on_the_federation_batch_keeps_the_lr_when_batch_tokens_is_no_multiple_of_seq_len():
+    # 8192 tokens of 100-token sequences: steps of 81 sequences (8100 tokens) are the federation's batch.
+    t = TrainingConfig(batch_tokens=8192, lr_batch_scaling="sqrt")
+    model = ModelConfig(n_layer=1, n_head=2, d_model=8, seq_len=100)
+    shape = batch_shape("s", SiteConfig(accelerator="cpu", memory_gb=16), model, 16, 8192, 32, 1)
+    assert shape.tokens_per_step == 8100
+    assert lr_scale(shape, t) == 1.0
+    assert lr_scale(BatchShape(81, 4, 1, 100), t) == 2.0
 
 
 # ================================================================= gather (closing a round)

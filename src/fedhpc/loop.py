@@ -31,10 +31,14 @@ def lr_at(progress: float, t: TrainingConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cos)
 
 
-def lr_scale(tokens_per_step: int, t: TrainingConfig) -> float:
-    """A site's multiplier on the schedule (training.lr_batch_scaling): 1, or √(its batch / the federation's)."""
+def lr_scale(shape: BatchShape, t: TrainingConfig) -> float:
+    """A site's multiplier on the schedule (training.lr_batch_scaling): 1, or √(its batch / the federation's).
+
+    Counted in whole sequences, as batch_shape forms steps, so a site on `batch_tokens` gets
+    exactly 1 when `batch_tokens` is not a multiple of the sequence length.
+    """
     if t.lr_batch_scaling == "sqrt":
-        return math.sqrt(tokens_per_step / t.batch_tokens)
+        return math.sqrt(shape.sequences_per_step / max(1, t.batch_tokens // shape.seq_len))
     return 1.0
 
 
@@ -130,7 +134,7 @@ def local_round(
     ctx = autocast_for(device, t.precision)
     engine.train(True)
     t0 = time.perf_counter()
-    scale = lr_scale(shape.tokens_per_step, t)
+    scale = lr_scale(shape, t)
     lr_first = lr = lr_at(progress(0.0), t) * scale
     loss_sum = torch.zeros((), device=device)
     last_loss, tokens_done, last_log_t, last_log_tokens, lr_sum = float("nan"), 0, t0, 0, 0.0
