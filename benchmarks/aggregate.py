@@ -173,6 +173,14 @@ def child_read_floor(job: dict) -> dict:
     return {"seconds": statistics.median(times)}
 
 
+def _chunk_items(specs: dict, chunk_bytes: int) -> list[tuple[str, int, int]]:
+    """(tensor, first, end) element ranges of the fp32 tensors in `specs`, as the aggregator splits them."""
+    chunk = chunk_bytes // 4
+    return [
+        (n, a, min(a + chunk, s.nbytes // 4)) for n, s in sorted(specs.items()) for a in range(0, s.nbytes // 4, chunk)
+    ]
+
+
 def child_mapped_floor(job: dict) -> dict:
     """Reading the inputs the aggregator's way with no arithmetic and no output: fresh mappings
     (fedhpc.rawtensors.TensorReader) handing out chunk views on --workers threads, each view
@@ -184,13 +192,11 @@ def child_mapped_floor(job: dict) -> dict:
     from fedhpc.rawtensors import TensorReader
 
     torch.set_num_threads(1)
-    chunk = job["chunk_bytes"] // 4
     times = []
     for _ in range(job["repeats"]):
         warm(job["paths"])
         readers = [TensorReader(p) for p in job["paths"]]
-        numel = {n: s.nbytes // 4 for n, s in readers[0].specs.items()}
-        items = [(n, a, min(a + chunk, numel[n])) for n in sorted(numel) for a in range(0, numel[n], chunk)]
+        items = _chunk_items(readers[0].specs, job["chunk_bytes"])
 
         def read(item: tuple[str, int, int], readers: list = readers) -> float:
             return sum(float(r.read(*item).sum()) for r in readers)
@@ -216,11 +222,8 @@ def child_write_floor(job: dict) -> dict:
 
     with TensorReader(job["base"]) as r:
         specs = r.specs
-    chunk = job["chunk_bytes"] // 4
-    block = torch.ones(chunk, dtype=torch.float32)
-    items = [
-        (n, a, min(a + chunk, s.nbytes // 4)) for n, s in sorted(specs.items()) for a in range(0, s.nbytes // 4, chunk)
-    ]
+    block = torch.ones(job["chunk_bytes"] // 4, dtype=torch.float32)
+    items = _chunk_items(specs, job["chunk_bytes"])
     times = []
     for _ in range(job["repeats"]):
         Path(job["out"]).unlink(missing_ok=True)

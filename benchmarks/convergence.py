@@ -37,10 +37,10 @@ rounds are the scarce resource. What was tried (seed 1234, gap to centralized):
   central_sum_batch 2.9150, SCAFFOLD 2.9565);
 - a lower local lr reduces the drift: SCAFFOLD at lr 0.0015 ends at 2.9101 at 24 × 20k (+2.49%,
   the best gap so far; 0.00075 there: 3.0340, too slow), 2.9155 at 12 × 40k (+2.71%) and 2.8766
-  at 24 × 80k (+2.96%; 0.00075: 2.8791), against centralized
-  at lr 0.003 (better than at 0.006; centralized at 0.0015 not run); the square-root rule (`scaffold_sqrt_lr`, training.lr_batch_scaling:
-  sqrt, lumi ×2, a100 ×√2) is worse: 2.9777 at 12 × 40k and lr 0.003 (one update excluded),
-  2.8909 at 24 × 80k and lr 0.0015;
+  at 24 × 80k (+2.96%; 0.00075: 2.8791), against centralized at lr 0.003 (better than at 0.006;
+  centralized at 0.0015 not run); the square-root rule (`scaffold_sqrt_lr`,
+  training.lr_batch_scaling: sqrt, lumi ×2, a100 ×√2) is worse: 2.9777 at 12 × 40k and lr 0.003
+  (one update excluded), 2.8909 at 24 × 80k and lr 0.0015;
 - the batch-size penalty is small here and heterogeneity-aware weighting removes it: with every
   site at 512 tokens per step (`fedavg_same_batch`) naive FedAvg ends at 3.049, at the sites'
   own 2048/1024/512 at 3.059, heterogeneity-aware at 3.018; SCAFFOLD at 512 everywhere 2.912
@@ -116,7 +116,6 @@ VARIANTS: dict[str, dict] = {
     # Sites on bigger batches take fewer steps per token; Adam's square-root rule gives them
     # a larger lr instead (lumi ×2, a100 ×√2 against the 512-token reference batch).
     "scaffold_sqrt_lr": {"name": "scaffold", LR_SCALING: "sqrt"},
-    "fedavg_hetero_sqrt_lr": {"name": "fedavg", "heterogeneity_aware": True, LR_SCALING: "sqrt"},
 }
 DEFAULT_VARIANTS = ["central", "fedavg", "fedavg_same_batch", "fedavg_hetero", "fedadam", "diloco", "scaffold"]
 
