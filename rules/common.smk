@@ -25,6 +25,9 @@ ROLE = CFG.exchange.role
 # A site's Snakemake trains for that site alone.
 SITES = [CFG.exchange.site] if ROLE == "site" else sorted(CFG.sites)
 ROUNDS = list(range(CFG.rounds.count))
+# Every round hangs off the one before, and Snakemake builds the DAG recursively, about 40
+# frames a round: at Python's default limit (1000) a federation of 27 rounds failed to plan.
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 1000 + 200 * CFG.rounds.count))
 KEYS = CFG.trust.keys_dir or f"{RUN}/keys"
 # Language-model tasks tokenise `data:` and keep the run's tokenizer beside the manifest;
 # tasks with their own data format write only shards and the manifest.

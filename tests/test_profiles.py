@@ -49,6 +49,18 @@ def test_dry_run_resolves_every_rule(profile, tmp_path):
     assert "train" in out and "aggregate" in out
 
 
+def test_a_federation_of_hundreds_of_rounds_plans(tmp_path):
+    # Each round hangs off the one before, and Snakemake walks that chain recursively: at
+    # Python's default recursion limit the DAG failed from about 27 rounds ("cyclic dependency").
+    cfg = tiny_config(tmp_path)
+    cfg["rounds"]["count"] = 200
+    write_config(tmp_path, cfg)
+    out, _ = snakemake(tmp_path, "local", "-n").communicate(timeout=300)
+    assert "This was a dry-run" in out, out[-3000:]
+    counts = dict(re.findall(r"^(aggregate|promote|train)\s+(\d+)$", out, re.M))
+    assert counts == {"aggregate": "200", "promote": "200", "train": str(200 * len(cfg["sites"]))}, counts
+
+
 def test_lumi_training_job_gets_whole_nodes_eight_ranks_and_gcd_binding(tmp_path):
     write_config(tmp_path, tiny_config(tmp_path))
     out, _ = snakemake(tmp_path, "lumi", "-n", "-p").communicate(timeout=120)
