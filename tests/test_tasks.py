@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -38,6 +40,23 @@ def problems_of(cfg: dict) -> list[str]:
 
 def test_default_task_is_the_builtin_gpt():
     assert isinstance(load_task(validate(raw())), GPTTask)
+
+
+def test_checking_a_config_and_planning_a_round_import_no_torch():
+    # Every coordinator step validates the config with the task's own checks, and `plan` asks
+    # the task for each site's batch: importing torch there cost 1.3 s a job.
+    code = (
+        "import sys\n"
+        "from fedhpc.config_schema import validate\n"
+        "from fedhpc.tasks import load_task\n"
+        f"cfg = validate({raw()!r})\n"
+        "task = load_task(cfg)\n"
+        "plan = {n: task.plan_site(n, s, {'tokenizer': {'vocab_size': 256}}) for n, s in cfg.sites.items()}\n"
+        "assert all(p['micro_batch'] >= 1 for p in plan.values()), plan\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout[:500]
 
 
 def test_user_task_is_loaded_from_a_file_path_with_typed_options():

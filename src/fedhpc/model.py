@@ -70,13 +70,6 @@ class GPT(nn.Module):
         return logits, loss
 
 
-def param_count(cfg: ModelConfig, vocab_size: int) -> int:
-    d, L = cfg.d_model, cfg.n_layer
-    per_block = 12 * d * d + 13 * d  # qkv, proj, fc, out (+ biases) and two LayerNorms
-    emb = vocab_size * d * (1 if cfg.tie_embeddings else 2) + cfg.seq_len * d
-    return L * per_block + emb + 2 * d
-
-
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     """What travels: the trainable parameters (all of them, or only the adapters of a frozen base).
     named_parameters already skips tied aliases."""

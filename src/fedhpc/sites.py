@@ -7,9 +7,15 @@ from dataclasses import dataclass
 
 from .config import ModelConfig, SiteConfig
 from .errors import FedhpcError
-from .model import param_count
 
 GB = 1e9
+
+
+def param_count(cfg: ModelConfig, vocab_size: int) -> int:
+    d, L = cfg.d_model, cfg.n_layer
+    per_block = 12 * d * d + 13 * d  # qkv, proj, fc, out (+ biases) and two LayerNorms
+    emb = vocab_size * d * (1 if cfg.tie_embeddings else 2) + cfg.seq_len * d
+    return L * per_block + emb + 2 * d
 
 
 class CapacityError(FedhpcError, ValueError):

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from ..config import ModelConfig
-from ..model import GPT
 from .lm import TokenLMTask
+
+if TYPE_CHECKING:  # imported where the module is built: planning needs no torch
+    from ..model import GPT
 
 
 class GPTTask(TokenLMTask):
     """GPT pre-training from random initialisation (`model:` sets its shape); no options."""
 
     def build_module(self, vocab_size, meta=None) -> GPT:
+        from ..model import GPT
+
         return GPT(self.cfg.model, vocab_size)
 
     def shape_model(self, vocab_size: int) -> ModelConfig:

@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from .. import distributed, site_state
 from ..config import ModelConfig, SiteConfig
-from ..engines import make_engine
 from ..errors import FedhpcError
 from ..files import finite_or_none
-from ..loop import local_round, mean_loss, to_windows
-from ..model import exported_state, load_exported_state
 from ..scores import summary_of
-from ..site_correction import GradCorrection
 from ..sites import BatchShape, batch_shape, site_ranks
-from ..tensorfile import load_state
 from .base import EvalContext, LocalResult, RoundContext, Task
+
+# Planning and config checks load the task but never train: torch (1.3 s to import) is
+# imported by the methods that need it, so they stay light.
+if TYPE_CHECKING:
+    import torch
+
+    from ..site_correction import GradCorrection
 
 
 class TrainingError(FedhpcError, ValueError):
@@ -60,12 +60,18 @@ class TokenLMTask(Task):
 
     # -- model -----------------------------------------------------------------------------
     def init_model(self, manifest):
+        import torch
+
+        from ..model import exported_state
+
         vocab = manifest["tokenizer"]["vocab_size"]
         torch.manual_seed(self.cfg.seed)
         module = self.build_module(vocab)
         return exported_state(module), self.describe(module, vocab)
 
     def load(self, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.nn.Module:
+        from ..model import load_exported_state
+
         module = self.build_module(meta["vocab_size"], meta)
         load_exported_state(module, state)
         return module
@@ -87,6 +93,13 @@ class TokenLMTask(Task):
 
     # -- training --------------------------------------------------------------------------
     def train_round(self, rc: RoundContext) -> LocalResult:
+        import torch
+
+        from .. import distributed, site_state
+        from ..engines import make_engine
+        from ..loop import local_round, mean_loss, to_windows
+        from ..model import load_exported_state
+
         cfg, world, device, site, r = rc.cfg, rc.world, rc.device, rc.site, rc.round
         site_cfg = rc.site_cfg
         tokens = torch.from_numpy(np.concatenate([rc.read_shard(s).astype("int64") for s in rc.shards]))
@@ -179,6 +192,10 @@ class TokenLMTask(Task):
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self, ec: EvalContext) -> dict[str, Any]:
+        import torch
+
+        from ..tensorfile import load_state
+
         torch.set_num_threads(ec.threads)
         model = self.load(load_state(ec.model_file), ec.global_meta)
         model.eval()
@@ -199,11 +216,19 @@ class TokenLMTask(Task):
         return pooled(domains)
 
     def heldout_windows(self, ec: EvalContext, entry: dict) -> torch.Tensor:
+        import torch
+
+        from ..loop import to_windows
+
         tokens = torch.from_numpy(ec.read_heldout(entry).astype("int64"))
         # Windows cover the first tokens_per_domain tokens: the same slice for every model.
         return to_windows(tokens[: self.cfg.evaluation.tokens_per_domain + 1], self.seq_len)
 
     def mean_loss(self, model: torch.nn.Module, windows: torch.Tensor) -> float:
+        import torch
+
+        from ..loop import mean_loss
+
         return mean_loss(
             lambda x, y: model(x, y)[1], windows, self.cfg.evaluation.batch_size, torch.device("cpu"), "fp32"
         )
@@ -217,6 +242,12 @@ def pooled(domains: dict[str, dict]) -> dict[str, Any]:
 def gradient_correction(
     cfg, layout, site: str, r: int, module: torch.nn.Module, global_state: dict, device
 ) -> GradCorrection | None:
+    import torch
+
+    from .. import site_state
+    from ..site_correction import GradCorrection
+    from ..tensorfile import load_state
+
     name = cfg.strategy.name
     if name == "fedprox" and cfg.strategy.proximal_mu > 0:
         anchor = {k: v.to(device, torch.float32) for k, v in global_state.items()}
