@@ -168,7 +168,7 @@ def config(a: argparse.Namespace, variant: str, seed: int, out: Path) -> dict:
         "training": {
             "batch_tokens": a.central_batch_tokens,
             "max_micro_batch": 32,
-            "lr": a.lr,
+            "lr": a.local_lr.get(variant, a.lr),
             "warmup_fraction": 0.05,
             "min_lr_ratio": 0.1,
             "lr_batch_scaling": VARIANTS[variant].get(LR_SCALING, "none"),
@@ -271,6 +271,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.003, help="peak local learning rate (all variants)")
     ap.add_argument("--server-lr", nargs="*", default=[], metavar="VARIANT=LR", help="override a variant's server lr")
     ap.add_argument(
+        "--local-lr", nargs="*", default=[], metavar="VARIANT=LR", help="override a variant's peak lr (--lr)"
+    )
+    ap.add_argument(
         "--momentum", nargs="*", default=[], metavar="VARIANT=M", help="override a variant's server momentum"
     )
     ap.add_argument(
@@ -291,6 +294,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600, help="seconds per federation run")
     a = ap.parse_args()
     a.server_lr = parse_per_variant(a.server_lr, "server-lr")
+    a.local_lr = parse_per_variant(a.local_lr, "local-lr")
     a.momentum = parse_per_variant(a.momentum, "momentum")
     # The baseline always runs, unless left out on purpose (exploring: no gaps then).
     variants = ([] if a.no_central else ["central"]) + [v for v in a.variants if v != "central"]
@@ -322,12 +326,11 @@ def main() -> None:
         loss = median([r["final_eval_loss"] for r in rs])
         # Gap per seed (same corpus and initial model as that seed's central run), then the median.
         gaps = [gap(r["final_eval_loss"], central_by_seed.get(r["seed"])) for r in rs]
+        cfg = config(a, v, a.seed, Path(tempfile.gettempdir()))
         table[v] = {
-            "strategy": config(a, v, a.seed, Path(tempfile.gettempdir()))["strategy"],
-            "site_batch_tokens": {
-                n: site.get("batch_tokens")
-                for n, site in config(a, v, a.seed, Path(tempfile.gettempdir()))["sites"].items()
-            },
+            "strategy": cfg["strategy"],
+            "site_batch_tokens": {n: site.get("batch_tokens") for n, site in cfg["sites"].items()},
+            "lr": cfg["training"]["lr"],
             "final_eval_loss": loss,
             "gap_pct": None if v == "central" else median(gaps),
             "gap_pct_by_seed": None if v == "central" else gaps,
@@ -358,13 +361,13 @@ def main() -> None:
     domains = list(next(iter(table.values()))["final_eval_by_domain"])
     print()
     print(
-        f"{'variant':17s} {'final loss':>10s} {'gap %':>7s} {'over floor':>10s} "
+        f"{'variant':17s} {'lr':>7s} {'final loss':>10s} {'gap %':>7s} {'over floor':>10s} "
         + " ".join(f"{d:>9s}" for d in domains)
         + f" {'wall s':>7s}"
     )
     for v, t in table.items():
         print(
-            f"{v:17s} {fmt(t['final_eval_loss'], '10.4f')} {fmt(t['gap_pct'], '+7.2f') if v != 'central' else '   base'} "
+            f"{v:17s} {t['lr']:7g} {fmt(t['final_eval_loss'], '10.4f')} {fmt(t['gap_pct'], '+7.2f') if v != 'central' else '   base'} "
             f"{fmt(t['excess_over_floor'], '10.4f')} "
             + " ".join(fmt(t["final_eval_by_domain"].get(d), "9.4f") for d in domains)
             + f" {fmt(t['wall_seconds'], '7.1f')}"
