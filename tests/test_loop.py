@@ -102,9 +102,56 @@ def test_a_local_round_learns_a_repeating_sequence():
         logs.append,
     )
     after = mean_loss(fwd, windows[:16], 8, torch.device("cpu"), "fp32")
-    assert res.steps == len(windows) // 8 and res.tokens == res.steps * 64
+    # 199 windows at 8 a step: 24 whole steps, then one of the 7 left over.
+    assert res.steps == 25 and res.tokens == len(windows) * 8
     assert after < 0.4 * before
     assert [r["step"] for r in logs][-1] == res.steps and all(r["tokens_per_s"] > 0 for r in logs)
+
+
+def _round(engine, windows, t, shape):
+    cpu = torch.device("cpu")
+    return local_round(engine, windows, shape, t, cpu, lambda f: f, torch.Generator().manual_seed(0))
+
+
+def test_the_windows_whole_steps_leave_are_trained_in_a_smaller_last_step_at_a_scaled_lr():
+    windows = to_windows(torch.arange(8 * 21 + 1) % 13, 8)  # 21 windows
+    t = TrainingConfig(lr=1e-2, warmup_fraction=0.0, min_lr_ratio=1.0)  # a constant lr
+    shape = BatchShape(micro_batch=4, grad_accum=2, devices=1, seq_len=8)
+    engine = Engine(_model(), t, World(), torch.device("cpu"))
+    sizes, scales, forward, backward = [], [], engine.forward, engine.backward
+    engine.forward = lambda x, y, last=True: sizes.append(len(x)) or forward(x, y, last)
+    engine.backward = lambda loss, accum, last: scales.append(accum) or backward(loss, accum, last)
+    res = _round(engine, windows, t, shape)
+    # Two whole steps of 8 sequences, then the 5 left: micro-batches of 4 and 1, at 5/8 of the lr.
+    assert sizes == [4, 4, 4, 4, 4, 1] and scales == [2, 2, 2, 2, 2, 2]
+    assert res.steps == 3 and res.tokens == 21 * 8
+    assert res.lr_first == 1e-2 and abs(res.lr_last - 1e-2 * 5 / 8) < 1e-12
+    assert abs(res.lr_sum - 1e-2 * (2 + 5 / 8)) < 1e-12
+    assert engine.optimizer.param_groups[0]["lr"] == res.lr_last
+
+    # An engine that steps on a fixed count of micro-batches (DeepSpeed) drops the remainder.
+    fixed = Engine(_model(), t, World(), torch.device("cpu"))
+    fixed.partial_steps = False
+    res = _round(fixed, windows, t, shape)
+    assert res.steps == 2 and res.tokens == 16 * 8 and abs(res.lr_sum - 2e-2) < 1e-12
+
+
+def test_a_smaller_last_step_takes_the_mean_gradient_of_its_sequences():
+    # One step over 5 sequences in micro-batches of 4 and 1 moves the model exactly as one
+    # batch of all 5 does (plain SGD, so the update is -lr × the gradient).
+    windows = to_windows(torch.arange(8 * 5 + 1) % 13, 8)
+    t = TrainingConfig(lr=1e-2, warmup_fraction=0.0, min_lr_ratio=1.0, grad_clip=0.0)
+    moved = []
+    for shape in (BatchShape(4, 2, 1, 8), BatchShape(5, 1, 1, 8)):
+        torch.manual_seed(3)
+        engine = Engine(_model(), t, World(), torch.device("cpu"))
+        engine.optimizer = torch.optim.SGD(engine.module.parameters(), lr=t.lr)
+        start = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        _round(engine, windows, t, shape)
+        moved.append({k: v - start[k] for k, v in engine.module.state_dict().items()})
+    # The 5-sequence batch is a whole step at the full lr; the split one is 5/8 of a batch of 8.
+    for k in moved[0]:
+        torch.testing.assert_close(moved[0][k], moved[1][k] * 5 / 8, rtol=1e-4, atol=1e-7)
 
 
 def test_rocm_ranks_get_their_own_miopen_cache(monkeypatch, tmp_path):

@@ -40,6 +40,7 @@ class Engine:
         (loss / grad_accum).backward()
 
     correction = None  # FedProx/SCAFFOLD terms (site_correction.GradCorrection), applied before clipping
+    partial_steps = True  # a round's last step may take fewer sequences than a batch
 
     def step(self) -> float:
         if self.correction is not None:
@@ -135,6 +136,9 @@ class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO 1-3; its config is written from our training settings."""
 
     name = "deepspeed"
+    # DeepSpeed steps on a fixed count of micro-batches (its gradient_accumulation_steps), so a
+    # round's remainder of less than a batch is not trained.
+    partial_steps = False
 
     def __init__(
         self,

@@ -129,7 +129,11 @@ def local_round(
     per_step = shape.micro_batch * shape.grad_accum  # this rank's sequences per optimizer step
     # The same permutation on every rank (same generator seed); each rank takes its stride.
     order = torch.randperm(len(windows), generator=generator)
-    steps = len(order) // (per_step * world.size)
+    full_steps = len(order) // (per_step * world.size)
+    # What whole steps leave (up to a batch a round, a tenth of a big-batch site's share in small
+    # rounds) is trained in one last, smaller step at an lr scaled by its share of a batch, not dropped.
+    tail = (len(order) - full_steps * per_step * world.size) // world.size if engine.partial_steps else 0
+    steps = full_steps + (tail > 0)
     mine = order[world.rank :: world.size]
     ctx = autocast_for(device, t.precision)
     engine.train(True)
@@ -137,26 +141,32 @@ def local_round(
     scale = lr_scale(shape, t)
     lr_first = lr = lr_at(progress(0.0), t) * scale
     loss_sum = torch.zeros((), device=device)
-    last_loss, tokens_done, last_log_t, last_log_tokens, lr_sum = float("nan"), 0, t0, 0, 0.0
+    last_loss, tokens_done, last_log_t, last_log_tokens, lr_sum, micros = float("nan"), 0, t0, 0, 0.0, 0
     for step in range(steps):
-        lr = lr_at(progress(step / steps), t) * scale
+        n_seq = per_step if step < full_steps else tail  # this rank's sequences in this step
+        n_micro = -(-n_seq // shape.micro_batch)
+        lr = lr_at(progress(step / steps), t) * scale * n_seq / per_step
         lr_sum += lr
         engine.set_lr(lr)
-        for micro in range(shape.grad_accum):
-            start = (step * shape.grad_accum + micro) * shape.micro_batch
-            batch = windows[mine[start : start + shape.micro_batch]].to(device, non_blocking=True)
-            last = micro == shape.grad_accum - 1
+        for micro in range(n_micro):
+            start = step * per_step + micro * shape.micro_batch
+            idx = mine[start : min(start + shape.micro_batch, step * per_step + n_seq)]
+            batch = windows[idx].to(device, non_blocking=True)
+            last = micro == n_micro - 1
             with ctx:
                 loss = engine.forward(batch[:, :-1], batch[:, 1:], last)
-            engine.backward(loss, shape.grad_accum, last)
+            # The step's gradient is the mean over its sequences, however its micro-batches split them
+            # (a factor of exactly 1 for whole steps).
+            engine.backward(loss * (len(idx) * n_micro / n_seq), n_micro, last)
             loss_sum += loss.detach()
+        micros += n_micro
         norm = engine.step()
-        tokens_done += per_step * world.size * shape.seq_len
+        tokens_done += n_seq * world.size * shape.seq_len
         if log is not None and ((step + 1) % t.log_every == 0 or step + 1 == steps):
             now = time.perf_counter()
-            n = (step % t.log_every) + 1
-            last_loss = reduce_mean(loss_sum, world) / (n * shape.grad_accum)
+            last_loss = reduce_mean(loss_sum, world) / micros
             loss_sum.zero_()
+            micros = 0
             log(
                 {
                     "step": step + 1,
