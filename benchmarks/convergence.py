@@ -13,9 +13,9 @@ Prints one line per run, a table of medians over seeds with each federated varia
 centralized ((fed - central) / central, goal: best federated within 1%), then a JSON object
 with every number and the command-line settings on the last line.
 
-The defaults keep one federation run near 2 minutes on 2 busy cores: each round costs ~15-20 s
-of workflow (plan, train, gather, verify, aggregate, evaluate, promote) whatever its tokens, so
-rounds are the scarce resource. What was tried (seed 1234, gap to centralized):
+The defaults keep one federation run near 2 minutes on 2 busy cores: a round takes ~14.5 s
+(18 s before planning stopped importing torch), most of it workflow steps (plan, train, gather,
+verify, aggregate, evaluate, promote) whatever its tokens, so rounds are the scarce resource. What was tried (seed 1234, gap to centralized):
 - rounds matter most: FedAvg-hetero +6.6% at 5 × 100k tokens, +4.4% at 10 × 50k, +3.4% at
   20 × 25k; more tokens per round hurts (5 × 400k: +9.6%) — client drift on pinned domains;
 - the local lr does not (0.0015 / 0.003 / 0.006 alike, 0.012 worse), nor resetting the sites'
@@ -31,6 +31,13 @@ rounds are the scarce resource. What was tried (seed 1234, gap to centralized):
   price falls to +0.94% (2.8200 vs 2.7938) while SCAFFOLD ends at 3.0400 (+8.81%, one rollback):
   with more tokens per round the gap is drift again, and the federated loss stalls near 3.05-3.10
   from the 8th round while the centralized one keeps falling;
+- many small rounds (96 × 20k, 500k bytes per domain; possible since federations of more than 27
+  rounds plan): SCAFFOLD ends at 2.8406 at lr 0.002 (2.8427 at 0.0015) against centralized
+  2.7919 at lr 0.003 and 2.7909 at 0.0015 (+1.74% and +1.78%, the best gap so far), and only
+  +0.24% over central_sum_batch (2.8337, itself +1.50%): drift is nearly gone and the price of
+  parallel steps is what is left (measured before sites trained the remainder of their rounds in
+  a last, smaller step; until then they trained 85-92% of their planned tokens; with it, SCAFFOLD
+  at 24 × 20k and lr 0.0015 went from +2.49% to +2.19%, 2.9034 against 2.8411 in one run);
 - server momentum overshoots on pinned domains at 12 × 40k: FedAvgM (lr 0.3, momentum 0.9)
   3.659 with every round from the 5th rolled back, DiLoCo at lr 0.3 3.169, at its defaults
   (24 × 20k) 3.115; a peak lr of 0.006 instead of 0.003 is worse for all (central 2.8436,
