@@ -129,12 +129,6 @@ def test_the_windows_whole_steps_leave_are_trained_in_a_smaller_last_step_at_a_s
     assert abs(res.lr_sum - 1e-2 * (2 + 5 / 8)) < 1e-12
     assert engine.optimizer.param_groups[0]["lr"] == res.lr_last
 
-    # An engine that steps on a fixed count of micro-batches (DeepSpeed) drops the remainder.
-    fixed = Engine(_model(), t, World(), torch.device("cpu"))
-    fixed.partial_steps = False
-    res = _round(fixed, windows, t, shape)
-    assert res.steps == 2 and res.tokens == 16 * 8 and abs(res.lr_sum - 2e-2) < 1e-12
-
 
 def test_a_smaller_last_step_takes_the_mean_gradient_of_its_sequences():
     # One step over 5 sequences in micro-batches of 4 and 1 moves the model exactly as one

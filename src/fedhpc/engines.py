@@ -40,7 +40,6 @@ class Engine:
         (loss / grad_accum).backward()
 
     correction = None  # FedProx/SCAFFOLD terms (site_correction.GradCorrection), applied before clipping
-    partial_steps = True  # a round's last step may take fewer sequences than a batch
 
     def step(self) -> float:
         if self.correction is not None:
@@ -136,9 +135,6 @@ class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO 1-3; its config is written from our training settings."""
 
     name = "deepspeed"
-    # DeepSpeed steps on a fixed count of micro-batches (its gradient_accumulation_steps), so a
-    # round's remainder of less than a batch is not trained.
-    partial_steps = False
 
     def __init__(
         self,
@@ -176,8 +172,11 @@ class DeepSpeedEngine(Engine):
         return self.model(x, y)[1]
 
     def backward(self, loss, grad_accum, last_micro):
-        # DeepSpeed scales by 1/grad_accum itself and steps only on accumulation boundaries.
-        self.model.backward(loss)
+        # DeepSpeed counts a fixed gradient_accumulation_steps per step and divides the loss by it;
+        # a round's last step may have fewer micro-batches, so the loop sets the boundary and the
+        # loss is rescaled from DeepSpeed's 1/gas to the step's own 1/grad_accum.
+        self.model.set_gradient_accumulation_boundary(last_micro)
+        self.model.backward(loss * (self.ds_config["gradient_accumulation_steps"] / grad_accum))
         self.model.step()
 
     def step(self):

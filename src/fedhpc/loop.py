@@ -132,7 +132,7 @@ def local_round(
     full_steps = len(order) // (per_step * world.size)
     # What whole steps leave (up to a batch a round, a tenth of a big-batch site's share in small
     # rounds) is trained in one last, smaller step at an lr scaled by its share of a batch, not dropped.
-    tail = (len(order) - full_steps * per_step * world.size) // world.size if engine.partial_steps else 0
+    tail = (len(order) - full_steps * per_step * world.size) // world.size
     steps = full_steps + (tail > 0)
     mine = order[world.rank :: world.size]
     ctx = autocast_for(device, t.precision)
