@@ -33,11 +33,16 @@ verify, aggregate, evaluate, promote) whatever its tokens, so rounds are the sca
   from the 8th round while the centralized one keeps falling;
 - many small rounds (96 × 20k, 500k bytes per domain; possible since federations of more than 27
   rounds plan): SCAFFOLD ends at 2.8406 at lr 0.002 (2.8427 at 0.0015) against centralized
-  2.7919 at lr 0.003 and 2.7909 at 0.0015 (+1.74% and +1.78%, the best gap so far), and only
+  2.7919 at lr 0.003 and 2.7909 at 0.0015 (+1.74% and +1.78%), and only
   +0.24% over central_sum_batch (2.8337, itself +1.50%): drift is nearly gone and the price of
   parallel steps is what is left (measured before sites trained the remainder of their rounds in
   a last, smaller step; until then they trained 85-92% of their planned tokens; with it, SCAFFOLD
-  at 24 × 20k and lr 0.0015 went from +2.49% to +2.19%, 2.9034 against 2.8411 in one run);
+  at 24 × 20k and lr 0.0015 went from +2.49% to +2.19%, 2.9034 against 2.8411 in one run; at
+  96 × 20k, centralized at lr 0.0015 2.7909, SCAFFOLD at local lr 0.002 2.8385, +1.71%, the best,
+  and central_sum_batch at lr 0.0015 2.8304, +1.42%, the gap in the same domains: law, clinical);
+- more tokens widen the gap: at 96 × 40k (1M bytes per domain) centralized passes a transition
+  from about round 44 (law 3.0 -> 1.56) and ends at 2.2283; SCAFFOLD, with 9-20 steps a round
+  against centralized's 78, does not, and ends at 2.8512 (+27.95%);
 - server momentum overshoots on pinned domains at 12 × 40k: FedAvgM (lr 0.3, momentum 0.9)
   3.659 with every round from the 5th rolled back, DiLoCo at lr 0.3 3.169, at its defaults
   (24 × 20k) 3.115; a peak lr of 0.006 instead of 0.003 is worse for all (central 2.8436,
