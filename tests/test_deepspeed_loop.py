@@ -14,7 +14,7 @@ pytest.importorskip("deepspeed")
 # In a child: DeepSpeed needs a process group and sets global accelerator state.
 CHILD = textwrap.dedent(
     """
-    import json, os, socket
+    import json, os
     os.environ["DS_ACCELERATOR"] = "cpu"
     import torch
     import fedhpc.engines
@@ -24,12 +24,9 @@ CHILD = textwrap.dedent(
     from fedhpc.loop import local_round, to_windows
     from fedhpc.model import GPT
     from fedhpc.sites import BatchShape
+    from fedhpc.train import _single_process_group_for_deepspeed
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    _single_process_group_for_deepspeed(World())  # as a one-rank DeepSpeed site's training job does
     torch.set_num_threads(1)
     adamw = fedhpc.engines.make_optimizer
 

@@ -118,12 +118,13 @@ def test_the_windows_whole_steps_leave_are_trained_in_a_smaller_last_step_at_a_s
     t = TrainingConfig(lr=1e-2, warmup_fraction=0.0, min_lr_ratio=1.0)  # a constant lr
     shape = BatchShape(micro_batch=4, grad_accum=2, devices=1, seq_len=8)
     engine = Engine(_model(), t, World(), torch.device("cpu"))
-    sizes, scales, forward, backward = [], [], engine.forward, engine.backward
+    sizes, shares, forward, backward = [], [], engine.forward, engine.backward
     engine.forward = lambda x, y, last=True: sizes.append(len(x)) or forward(x, y, last)
-    engine.backward = lambda loss, accum, last: scales.append(accum) or backward(loss, accum, last)
+    engine.backward = lambda loss, share, last: shares.append(share) or backward(loss, share, last)
     res = _round(engine, windows, t, shape)
-    # Two whole steps of 8 sequences, then the 5 left: micro-batches of 4 and 1, at 5/8 of the lr.
-    assert sizes == [4, 4, 4, 4, 4, 1] and scales == [2, 2, 2, 2, 2, 2]
+    # Two whole steps of 8 sequences, then the 5 left: micro-batches of 4 and 1, at 5/8 of the lr;
+    # each micro-batch's loss weighted by its share of its step's sequences.
+    assert sizes == [4, 4, 4, 4, 4, 1] and shares == [0.5, 0.5, 0.5, 0.5, 0.8, 0.2]
     assert res.steps == 3 and res.tokens == 21 * 8
     assert res.lr_first == 1e-2 and abs(res.lr_last - 1e-2 * 5 / 8) < 1e-12
     assert abs(res.lr_sum - 1e-2 * (2 + 5 / 8)) < 1e-12

@@ -36,8 +36,9 @@ class Engine:
     def forward(self, x: torch.Tensor, y: torch.Tensor, last_micro: bool = True) -> torch.Tensor:
         return self.model(x, y)[1]
 
-    def backward(self, loss: torch.Tensor, grad_accum: int, last_micro: bool) -> None:
-        (loss / grad_accum).backward()
+    def backward(self, loss: torch.Tensor, share: float, last_micro: bool) -> None:
+        """Accumulate the gradient of `loss`, this micro-batch's mean, weighted by its `share` of the step's sequences."""
+        (loss * share).backward()
 
     correction = None  # FedProx/SCAFFOLD terms (site_correction.GradCorrection), applied before clipping
 
@@ -90,10 +91,10 @@ class DDPEngine(Engine):
         with ctx:
             return self.model(x, y)[1]
 
-    def backward(self, loss, grad_accum, last_micro):
+    def backward(self, loss, share, last_micro):
         ctx = contextlib.nullcontext() if last_micro else self.model.no_sync()
         with ctx:
-            (loss / grad_accum).backward()
+            (loss * share).backward()
 
 
 class FSDPEngine(Engine):
@@ -171,12 +172,11 @@ class DeepSpeedEngine(Engine):
     def forward(self, x, y, last_micro=True):
         return self.model(x, y)[1]
 
-    def backward(self, loss, grad_accum, last_micro):
-        # DeepSpeed counts a fixed gradient_accumulation_steps per step and divides the loss by it;
-        # a round's last step may have fewer micro-batches, so the loop sets the boundary and the
-        # loss is rescaled from DeepSpeed's 1/gas to the step's own 1/grad_accum.
+    def backward(self, loss, share, last_micro):
+        # DeepSpeed's own boundary and 1/gradient_accumulation_steps assume every step has the
+        # configured micro-batch count; a round's last step may have fewer, so the loop decides both.
         self.model.set_gradient_accumulation_boundary(last_micro)
-        self.model.backward(loss * (self.ds_config["gradient_accumulation_steps"] / grad_accum))
+        self.model.backward(loss * share, scale_wrt_gas=False)
         self.model.step()
 
     def step(self):

@@ -155,9 +155,8 @@ def local_round(
             last = micro == n_micro - 1
             with ctx:
                 loss = engine.forward(batch[:, :-1], batch[:, 1:], last)
-            # The step's gradient is the mean over its sequences, however its micro-batches split them
-            # (a factor of exactly 1 for whole steps).
-            engine.backward(loss * (len(idx) * n_micro / n_seq), n_micro, last)
+            # The step's gradient is the mean over its sequences, however its micro-batches split them.
+            engine.backward(loss, len(idx) / n_seq, last)
             loss_sum += loss.detach()
         micros += n_micro
         norm = engine.step()
