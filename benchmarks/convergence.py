@@ -24,7 +24,8 @@ verify, aggregate, evaluate, promote) whatever its tokens, so rounds are the sca
   few rounds (lr 0.4 better at 10 rounds); FedAdam needs a server lr tuned to the round count;
 - SCAFFOLD is the best at 6 rounds (+4.46%); with heterogeneity_aware +4.92%; FedProx
   (mu 0.01) +10.15%; at 12 × 40k SCAFFOLD +2.87%, at 24 × 20k +2.91% (more rounds stop helping);
-  a server lr above 1 does not buy the missing optimizer steps (SCAFFOLD at 1.5: 3.011 vs 2.967);
+  a server lr above 1 does not buy the missing optimizer steps (SCAFFOLD at 1.5: 3.011 vs 2.967;
+  at 96 × 20k, local lr 0.002: 2.8575 vs 2.8385, worse on law and web alike);
 - at 12 × 40k most of what is left is the price of parallel steps: centralized training stepping
   on the sites' summed 3584 tokens (`central_sum_batch`) ends at 2.9038, +2.30% over centralized
   at 512, and SCAFFOLD (2.9201) is +0.56% over it; at 24 × 80k (500k bytes per domain) that
@@ -38,7 +39,8 @@ verify, aggregate, evaluate, promote) whatever its tokens, so rounds are the sca
   parallel steps is what is left (measured before sites trained the remainder of their rounds in
   a last, smaller step; until then they trained 85-92% of their planned tokens; with it, SCAFFOLD
   at 24 × 20k and lr 0.0015 went from +2.49% to +2.19%, 2.9034 against 2.8411 in one run; at
-  96 × 20k, centralized at lr 0.0015 2.7909, SCAFFOLD at local lr 0.002 2.8385, +1.71%, the best,
+  96 × 20k, centralized at lr 0.0015 2.7909, SCAFFOLD at local lr 0.002 2.8385, +1.71%, the best
+  (+1.69% and +1.67% at seeds 1235 and 1236),
   and central_sum_batch at lr 0.0015 2.8304, +1.42%, the gap in the same domains: law, clinical);
 - more tokens widen the gap: at 96 × 40k (1M bytes per domain) centralized passes a transition
   from about round 44 (law 3.0 -> 1.56) and ends at 2.2283; SCAFFOLD, with 9-20 steps a round
