@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
 from fedhpc.cli import main
-from fedhpc.containers import problems, recipe
+from fedhpc.containers import find_runtime, problems, recipe
+
+TESTS = Path(__file__).parent
+
+
+def fake_runtimes(tmp_path: Path, monkeypatch, *names: str) -> Path:
+    """A PATH whose only container runtimes are recording stand-ins called `names`."""
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in names:
+        shutil.copy(TESTS / f"fake_{name}", bin_dir / name)
+    real = [
+        d
+        for d in os.environ["PATH"].split(os.pathsep)
+        if not any((Path(d) / n).exists() for n in ("apptainer", "singularity"))
+    ]
+    monkeypatch.setenv("PATH", os.pathsep.join([str(bin_dir), *real]))
+    return bin_dir
+
+
+@pytest.mark.parametrize(
+    "on_path,found",
+    [
+        (["singularity"], "singularity"),
+        (["apptainer"], "apptainer"),
+        (["apptainer", "singularity"], "apptainer"),
+        ([], None),
+    ],
+)
+def test_find_runtime_names_the_command_on_path(tmp_path, monkeypatch, on_path, found):
+    fake_runtimes(tmp_path, monkeypatch, *on_path)
+    assert find_runtime() == found
 
 
 @pytest.mark.parametrize("name,marker", [("rocm", "rocm"), ("cuda", "cuda"), ("cpu", "python")])

@@ -14,8 +14,18 @@ DEFINITIONS = {name: REPO / "containers" / f"{name}.def" for name in ("rocm", "c
 BASE_MARKERS = {"rocm": "rocm", "cuda": "cuda", "cpu": "python"}
 
 
+# Apptainer first: where both exist, `singularity` is usually Apptainer's compatibility link.
+RUNTIMES = ("apptainer", "singularity")
+
+
 class ContainerError(FedhpcError, RuntimeError):
     """A definition is wrong, or this machine cannot build images."""
+
+
+def find_runtime() -> str | None:
+    """The container runtime command on PATH: "apptainer", "singularity" (LUMI has only
+    SingularityCE's `singularity`), or None when there is neither."""
+    return next((name for name in RUNTIMES if shutil.which(name)), None)
 
 
 def recipe(name: str):
