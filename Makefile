@@ -4,19 +4,42 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config.yaml
 PROFILE ?= profiles/local
+LOCK := envs/pip-lock.txt
+# Build environments (setuptools for the editable install) follow the lock too.
+LOCKED := PIP_CONSTRAINT=$(CURDIR)/$(LOCK)
+LOCK_VENV := /tmp/fedhpc-lock-venv
+TORCH := 2.13.0
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test lint status clean
+.PHONY: demo test lint status clean lock
 
-$(BIN)/.installed: pyproject.toml
+# Every install takes the versions of $(LOCK), the set CI last passed with, so a fresh clone a
+# month from now installs what was tested; `make lock` re-resolves it from pyproject.toml.
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(LOCKED) $(BIN)/pip install --quiet --upgrade pip setuptools
 	# The CPU build of torch first, so nothing pulls a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(LOCKED) $(BIN)/pip install --quiet torch
+	$(LOCKED) $(BIN)/pip install --quiet -e '.[test]'
 	# DeepSpeed builds against the torch above; isolation would fetch another torch.
-	$(BIN)/pip install --quiet --no-build-isolation 'deepspeed>=0.15'
+	$(LOCKED) $(BIN)/pip install --quiet --no-build-isolation deepspeed
 	touch $@
+
+# Re-resolve the lock: the newest releases pyproject.toml admits, installed into a throw-away
+# venv exactly as above, then frozen. Run `make test` on the result before committing it.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip 'setuptools>=77'
+	$(LOCK_VENV)/bin/pip install --quiet torch==$(TORCH)
+	$(LOCK_VENV)/bin/pip install --quiet '.[test]'
+	$(LOCK_VENV)/bin/pip install --quiet --no-build-isolation "$$(sed -n 's/^deepspeed = \["\(.*\)"\]$$/\1/p' pyproject.toml)"
+	{ echo "# pip constraints: the versions \`make test\` last passed with. Regenerate with \`make lock\`."; \
+	  echo "# Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version(), platform.machine())')"; \
+	  PIP_CONSTRAINT= $(LOCK_VENV)/bin/pip freeze --all --exclude-editable \
+	    | grep -v '^fedhpc[= @]' | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 # The Slurm tests start a single-host cluster from Debian's slurm-wlm and munge; the
 # multi-site tests an sshd on loopback that rsync logs in to.
