@@ -53,6 +53,14 @@ def cmd_submit(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(a: argparse.Namespace) -> int:
+    from .doctor import doctor, format_report, report_json
+
+    checks = doctor(a.profile, a.configfile, a.directory, a.site)
+    print(report_json(checks) if a.json else format_report(checks))
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
 def cmd_container(a: argparse.Namespace) -> int:
     from .containers import DEFINITIONS, build, problems
 
@@ -102,6 +110,14 @@ def add_verbs(verb) -> None:
     sb.add_argument("--configfile", help="config file (default: the workflow's config.yaml)")
     sb.add_argument("--directory", default=".", help="working directory (default: .)")
     sb.add_argument("--logs", default="logs/head", help="where the head job's logs go (default: logs/head)")
+    dr = verb(
+        "doctor", cmd_doctor, "check Slurm, account, images, storage and hub before the first submission", config=False
+    )
+    dr.add_argument("--profile", default="profiles/local", help="Snakemake profile (default: profiles/local)")
+    dr.add_argument("--configfile", help="config file (default: config.yaml in --directory)")
+    dr.add_argument("--directory", default=".", help="working directory (default: .)")
+    dr.add_argument("--site", help="multi-site mode: check only what this site runs")
+    dr.add_argument("--json", action="store_true", help="print the checks as JSON")
     ct = verb("container", cmd_container, "check or build the Apptainer images (rocm, cuda, cpu)", config=False)
     ct.add_argument("action", choices=["check", "build"])
     ct.add_argument("name", nargs="?", default="all", choices=["rocm", "cuda", "cpu", "all"])
