@@ -221,3 +221,21 @@ def test_a_lustre_quota_smaller_than_the_run_fails_the_space_check(tmp_path, cap
     space = checks["space"]
     assert space["status"] == "fail" and "1.0 GB left under lfs quota -g" in space["detail"]
     assert "output_dir" in space["fix"]
+
+
+@pytest.mark.parametrize("bucket,status", [("federation", "ok"), ("no-such-bucket", "fail")])
+def test_an_s3_hub_passes_when_an_object_can_be_written_and_fails_naming_the_bucket_otherwise(
+    s3_hub, bucket, status, tmp_path, capsys
+):
+    cfg = tiny_config(tmp_path)
+    cfg["exchange"] = {"kind": "s3", "hub": f"s3://{bucket}/run1", "s3_endpoint": s3_hub}
+    _, checks = doctor(capsys, tmp_path, cfg)
+    hub = checks["hub (s3)"]
+    assert hub["status"] == status, hub
+    if status == "fail":
+        assert f"s3://{bucket}/run1" in hub["detail"] and "bucket" in hub["fix"]
+    else:
+        import boto3
+
+        left = boto3.client("s3", endpoint_url=s3_hub).list_objects_v2(Bucket=bucket, Prefix="run1/.fedhpc-doctor")
+        assert "Contents" not in left  # the probe object is gone again
