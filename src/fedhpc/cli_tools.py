@@ -39,7 +39,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .launch import run
 
     extra = a.snakemake_args[1:] if a.snakemake_args[:1] == ["--"] else a.snakemake_args
-    return run(a.profile, a.configfile, a.directory, extra, a.role, a.site)
+    return run(a.profile, a.configfile, a.directory, extra, a.role, a.site, a.progress_every)
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
@@ -77,9 +77,17 @@ def cmd_container(a: argparse.Namespace) -> int:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from .status import format_table, round_states
+    import time
 
-    print(format_table(round_states(RunLayout.of(a.run_dir))))
+    from .status import format_status, snapshot, watch
+
+    layout = RunLayout.of(a.run_dir)
+    if not layout.root.is_dir():
+        raise SystemExit(f"fedhpc status: {a.run_dir} is no run directory (expected results/<run>/)")
+    if a.watch:
+        return watch(layout, a.interval)
+    now = time.time()
+    print(format_status(*snapshot(layout, now), now))
     return 0
 
 
@@ -104,6 +112,13 @@ def add_verbs(verb) -> None:
     rn.add_argument("--directory", default=".", help="working directory (default: .)")
     rn.add_argument("--role", choices=["all", "coordinator", "site"], help="multi-site mode: what this side runs")
     rn.add_argument("--site", help="multi-site mode: the site this side is (implies --role site)")
+    rn.add_argument(
+        "--progress-every",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="a progress line when a round starts or ends and every S s in between (0: none; default 60)",
+    )
     rn.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="further arguments, passed to snakemake")
     sb = verb("submit", cmd_submit, "run the workflow's head process as its own Slurm job (submitit)", config=False)
     sb.add_argument("--profile", required=True, help="Snakemake profile; its head.yaml sets the head job")
@@ -123,5 +138,7 @@ def add_verbs(verb) -> None:
     ct.add_argument("name", nargs="?", default="all", choices=["rocm", "cuda", "cpu", "all"])
     ct.add_argument("--out", default="containers/images", help="where built .sif images go")
     ct.add_argument("--no-fakeroot", action="store_true", help="build as root instead of with --fakeroot")
-    st = verb("status", cmd_status, "print rounds × sites and their states", config=False)
-    st.add_argument("run_dir")
+    st = verb("status", cmd_status, "rounds × sites, wall times, deadlines, the sites' steps, the ETA", config=False)
+    st.add_argument("run_dir", help="the run directory, results/<run>/ (a site's own one in multi-site mode)")
+    st.add_argument("--watch", action="store_true", help="refresh until the federation is done (Ctrl-C stops)")
+    st.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes with --watch")

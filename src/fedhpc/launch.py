@@ -4,6 +4,10 @@ Snakemake leaves its directory lock behind when it is SIGKILLed, and the next ru
 refuses to start. We hold a kernel flock for the lifetime of the head process instead: the
 kernel drops it when the process dies, however it dies, so if we can take it no head
 process is alive in this directory and a leftover Snakemake lock is stale.
+
+While Snakemake runs, a side thread prints one compact progress line (round, the sites'
+step/steps and tokens/s, the deadline, the ETA) when a round starts or ends and every so
+often in between, read from the blackboard like `fedhpc status`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 REPO_SNAKEFILE = Path(__file__).resolve().parents[2] / "workflow" / "Snakefile"
@@ -58,6 +64,44 @@ def role_config(role: str | None, site: str | None) -> list[str]:
     return ["--config", "exchange=" + json.dumps(value)]
 
 
+class ProgressLines(threading.Thread):
+    """Prints `compact_line` to `out` when the latest round starts, closes or ends, and every
+    `every` seconds in between; looks at the blackboard every `poll` seconds until stopped."""
+
+    def __init__(self, find_layout, every: float, poll: float = 2.0, out=None):
+        super().__init__(name="fedhpc-progress", daemon=True)  # never keeps a dying head process alive
+        self.find_layout, self.every, self.out = find_layout, every, out or sys.stderr
+        self.poll = min(poll, every) if every > 0 else poll
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        from .progress import AuditTail, compact_line
+        from .status import snapshot
+
+        layout, audit, done, last_key, last_time = None, None, {}, None, 0.0
+        while not self.stopped.wait(self.poll):
+            try:
+                if layout is None:
+                    if (layout := self.find_layout()) is None:
+                        continue
+                    audit = AuditTail(layout.audit)
+                now = time.time()
+                rows, fed = snapshot(layout, now, audit, done)
+            except Exception:  # noqa: BLE001 - a half-written file is read again next time; never stop the run
+                continue
+            if not rows:
+                continue
+            row = rows[-1]
+            key = (row["round"], row["closed"], row["ended"] is not None, fed["failed"])
+            if key != last_key or now - last_time >= self.every:
+                print(compact_line(rows, fed, now), file=self.out, flush=True)
+                last_key, last_time = key, now
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=10)
+
+
 def run(
     profile: str,
     configfile: str | None,
@@ -65,8 +109,10 @@ def run(
     extra: list[str],
     role: str | None = None,
     site: str | None = None,
+    progress_every: float = 60.0,
 ) -> int:
-    """Run Snakemake under the head lock; afterwards show where the federation stands."""
+    """Run Snakemake under the head lock, with progress lines every `progress_every` s (0: none)
+    while it runs; afterwards show where the federation stands."""
     workdir = Path(directory).resolve()
     fd = acquire_head_lock(workdir)
     exe = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
@@ -78,23 +124,38 @@ def run(
     # Ctrl-C reaches Snakemake too (same process group); we wait for its clean shutdown.
     signal.signal(signal.SIGINT, lambda *_: None)
     signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum))
-    code = child.wait()
-    if "--dry-run" not in extra and "-n" not in extra:
+    dry = "--dry-run" in extra or "-n" in extra
+    progress = ProgressLines(lambda: _run_layout(workdir, configfile), progress_every)
+    if progress_every > 0 and not dry:
+        progress.start()
+    try:
+        code = child.wait()
+    finally:
+        if progress.is_alive():
+            progress.stop()
+    if not dry:
         _report(workdir, configfile)
     return code
 
 
-def _report(workdir: Path, configfile: str | None) -> None:
+def _run_layout(workdir: Path, configfile: str | None):
+    """The run directory's layout, or None while the config cannot be read."""
     from .cli import run_dir
     from .config_schema import ConfigError, load
     from .layout import RunLayout
-    from .status import format_table, round_states
 
     try:
         cfg = load(Path(configfile).resolve() if configfile else workdir / "config.yaml")
     except (ConfigError, OSError):
-        return  # Snakemake has already said what is wrong
-    layout = RunLayout.of(workdir / run_dir(cfg))
+        return None  # Snakemake says what is wrong
+    return RunLayout.of(workdir / run_dir(cfg))
+
+
+def _report(workdir: Path, configfile: str | None) -> None:
+    from .status import format_table, round_states
+
+    if (layout := _run_layout(workdir, configfile)) is None:
+        return
     print(format_table(round_states(layout)))
     if layout.summary.exists():
         print(f"Report: {layout.report_dir / 'index.html'}")

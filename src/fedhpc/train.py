@@ -20,6 +20,7 @@ from .config import Config
 from .distributed import World
 from .files import append_jsonl, exclusive_lock, finite_or_none, read_json, sha256_file, write_json
 from .layout import RunLayout
+from .progress import train_line
 from .scrub import outgoing_receipt
 from .shards import read_shard
 from .signing import SignatureError, TrustStore, sign_document, verify_document
@@ -158,6 +159,7 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
     def log(rec: dict) -> None:
         if world.is_main:
             append_jsonl(metrics_path, {"round": r, "site": site, "time": time.time(), **rec, **probe.sample()})
+            print(train_line(r, site, rec), flush=True)  # stdout is the job's train.log: a person reads it
 
     global_state = load_state(layout.global_model(r))
     started = time.time()
