@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fedhpc.config_schema import ConfigError, as_dict, validate
 from fedhpc.files import write_json
+from fedhpc.launch_prefix import train_prefix
 from fedhpc.layout import round_name
 from fedhpc.sites import site_ranks
 from fedhpc.tasks import load_task
@@ -197,26 +198,17 @@ def train_mpi(wildcards):
     return "srun" if on_slurm() and site_ranks(CFG.sites[wildcards.site]) > 1 else ""
 
 
+def runs_jobs_here():
+    """Whether this Snakemake runs the jobs' shell commands itself (the local executor: a run on
+    one machine, or a job's own Snakemake on its compute node), rather than submitting them to
+    Slurm or printing them in a dry run."""
+    return getattr(workflow.executor_plugin, "name", "") in ("local", "slurm-jobstep")
+
+
 def train_launch(wildcards, threads, resources):
-    """What goes before `fedhpc train`: srun for several ranks, apptainer for an image."""
-    site = CFG.sites[wildcards.site]
-    launch = ""
-    if resources.get("mpi"):
-        # The job-step executor clears SLURM_* before running this shell; a cluster whose
-        # config is not in the default place needs SLURM_CONF handed on to srun.
-        conf = os.environ.get("SLURM_CONF")
-        launch = f"env SLURM_CONF={conf} " if conf else ""
-        launch += (
-            f"{resources.mpi} --kill-on-bad-exit=1 --nodes={resources.get('nodes', 1)}"
-            f" --ntasks-per-node={resources.tasks_per_node}"
-            f" --cpus-per-task={resources.get('cpus_per_task', threads)}"
-        )
-        if resources.get("cpu_bind"):
-            launch += f" --cpu-bind={resources.cpu_bind}"
-        launch += " "
-    if site.container:
-        launch += f"apptainer exec {site.container} "
-    return launch
+    """What goes before `fedhpc train`: srun for several ranks, the container runtime for an image."""
+    site = wildcards.site
+    return train_prefix(site, CFG.sites[site], resources, threads, runs_jobs_here())
 
 
 def aggregate_inputs(wildcards):

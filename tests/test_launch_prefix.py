@@ -1,0 +1,108 @@
+"""The command before `fedhpc train`: srun for several ranks, then whichever container runtime the
+node has (LUMI: singularity; elsewhere apptainer), with what the site's accelerator needs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fedhpc.config import SiteConfig
+from fedhpc.containers import ContainerError
+from fedhpc.launch_prefix import train_prefix
+from tests.test_containers import fake_runtimes
+from tests.workflow_util import run_workflow, tiny_config, write_config
+
+LUMI_TRAIN = {"mpi": "srun", "nodes": 2, "tasks_per_node": 8, "cpus_per_task": 7, "cpu_bind": "mask_cpu:0xfe"}
+
+
+def run_prefix(prefix: str, tmp_path: Path) -> list[dict]:
+    """Run `<prefix>true` as the rule's shell would, and return the runtime's recorded calls."""
+    log = tmp_path / "runtime.jsonl"
+    subprocess.run(f"{prefix}true", shell=True, check=True, env={**os.environ, "FAKE_RUNTIME_LOG": str(log)})
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("runtime", ["singularity", "apptainer"])
+@pytest.mark.parametrize("accelerator,flags", [("cuda", ["--nv"]), ("rocm", []), ("cpu", [])])
+def test_the_image_runs_under_the_runtime_on_path_with_the_accelerators_flags(
+    tmp_path, monkeypatch, runtime, accelerator, flags
+):
+    fake_runtimes(tmp_path, monkeypatch, runtime)
+    site = SiteConfig(accelerator=accelerator, container="/images/site image.sif")
+    prefix = train_prefix("s", site, {}, 2, runs_here=True)
+    [call] = run_prefix(prefix, tmp_path)
+    assert call["runtime"] == runtime
+    assert call["argv"] == ["exec", *flags, "/images/site image.sif", "true"]
+
+
+def test_several_ranks_start_under_srun_each_in_the_image(tmp_path, monkeypatch):
+    fake_runtimes(tmp_path, monkeypatch, "singularity")
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    site = SiteConfig(accelerator="rocm", container="/scratch/p/fedhpc-rocm.sif")
+    words = shlex.split(train_prefix("lumi", site, LUMI_TRAIN, 7, runs_here=True))
+    assert words == [
+        "srun",
+        "--kill-on-bad-exit=1",
+        "--nodes=2",
+        "--ntasks-per-node=8",
+        "--cpus-per-task=7",
+        "--cpu-bind=mask_cpu:0xfe",
+        "singularity",
+        "exec",
+        "/scratch/p/fedhpc-rocm.sif",
+    ]
+    # Without an image, srun starts `fedhpc train` itself; a single rank on the host needs nothing.
+    assert shlex.split(train_prefix("lumi", SiteConfig(accelerator="rocm"), LUMI_TRAIN, 7, runs_here=True))[-1] == (
+        "--cpu-bind=mask_cpu:0xfe"
+    )
+    assert train_prefix("laptop", SiteConfig(), {}, 2, runs_here=True) == ""
+
+
+def test_a_slurm_conf_elsewhere_is_handed_on_to_srun(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", "/etc/b/slurm.conf")
+    prefix = train_prefix("a100", SiteConfig(), {"mpi": "srun", "tasks_per_node": 4}, 16, runs_here=True)
+    assert prefix.startswith("env SLURM_CONF=/etc/b/slurm.conf srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=4")
+
+
+def test_a_node_without_a_runtime_names_the_site_and_what_to_do(tmp_path, monkeypatch):
+    fake_runtimes(tmp_path, monkeypatch)  # neither on PATH
+    site = SiteConfig(accelerator="cuda", container="/images/a100.sif")
+    with pytest.raises(ContainerError) as err:
+        train_prefix("a100", site, {}, 2, runs_here=True)
+    msg = str(err.value)
+    assert "site 'a100'" in msg and "neither apptainer nor singularity" in msg
+    assert "module load apptainer" in msg and "sites.a100.container" in msg
+    # A Slurm head only records the command its jobs build again on their compute nodes.
+    assert train_prefix("a100", site, {}, 2, runs_here=False) == "apptainer exec --nv /images/a100.sif "
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("runtime", ["singularity", "apptainer"])
+def test_a_federation_trains_its_gpu_sites_in_their_images_with_the_runtime_the_node_has(
+    tmp_path, monkeypatch, runtime
+):
+    """LUMI has only singularity, A100 clusters often only apptainer: a real round, each GPU site
+    in its image under the recording stand-in, CUDA with --nv."""
+    fake_runtimes(tmp_path, monkeypatch, runtime)
+    log = tmp_path / "runtime.jsonl"
+    monkeypatch.setenv("FAKE_RUNTIME_LOG", str(log))
+    cfg = tiny_config(tmp_path, run=runtime, rounds=1)
+    cfg["sites"]["lumi"]["container"] = "/images/fedhpc-rocm.sif"
+    cfg["sites"]["a100"]["container"] = "/images/fedhpc-cuda.sif"
+    write_config(tmp_path, cfg)
+    run_workflow(tmp_path)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {c["runtime"] for c in calls} == {runtime}
+    trains = {c["argv"][c["argv"].index("--site") + 1]: c["argv"] for c in calls}
+    assert set(trains) == {"lumi", "a100"}  # the laptop has no image: it trains on the host
+    cfg_json = str(Path(cfg["output_dir"]) / runtime / "config.json")
+    for site, image, flags in (("lumi", "/images/fedhpc-rocm.sif", []), ("a100", "/images/fedhpc-cuda.sif", ["--nv"])):
+        assert trains[site][: 3 + len(flags)] == ["exec", *flags, image, "fedhpc"]
+        assert trains[site][3 + len(flags) :][:5] == ["train", "--config", cfg_json, "--round", "0000"]
+    for site in cfg["sites"]:
+        assert (Path(cfg["output_dir"]) / runtime / "rounds" / "r0000" / "sites" / site / "receipt.json").exists()
