@@ -105,15 +105,16 @@ def _check_catalogue_unchanged(layout: RunLayout, plan: dict, site: str) -> None
         )
 
 
-def _single_process_group_for_deepspeed(world: World) -> None:
-    # DeepSpeed always wants a process group, even for one rank.
+def _single_process_group_for_deepspeed(world: World, device: torch.device | None = None) -> None:
+    # DeepSpeed always wants a process group, even for one rank; on a GPU with NCCL for ZeRO's
+    # device tensors beside gloo, as a site of several ranks has (distributed.backend).
     if world.distributed or torch.distributed.is_initialized():
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    torch.distributed.init_process_group(distributed.backend(device or torch.device("cpu")), rank=0, world_size=1)
 
 
 def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: str, threads: int) -> dict:
@@ -150,7 +151,7 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
     shards = {s["id"]: s for s in data["shards"]}
     task = load_task(cfg)
     if site_cfg.engine == "deepspeed":
-        _single_process_group_for_deepspeed(world)
+        _single_process_group_for_deepspeed(world, device)
     probe = SystemProbe()
     metrics_path = layout.metrics(r, site)
     if world.is_main:
