@@ -1,4 +1,4 @@
-"""A site's ranks: the process group of GPU sites, Slurm host lists in a container.
+"""A site's ranks: the process group of GPU sites, Slurm host lists in a container, FSDP's units.
 
 This machine has no GPU: the ranks here are real processes joined over gloo; what only a GPU
 can show (NCCL/RCCL, one device per rank) is in tests/test_gpu_smoke.py.
@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedhpc.distributed import first_host, hostnames
+from fedhpc.engines import fsdp_units
 from fedhpc.errors import FedhpcError
 from tests.rank_util import run_ranks
 
@@ -152,3 +154,77 @@ def test_a_gpu_sites_ranks_set_their_device_first_and_bookkeeping_collectives_ru
         assert a["events"] == [["set_device", f"cuda:{rank}"], ["init_process_group"]]
         assert a["sum"] == [2.0, 1.0]  # all_sum of Python numbers (CPU tensors)
         assert a["decision"] == {"decided_by": 0}  # broadcast_object_list
+
+
+FSDP_UNITS = """
+import json, os, torch
+from torch.distributed.fsdp import FSDPModule
+from transformers import AutoModelForCausalLM
+from fedhpc import distributed
+from fedhpc.config import ModelConfig, TrainingConfig
+from fedhpc.engines import FSDPEngine
+from fedhpc.model import GPT, trainable
+from fedhpc.tasks.hf_lm import CausalLM
+
+torch.set_num_threads(1)
+world = distributed.detect()
+distributed.init(world, torch.device("cpu"))
+torch.manual_seed(0)
+models = {
+    "gpt": GPT(ModelConfig(n_layer=2, n_head=2, d_model=16, seq_len=8), 40),
+    "hf_gpt2": CausalLM(AutoModelForCausalLM.from_pretrained(os.environ["HF_MODEL"], dtype=torch.float32)),
+}
+out = {}
+for name, model in models.items():
+    names = sorted(trainable(model))
+    engine = FSDPEngine(model, TrainingConfig(precision="fp32"), world, torch.device("cpu"))
+    x = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(world.rank))
+    engine.backward(engine.forward(x[:, :-1], x[:, 1:]), 1.0, True)
+    engine.step()
+    state = engine.full_state()
+    out[name] = {
+        "units": sorted(n for n, m in model.named_modules() if isinstance(m, FSDPModule)),
+        "whole_model_on_rank_0": None if state is None else sorted(state) == names,
+    }
+print(json.dumps(out))
+"""
+
+
+def tiny_gpt2(tmp: Path) -> Path:
+    from tests.hf_util import tiny_causal_lm
+
+    return tiny_causal_lm(tmp / "gpt2", ["the site trains its layers one by one"] * 20, vocab_size=280)
+
+
+def test_fsdp_shards_each_decoder_layer_of_hugging_face_and_built_in_models(tmp_path):
+    answers = run_ranks(FSDP_UNITS, HF_MODEL=str(tiny_gpt2(tmp_path)))
+    for rank, a in enumerate(answers):
+        # One unit per decoder layer plus the root (embeddings, final norm, head).
+        assert a["gpt"]["units"] == ["", "blocks.0", "blocks.1"]
+        assert a["hf_gpt2"]["units"] == ["", "lm.transformer.h.0", "lm.transformer.h.1"]
+        expected = True if rank == 0 else None  # a training step, then the whole model gathered on rank 0
+        assert a["gpt"]["whole_model_on_rank_0"] is expected and a["hf_gpt2"]["whole_model_on_rank_0"] is expected
+
+
+class Layer(torch.nn.Module):
+    def __init__(self, experts: int = 0):
+        super().__init__()
+        self.mix = torch.nn.Linear(4, 4)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(experts))
+
+
+def test_without_declared_layer_classes_fsdp_shards_the_entries_of_module_lists():
+    model = torch.nn.Sequential(torch.nn.Embedding(9, 4), torch.nn.ModuleList(Layer(experts=2) for _ in range(3)))
+    # The layers, not the experts inside them: a unit inside another would be sharded twice.
+    assert [n for n, m in model.named_modules() if any(m is u for u in fsdp_units(model))] == ["1.0", "1.1", "1.2"]
+    assert fsdp_units(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())) == []  # one unit: the model
+
+
+def test_lora_adapters_keep_the_hugging_face_layers_as_fsdp_units(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_gpt2(tmp_path), dtype=torch.float32)
+    model = peft.get_peft_model(lm, peft.LoraConfig(r=2, target_modules=["c_attn"]))
+    units = [n for n, m in model.named_modules() if any(m is u for u in fsdp_units(model))]
+    assert [n.rsplit(".", 2)[-2:] for n in units] == [["h", "0"], ["h", "1"]]

@@ -17,7 +17,7 @@ import torch
 from .config import TrainingConfig
 from .distributed import World
 from .loop import make_optimizer
-from .model import exported_state, trainable
+from .model import Block, exported_state, trainable
 
 
 class Engine:
@@ -97,8 +97,24 @@ class DDPEngine(Engine):
             (loss * share).backward()
 
 
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers FSDP shards one by one (one all-gather each, so only one layer is whole at a time).
+
+    A model's decoder layers: instances of the classes any of its modules names in
+    `_no_split_modules` (Hugging Face models do, PEFT's wrapper keeps them) and the built-in
+    GPT's `Block`. A model with neither: the entries of its `nn.ModuleList`s, where repeated
+    layers live. Only the outermost of nested candidates; none at all leaves the model one unit.
+    """
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
+    units = [m for m in model.modules() if type(m).__name__ in names or isinstance(m, Block)]
+    if not units:
+        units = [layer for m in model.modules() if isinstance(m, torch.nn.ModuleList) for layer in m]
+    inner = {id(sub) for u in units for sub in u.modules() if sub is not u}
+    return [u for u in units if id(u) not in inner]
+
+
 class FSDPEngine(Engine):
-    """FSDP2 (`fully_shard`): each block is sharded, then the whole model."""
+    """FSDP2 (`fully_shard`): each decoder layer (`fsdp_units`) is sharded, then the whole model."""
 
     name = "fsdp"
 
@@ -107,8 +123,8 @@ class FSDPEngine(Engine):
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world.size,))
-        for block in getattr(model, "blocks", []):
-            fully_shard(block, mesh=mesh)
+        for layer in fsdp_units(model):
+            fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
 
