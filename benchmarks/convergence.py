@@ -189,6 +189,7 @@ def config(a: argparse.Namespace, variant: str, seed: int, out: Path) -> dict:
             # Centralized must keep its moments (that is what makes it plain training); sites may reset.
             "keep_optimizer_state": central or not a.reset_site_optimizer,
             "log_every": 50,
+            "device": "cpu",  # the rocm and cuda sites simulated on the CPU
         },
         "strategy": strategy,
         "rounds": {"count": a.rounds, "tokens_per_round": a.tokens_per_round, "deadline_minutes": 30, "quorum": 1.0},

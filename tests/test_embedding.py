@@ -50,7 +50,7 @@ def config(tmp: Path, **options) -> dict:
                 **options,
             },
         },
-        "training": {"log_every": 4},
+        "training": {"log_every": 4, "device": "cpu"},  # the rocm site simulated on the CPU
         "strategy": {"heterogeneity_aware": True},
         "rounds": {"count": 2, "tokens_per_round": 300, "deadline_minutes": 5},
         "tracking": {"mlflow": True},

@@ -38,7 +38,8 @@ def tiny_config(out: Path, run: str = "tiny", rounds: int = 2, mlflow: bool = Fa
             "heldout_fraction": 0.1,
         },
         "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "seq_len": 32},
-        "training": {"batch_tokens": 512, "max_micro_batch": 8, "lr": 0.01, "log_every": 2},
+        # The rocm and cuda sites are simulated on this machine's CPU, by choice (never a fall-back).
+        "training": {"batch_tokens": 512, "max_micro_batch": 8, "lr": 0.01, "log_every": 2, "device": "cpu"},
         "rounds": {"count": rounds, "tokens_per_round": 24000, "deadline_minutes": 5, "quorum": 0.5},
         "evaluation": {"tokens_per_domain": 1024},
         "tracking": {"mlflow": mlflow},

@@ -207,7 +207,12 @@ class TrainingConfig:
     )
     log_every: int = opt(10, "Optimizer steps between metric records.", minimum=1)
     device: Literal["auto", "cpu", "cuda"] = opt(
-        "auto", "`auto` takes the GPU when PyTorch sees one (ROCm appears as cuda), else the CPU."
+        "auto",
+        "Where sites train. `auto`: as each site declares: a `cuda` or `rocm` site on its GPUs (ROCm's appear to "
+        "PyTorch as cuda), one per rank, and its job stops with an error naming the site, the torch build and the "
+        "visible devices if it sees none or a torch built for the other family, never falling back to the CPU; a "
+        "`cpu` site on the CPU. `cpu`: every site on the CPU, whatever it declares: a simulation of GPU sites on one "
+        "machine (the embedded demo, the tests). `cuda`: every site on a GPU, `cpu` sites too, whichever family.",
     )
     compression: CompressionConfig = opt(CompressionConfig, "Update compression (sites may override the scheme).")
 

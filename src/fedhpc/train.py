@@ -17,6 +17,7 @@ from .catalogue import load_data
 from .checkpoints import load_global_meta, load_plan
 from .compress import Codec, codec_metadata, encode_with_feedback
 from .config import Config
+from .devices import pick_device
 from .distributed import World
 from .files import append_jsonl, exclusive_lock, finite_or_none, read_json, sha256_file, write_json
 from .layout import RunLayout
@@ -43,12 +44,6 @@ def accelerator_env(accelerator: str, world: World, tmp: str | None = None) -> d
         / f"miopen-{os.environ.get('SLURM_JOB_ID', os.getpid())}-{world.rank}"
     )
     return {"MIOPEN_USER_DB_PATH": str(base), "MIOPEN_CUSTOM_CACHE_DIR": str(base)}
-
-
-def pick_device(choice: str, world: World) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", world.local_rank)
-    return torch.device("cpu")
 
 
 def existing_receipt(layout: RunLayout, trust: TrustStore, r: int, site: str, base_sha: str) -> dict | None:
@@ -123,7 +118,7 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
     for key, value in accelerator_env(cfg.sites[site].accelerator, world).items():
         os.environ.setdefault(key, value)
         Path(value).mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.training.device, world)
+    device = pick_device(cfg.training.device, site, cfg.sites[site].accelerator, world)
     distributed.init(world, device)
     status = distributed.broadcast(_precheck(cfg, layout, trust, r, site) if world.is_main else None, world)
     if status is not None:
