@@ -1,4 +1,5 @@
-"""Container definitions parse with spython and start from the right bases; building needs apptainer."""
+"""Container definitions parse with spython, start from the right bases and carry what training on
+LUMI and A100 sites needs; `fedhpc container check` reports each thing missing."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedhpc.cli import main
-from fedhpc.containers import find_runtime, problems, recipe
+from fedhpc.containers import find_runtime, problems, recipe, torch_version
 
 TESTS = Path(__file__).parent
 
@@ -43,31 +44,132 @@ def test_find_runtime_names_the_command_on_path(tmp_path, monkeypatch, on_path, 
     assert find_runtime() == found
 
 
-@pytest.mark.parametrize("name,marker", [("rocm", "rocm"), ("cuda", "cuda"), ("cpu", "python")])
-def test_definitions_parse_and_start_from_the_right_base(name, marker):
-    r = recipe(name)
-    assert marker in r.fromHeader.lower()
-    assert problems(name) == []
-    assert any("/opt/fedhpc" in line for line in r.install)
-    assert r.cmd and "fedhpc" in r.cmd  # `apptainer run image.sif <verb>` runs fedhpc
+def test_definitions_parse_and_start_from_the_right_base():
+    rocm, cuda, cpu = recipe("rocm"), recipe("cuda"), recipe("cpu")
+    # LUMI AI Factory's PyTorch image: RCCL's network plugin and the Slingshot libraries inside.
+    assert rocm.bootstrap == "localimage" and rocm.fromHeader.startswith("/appl/local/laifs/containers/")
+    assert "/lumi-multitorch-full-" in rocm.fromHeader
+    assert cuda.bootstrap == "docker" and "cuda" in cuda.fromHeader and "python" in cpu.fromHeader
+    # FSDP2 (fully_shard) is public from torch 2.6; the images check it at build time.
+    assert {name: torch_version(r) for name, r in [("rocm", rocm), ("cuda", cuda), ("cpu", cpu)]} == {
+        "rocm": (2, 10),
+        "cuda": (2, 7),
+        "cpu": (2, 13),
+    }
+    for name, r in [("rocm", rocm), ("cuda", cuda), ("cpu", cpu)]:
+        assert problems(name) == [], name
+        assert any("/opt/fedhpc" in line for line in r.install)
+        assert "from torch.distributed.fsdp import fully_shard" in r.test_script
+        assert r.cmd and "fedhpc" in r.cmd  # `apptainer run image.sif <verb>` runs fedhpc
 
 
 def test_gpu_images_check_their_torch_build():
-    from fedhpc.containers import DEFINITIONS
+    assert "torch.version.hip" in recipe("rocm").test_script
+    assert "torch.version.cuda" in recipe("cuda").test_script
+    rocm = recipe("rocm")
+    for line in ("NCCL_SOCKET_IFNAME=hsn0,hsn1,hsn2,hsn3", "CXI_FORK_SAFE=1", "CXI_FORK_SAFE_HP=1"):
+        assert line in rocm.environ
+    assert "FI_CXI_DISABLE_CQ_HUGETLB=1" in rocm.environ and "ccl-net" in rocm.test_script
 
-    assert "torch.version.hip" in DEFINITIONS["rocm"].read_text()
-    assert "torch.version.cuda" in DEFINITIONS["cuda"].read_text()
-    assert "NCCL_SOCKET_IFNAME=hsn0,hsn1,hsn2,hsn3" in recipe("rocm").environ
 
-
-def test_a_wrong_base_is_reported(tmp_path, monkeypatch):
+def broken(tmp_path, monkeypatch, name: str, *edits: tuple[str, str]) -> Path:
+    """A copy of a shipped definition with `edits` (old, new) made, checked in its place."""
     import fedhpc.containers as c
 
-    bad = tmp_path / "rocm.def"
-    bad.write_text(c.DEFINITIONS["rocm"].read_text().replace("From: rocm/dev-ubuntu-24.04:6.2.4", "From: ubuntu:24.04"))
-    monkeypatch.setitem(c.DEFINITIONS, "rocm", bad)
-    assert problems("rocm") == ["rocm.def: base image 'ubuntu:24.04' is not a rocm image"]
+    text = (c.REPO / "containers" / f"{name}.def").read_text()
+    for old, new in edits:
+        assert old in text, f"{name}.def no longer contains {old!r}"
+        text = text.replace(old, new)
+    copy = tmp_path / f"{name}.def"
+    copy.write_text(text)
+    monkeypatch.setitem(c.DEFINITIONS, name, copy)
+    return copy
+
+
+PLUGIN_TEST = (
+    """    ldconfig -p | grep -qE 'lib(rccl|nccl)-net' || { echo "no RCCL network plugin (lib*ccl-net*.so): """
+    """RCCL between nodes would use TCP sockets"; exit 1; }\n"""
+)
+ROCM_BASE = (
+    "Bootstrap: localimage\nFrom: /appl/local/laifs/containers/lumi-multitorch-u24r70f21m50t210-20260415_130625/"
+    "lumi-multitorch-full-u24r70f21m50t210-20260415_130625.sif"
+)
+
+
+def test_a_rocm_image_without_lumis_rccl_plugin_or_new_enough_torch_is_reported(tmp_path, monkeypatch, capsys):
+    # What rocm.def was: ROCm's own base and the ROCm wheel of torch 2.5.1.
+    broken(
+        tmp_path,
+        monkeypatch,
+        "rocm",
+        (ROCM_BASE, "Bootstrap: docker\nFrom: rocm/dev-ubuntu-24.04:6.2.4"),
+        (
+            "/opt/venv/bin/python -m pip install --no-cache-dir /opt/fedhpc",
+            "/opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/rocm6.2 torch==2.5.1\n"
+            "    /opt/venv/bin/pip install /opt/fedhpc",
+        ),
+    )
+    found = problems("rocm")
+    assert len(found) == 2
+    assert found[0].startswith("rocm.def: base image 'rocm/dev-ubuntu-24.04:6.2.4' is not one of LUMI's PyTorch")
+    assert "RCCL between LUMI nodes falls back to TCP sockets" in found[0]
+    assert found[1].startswith("rocm.def: torch 2.5 has no torch.distributed.fsdp.fully_shard")
     assert main(["container", "check", "rocm"]) == 1
+    assert "rocm.def: torch 2.5" in capsys.readouterr().err
+
+
+def test_a_cuda_image_on_torch_2_5_is_reported(tmp_path, monkeypatch):
+    broken(
+        tmp_path,
+        monkeypatch,
+        "cuda",
+        ("From: pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime", "From: pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"),
+    )
+    assert problems("cuda") == [
+        "cuda.def: torch 2.5 has no torch.distributed.fsdp.fully_shard (FSDP2, public from torch 2.6), which "
+        "fsdp sites train with: use a base image or pin with torch >= 2.6"
+    ]
+
+
+def test_an_image_whose_torch_cannot_be_told_or_is_not_checked_is_reported(tmp_path, monkeypatch):
+    broken(tmp_path, monkeypatch, "cpu", ('"torch==2.13.0"', "torch"))
+    assert problems("cpu") == [
+        "cpu.def: cannot tell which torch the image gets: pin it in %post (torch==X.Y.Z) or use a base image "
+        "whose name carries its torch version"
+    ]
+    broken(tmp_path, monkeypatch, "cpu", ("from torch.distributed.fsdp import fully_shard; ", ""))
+    assert problems("cpu") == [
+        "cpu.def: %test does not import torch.distributed.fsdp.fully_shard, so a torch without it builds"
+    ]
+
+
+def test_a_rocm_image_without_the_slingshot_settings_is_reported(tmp_path, monkeypatch):
+    broken(
+        tmp_path,
+        monkeypatch,
+        "rocm",
+        ("    export CXI_FORK_SAFE_HP=1\n", ""),
+        (PLUGIN_TEST, ""),
+    )
+    assert problems("rocm") == [
+        "rocm.def: %environment does not set CXI_FORK_SAFE_HP=1 (libfabric's Slingshot provider in forked processes)",
+        "rocm.def: %test does not check that RCCL's network plugin (lib*ccl-net*.so) is in the image",
+    ]
+
+
+def test_lumi_environment_without_the_slingshot_binds_is_reported(tmp_path, monkeypatch):
+    import fedhpc.containers as c
+
+    env = tmp_path / "lumi.sh"
+    env.write_text("export SINGULARITY_BIND=/pfs,/scratch,/projappl,/project,/flash,/appl\n")
+    monkeypatch.setitem(c.RUN_ENVIRONMENTS, "rocm", env)
+    assert problems("rocm") == [
+        f"{env}: SINGULARITY_BIND does not bind /var/spool/slurmd,/opt/cray,/usr/lib64/libcxi.so.1: without them "
+        "RCCL's network plugin in the rocm image cannot reach Slurm and the Slingshot network, and falls back to "
+        "TCP sockets between nodes"
+    ]
+    # The shipped environment binds them, after the filesystems.
+    assert c.bind_paths(c.REPO / "envs" / "lumi.sh")[-3:] == list(c.SLINGSHOT_BINDS)
 
 
 def test_cli_check_passes_on_the_shipped_definitions(capsys):

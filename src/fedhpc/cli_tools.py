@@ -72,7 +72,7 @@ def cmd_container(a: argparse.Namespace) -> int:
         print(f"checked {', '.join(names)}: {'ok' if not found else f'{len(found)} problem(s)'}")
         return 1 if found else 0
     for n in names:
-        print(f"built {build(n, Path(a.out), fakeroot=not a.no_fakeroot)}")
+        print(f"built {build(n, Path(a.out), a.mode, Path(a.tmpdir) if a.tmpdir else None)}")
     return 0
 
 
@@ -133,11 +133,24 @@ def add_verbs(verb) -> None:
     dr.add_argument("--directory", default=".", help="working directory (default: .)")
     dr.add_argument("--site", help="multi-site mode: check only what this site runs")
     dr.add_argument("--json", action="store_true", help="print the checks as JSON")
+    from .containers import BUILD_MODES
+
     ct = verb("container", cmd_container, "check or build the Apptainer images (rocm, cuda, cpu)", config=False)
     ct.add_argument("action", choices=["check", "build"])
     ct.add_argument("name", nargs="?", default="all", choices=["rocm", "cuda", "cpu", "all"])
     ct.add_argument("--out", default="containers/images", help="where built .sif images go")
-    ct.add_argument("--no-fakeroot", action="store_true", help="build as root instead of with --fakeroot")
+    ct.add_argument(
+        "--mode",
+        choices=BUILD_MODES,
+        default="auto",
+        help="how to build without root: fakeroot, proot (SingularityCE; LUMI, after `module load systools`), "
+        "root; auto (default): root if you are, proot if SingularityCE finds it, else fakeroot",
+    )
+    ct.add_argument(
+        "--tmpdir",
+        help="the build's cache and temp dirs go under it (default: exported *_CACHEDIR/*_TMPDIR, else $TMPDIR "
+        "or /tmp; never under $HOME)",
+    )
     st = verb("status", cmd_status, "rounds × sites, wall times, deadlines, the sites' steps, the ETA", config=False)
     st.add_argument("run_dir", help="the run directory, results/<run>/ (a site's own one in multi-site mode)")
     st.add_argument("--watch", action="store_true", help="refresh until the federation is done (Ctrl-C stops)")
