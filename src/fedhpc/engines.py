@@ -17,7 +17,12 @@ import torch
 from .config import TrainingConfig
 from .distributed import World
 from .loop import make_optimizer
-from .model import Block, exported_state, trainable
+from .model import Block, trainable
+
+
+def on_cpu(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp32 copies on the CPU, where the update is taken against the global model."""
+    return {name: p.detach().to("cpu", torch.float32, copy=True).contiguous() for name, p in params.items()}
 
 
 class Engine:
@@ -62,8 +67,8 @@ class Engine:
         self.model.train(mode)
 
     def full_state(self) -> dict[str, torch.Tensor] | None:
-        """The whole model, fp32, by parameter name: on rank 0; None on the others."""
-        return exported_state(self.module) if self.world.is_main else None
+        """The whole model, fp32 on the CPU, by parameter name: on rank 0; None on the others."""
+        return on_cpu(trainable(self.module)) if self.world.is_main else None
 
     def optimizer_state(self) -> dict:
         return self.optimizer.state_dict()
@@ -204,16 +209,15 @@ class DeepSpeedEngine(Engine):
             group["lr"] = lr
 
     def full_state(self):
-        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
 
-        params = list(self.module.parameters())
-        gather = (
-            deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-            if self.ds_config["zero_optimization"]["stage"] == 3
-            else contextlib.nullcontext()
-        )
-        with gather:
-            return exported_state(self.module) if self.world.is_main else None
+        # The optimizer's fp32 master weights: in bf16 the module holds a rounded copy of them,
+        # and under ZeRO each rank a slice, so every rank takes part in assembling each one.
+        masters = {}
+        for name, p in trainable(self.module).items():
+            master = safe_get_full_fp32_param(p)  # None: no master copy (ZeRO-0 in fp32), p is it
+            masters[name] = p if master is None else master
+        return on_cpu(masters) if self.world.is_main else None
 
     @property
     def keeps_optimizer_state(self) -> bool:
