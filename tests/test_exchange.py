@@ -216,7 +216,7 @@ def test_s3_resume_fetches_only_the_missing_bytes(trust, tmp_path, s3_hub, monke
     dest = tmp_path / "site"
     (dest / ex.STAGING).mkdir(parents=True)
     (dest / ex.STAGING / "model.bin").write_bytes((src / "model.bin").read_bytes()[: 3 << 20])
-    client = ex._s3_client(s3_hub)
+    client = ex.s3_client(s3_hub)
     ranges = []
     real = client.get_object
     monkeypatch.setattr(client, "get_object", lambda **kw: ranges.append(kw.get("Range")) or real(**kw))

@@ -226,7 +226,7 @@ def rsync_hub(ex, label: str) -> Check:
     if not shutil.which("rsync"):
         return Check(label, "fail", "rsync is not on PATH", "install rsync (or `module load` it)")
     host, _, path = ex.hub.partition(":")
-    ssh = shlex.split(Rsync(ex.hub, ex.ssh_port, ex.ssh_key, ex.known_hosts, timeout=10)._ssh())
+    ssh = shlex.split(Rsync(ex.hub, ex.ssh_port, ex.ssh_key, ex.known_hosts, timeout=10).ssh_command())
     # The hub directory may not exist before the coordinator's first round: test its nearest ancestor.
     script = (
         f'p={shlex.quote(path or ".")}; while [ ! -e "$p" ]; do p=$(dirname "$p"); done; '
@@ -252,12 +252,12 @@ def rsync_hub(ex, label: str) -> Check:
 
 
 def s3_hub(ex, label: str) -> Check:
-    from .exchange import S3, TransferError, _s3_client
+    from .exchange import S3, TransferError, s3_client
 
     hub = S3(ex.hub, ex.s3_endpoint)
-    bucket, key = hub._where(f".fedhpc-doctor-{uuid.uuid4().hex}")
+    bucket, key = hub.location(f".fedhpc-doctor-{uuid.uuid4().hex}")
     try:
-        client = _s3_client(ex.s3_endpoint)
+        client = s3_client(ex.s3_endpoint)
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:

@@ -78,7 +78,7 @@ class Rsync:
     known_hosts: str | None = None
     timeout: int = 60
 
-    def _ssh(self) -> str:
+    def ssh_command(self) -> str:
         parts = ["ssh", "-p", str(self.port), "-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.timeout}"]
         if self.key:
             parts += ["-i", os.path.expanduser(self.key), "-o", "IdentitiesOnly=yes"]
@@ -90,7 +90,8 @@ class Rsync:
     def _rsync(self, src: str, dest: str) -> subprocess.CompletedProcess:
         # --partial keeps an interrupted file so the next attempt sends only what is missing;
         # rsync writes the receiving side under a temporary name and renames it when complete.
-        argv = ["rsync", "-s", "--partial", "--timeout", str(self.timeout), "--mkpath", "-e", self._ssh(), src, dest]
+        ssh = self.ssh_command()
+        argv = ["rsync", "-s", "--partial", "--timeout", str(self.timeout), "--mkpath", "-e", ssh, src, dest]
         return subprocess.run(argv, capture_output=True, text=True)
 
     def fetch(self, rel: str, dest: Path) -> bool:
@@ -114,7 +115,7 @@ class Rsync:
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_client(endpoint: str | None):
+def s3_client(endpoint: str | None):
     try:
         import boto3
     except ImportError:
@@ -134,7 +135,7 @@ class S3:
     url: str
     endpoint: str | None = None
 
-    def _where(self, rel: str) -> tuple[str, str]:
+    def location(self, rel: str) -> tuple[str, str]:
         bucket, _, prefix = self.url.removeprefix("s3://").partition("/")
         return bucket, f"{prefix.strip('/')}/{rel}".lstrip("/")
 
@@ -144,8 +145,8 @@ class S3:
     def fetch(self, rel: str, dest: Path) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        bucket, key = self._where(rel)
-        client = _s3_client(self.endpoint)
+        bucket, key = self.location(rel)
+        client = s3_client(self.endpoint)
         try:
             head = client.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
@@ -176,18 +177,18 @@ class S3:
         from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
-        bucket, key = self._where(rel)
+        bucket, key = self.location(rel)
         try:
-            _s3_client(self.endpoint).upload_file(str(src), bucket, key)
+            s3_client(self.endpoint).upload_file(str(src), bucket, key)
         except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
             raise self._fail("writing", rel, exc) from None
 
     def remove(self, rel: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        bucket, key = self._where(rel)
+        bucket, key = self.location(rel)
         try:
-            _s3_client(self.endpoint).delete_object(Bucket=bucket, Key=key)
+            s3_client(self.endpoint).delete_object(Bucket=bucket, Key=key)
         except (ClientError, BotoCoreError) as exc:
             raise self._fail("deleting", rel, exc) from None
 
