@@ -22,6 +22,8 @@ from fedhpc.devices import torch_gpu_family, what_the_job_sees
 from tests.rank_util import run_ranks
 from tests.workflow_util import env, snakemake_cmd, tiny_config, write_config
 
+# One worker builds each variant's federation (module-scoped), not both workers of `make test`.
+pytestmark = pytest.mark.xdist_group("gpu_smoke")
 VARIANTS = [pytest.param("gpu", marks=pytest.mark.gpu, id="gpu"), pytest.param("cpu", marks=pytest.mark.e2e, id="cpu")]
 ENGINES = ["ddp", "fsdp", "deepspeed"]
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
