@@ -15,7 +15,7 @@ from fedhpc.config import SiteConfig
 from fedhpc.containers import ContainerError
 from fedhpc.launch_prefix import train_prefix
 from tests.test_containers import fake_runtimes
-from tests.workflow_util import run_workflow, tiny_config, write_config
+from tests.workflow_util import REPO, run_workflow, tiny_config, write_config
 
 LUMI_TRAIN = {"mpi": "srun", "nodes": 2, "tasks_per_node": 8, "cpus_per_task": 7, "cpu_bind": "mask_cpu:0xfe"}
 
@@ -81,28 +81,48 @@ def test_a_node_without_a_runtime_names_the_site_and_what_to_do(tmp_path, monkey
     assert train_prefix("a100", site, {}, 2, runs_here=False) == "apptainer exec --nv /images/a100.sif "
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("runtime", ["singularity", "apptainer"])
-def test_a_federation_trains_its_gpu_sites_in_their_images_with_the_runtime_the_node_has(
-    tmp_path, monkeypatch, runtime
-):
-    """LUMI has only singularity, A100 clusters often only apptainer: a real round, each GPU site
-    in its image under the recording stand-in, CUDA with --nv."""
+def federation_in_images(tmp_path, monkeypatch, runtime: str, *profile: str, lumi_ranks: int = 1) -> dict:
+    """One round with the GPU sites in images and only `runtime`'s stand-in on PATH: each site's
+    recorded runtime calls (the laptop has no image and trains on the host)."""
     fake_runtimes(tmp_path, monkeypatch, runtime)
     log = tmp_path / "runtime.jsonl"
     monkeypatch.setenv("FAKE_RUNTIME_LOG", str(log))
     cfg = tiny_config(tmp_path, run=runtime, rounds=1)
-    cfg["sites"]["lumi"]["container"] = "/images/fedhpc-rocm.sif"
+    cfg["sites"]["lumi"].update(ranks_per_node=lumi_ranks, engine="ddp", container="/images/fedhpc-rocm.sif")
     cfg["sites"]["a100"]["container"] = "/images/fedhpc-cuda.sif"
     write_config(tmp_path, cfg)
-    run_workflow(tmp_path)
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
-    assert {c["runtime"] for c in calls} == {runtime}
-    trains = {c["argv"][c["argv"].index("--site") + 1]: c["argv"] for c in calls}
-    assert set(trains) == {"lumi", "a100"}  # the laptop has no image: it trains on the host
-    cfg_json = str(Path(cfg["output_dir"]) / runtime / "config.json")
-    for site, image, flags in (("lumi", "/images/fedhpc-rocm.sif", []), ("a100", "/images/fedhpc-cuda.sif", ["--nv"])):
-        assert trains[site][: 3 + len(flags)] == ["exec", *flags, image, "fedhpc"]
-        assert trains[site][3 + len(flags) :][:5] == ["train", "--config", cfg_json, "--round", "0000"]
+    run_workflow(tmp_path, *profile)
+    run = Path(cfg["output_dir"]) / runtime
     for site in cfg["sites"]:
-        assert (Path(cfg["output_dir"]) / runtime / "rounds" / "r0000" / "sites" / site / "receipt.json").exists()
+        assert (run / "rounds" / "r0000" / "sites" / site / "receipt.json").exists(), site
+    calls: dict[str, list] = {}
+    for line in log.read_text().splitlines():
+        call = json.loads(line)
+        assert call["runtime"] == runtime
+        calls.setdefault(call["argv"][call["argv"].index("--site") + 1], []).append(call["argv"])
+    train = ["train", "--config", str(run / "config.json"), "--round", "0000"]
+    for argv in calls["lumi"]:
+        assert argv[:8] == ["exec", "/images/fedhpc-rocm.sif", "fedhpc", *train]  # ROCm: no flag
+    for argv in calls["a100"]:
+        assert argv[:9] == ["exec", "--nv", "/images/fedhpc-cuda.sif", "fedhpc", *train]
+    return calls
+
+
+@pytest.mark.e2e
+def test_an_a100_clusters_apptainer_runs_the_gpu_sites_in_their_images(tmp_path, monkeypatch):
+    calls = federation_in_images(tmp_path, monkeypatch, "apptainer")
+    assert set(calls) == {"lumi", "a100"} and [len(c) for c in calls.values()] == [1, 1]
+
+
+@pytest.mark.e2e
+def test_on_slurm_each_rank_runs_in_the_image_under_the_compute_nodes_singularity(slurm, tmp_path, monkeypatch):
+    """LUMI's path through a real Slurm cluster, with only singularity: each job's own Snakemake
+    builds `srun … singularity exec <image>` on its compute node, and srun starts every rank in it."""
+    calls = federation_in_images(
+        tmp_path, monkeypatch, "singularity", "--profile", str(REPO / "profiles" / "ci-slurm"), lumi_ranks=2
+    )
+    assert {site: len(c) for site, c in calls.items()} == {"lumi": 2, "a100": 1}  # one call per rank
+    receipt = json.loads(
+        (tmp_path / "results" / "singularity" / "rounds" / "r0000" / "sites" / "lumi" / "receipt.json").read_text()
+    )
+    assert (receipt["ranks"], receipt["launcher"]) == (2, "slurm") and receipt["slurm_job_id"]
