@@ -13,7 +13,7 @@ import pytest
 
 from fedhpc.config import SiteConfig
 from fedhpc.containers import ContainerError
-from fedhpc.launch_prefix import train_prefix
+from fedhpc.launch_prefix import srun_prefix, train_prefix
 from tests.test_containers import fake_runtimes
 from tests.workflow_util import REPO, run_workflow, tiny_config, write_config
 
@@ -67,6 +67,12 @@ def test_a_slurm_conf_elsewhere_is_handed_on_to_srun(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_CONF", "/etc/b/slurm.conf")
     prefix = train_prefix("a100", SiteConfig(), {"mpi": "srun", "tasks_per_node": 4}, 16, runs_here=True)
     assert prefix.startswith("env SLURM_CONF=/etc/b/slurm.conf srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=4")
+
+
+def test_srun_for_a_fixed_number_of_tasks_is_the_aggregation_form(monkeypatch):
+    """The same srun part serves a job of N tasks on whatever nodes (MPI aggregation)."""
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    assert srun_prefix("srun", 7, ntasks=4) == "srun --kill-on-bad-exit=1 --ntasks=4 --cpus-per-task=7 "
 
 
 def test_a_node_without_a_runtime_names_the_site_and_what_to_do(tmp_path, monkeypatch):
