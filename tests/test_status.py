@@ -277,7 +277,7 @@ def test_progress_lines_print_when_a_round_ends_and_stop_cleanly(tmp_path):
     b.publish(3, "laptop", 120, 5000.0, start + 200)
     b.close(3)
     b.end(3, start + 300, 2.5)
-    while out.getvalue().count("\n") < 2 and time.time() < deadline:
+    while "round 3/6 done" not in out.getvalue() and time.time() < deadline:
         time.sleep(0.05)
     lines.stop()
     assert not lines.is_alive()

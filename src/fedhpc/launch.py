@@ -68,9 +68,10 @@ class ProgressLines(threading.Thread):
     """Prints `compact_line` to `out` when the latest round starts, closes or ends, and every
     `every` seconds in between; looks at the blackboard every `poll` seconds until stopped."""
 
-    def __init__(self, find_layout, every: float, poll: float = 2.0, out=None):
+    def __init__(self, find_layout, every: float, poll: float = 5.0, out=None):
         super().__init__(name="fedhpc-progress", daemon=True)  # never keeps a dying head process alive
         self.find_layout, self.every, self.out = find_layout, every, out or sys.stderr
+        # A look is a directory listing and a few small reads: cheap even on Lustre every 5 s.
         self.poll = min(poll, every) if every > 0 else poll
         self.stopped = threading.Event()
 
