@@ -151,6 +151,24 @@ def test_a_bind_path_that_does_not_exist_fails(runtime, tmp_path, capsys, monkey
     )
 
 
+def test_a_node_local_bind_missing_on_the_login_node_warns_and_the_image_is_still_probed(
+    runtime, tmp_path, capsys, monkeypatch
+):
+    # envs/lumi.sh binds slurmd's spool, which only compute nodes have: the runtime refuses a
+    # missing bind source, so the probe on the login node must run without it.
+    name, log = runtime
+    image = tmp_path / "fedhpc.sif"
+    image.write_text("an image")
+    cfg = tiny_config(tmp_path)
+    cfg["sites"]["laptop"]["container"] = str(image)
+    monkeypatch.setenv("SINGULARITY_BIND", f"{tmp_path},/var/spool/slurmd-not-on-this-node")
+    monkeypatch.setenv("APPTAINER_BIND", f"{tmp_path},/var/spool/slurmd-not-on-this-node")
+    _, checks = doctor(capsys, tmp_path, cfg)
+    assert checks["bind paths"]["status"] == "warn" and "slurmd-not-on-this-node" in checks["bind paths"]["detail"]
+    assert checks["site laptop"]["status"] == "ok", checks["site laptop"]
+    assert f"{name} exec {image} python -c" in log.read_text()
+
+
 def test_an_unwritable_run_directory_fails(tmp_path, capsys):
     cfg = tiny_config(tmp_path)
     cfg["output_dir"] = "/sys/fedhpc-results"  # sysfs takes no files, whoever asks (root included)

@@ -61,10 +61,10 @@ class Setup:
         return str(self.profile_dir / name)
 
 
-def run_command(argv: list[str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+def run_command(argv: list[str], timeout: float = TIMEOUT, env: dict | None = None) -> subprocess.CompletedProcess:
     """argv's result; a missing program or a timeout come back as a failed process, not an exception."""
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     except FileNotFoundError:
         return subprocess.CompletedProcess(argv, 127, "", f"{argv[0]}: command not found")
     except subprocess.TimeoutExpired:

@@ -11,9 +11,10 @@ from pathlib import Path
 from .doctor import Check, Setup, first_line, run_command
 
 # Run inside the image (or on the host) with nothing but the standard library and torch. RCCL's
-# network plugin (aws-ofi-rccl, librccl-net*.so) sits in /opt/aws-ofi-rccl in LUMI's PyTorch
-# containers and is found through LD_LIBRARY_PATH; without it RCCL between nodes falls back to
-# TCP sockets over Slingshot.
+# network plugin (aws-ofi-rccl: librccl-net*.so, or libnccl-net*.so in newer builds) sits in
+# /opt/aws-ofi-rccl in older LUMI PyTorch containers and in the system library directory of the AI
+# Factory images (where containers/rocm.def's %test finds it with ldconfig); without it RCCL
+# between nodes falls back to TCP sockets over Slingshot.
 PROBE = r"""
 import glob, importlib.util, json, os, shutil, sys
 out = {"python": sys.version.split()[0], "fedhpc": shutil.which("fedhpc")}
@@ -28,8 +29,10 @@ try:
 except Exception as exc:
     out["torch_error"] = f"{type(exc).__name__}: {exc}"
 out["deepspeed"] = importlib.util.find_spec("deepspeed") is not None
-dirs = ["/opt/aws-ofi-rccl", "/opt/aws-ofi-rccl/lib", *os.environ.get("LD_LIBRARY_PATH", "").split(":")]
-out["rccl_net"] = sorted({p for d in dirs if d for p in glob.glob(os.path.join(d, "librccl-net*.so"))})
+dirs = ["/opt/aws-ofi-rccl", "/opt/aws-ofi-rccl/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/local/lib",
+        *os.environ.get("LD_LIBRARY_PATH", "").split(":")]
+out["rccl_net"] = sorted({p for d in dirs if d for n in ("librccl-net*.so*", "libnccl-net*.so*")
+                          for p in glob.glob(os.path.join(d, n))})
 print("FEDHPC-DOCTOR " + json.dumps(out))
 """
 PROBE_TIMEOUT = 300  # importing torch from a fresh image on Lustre takes a while the first time
@@ -38,7 +41,7 @@ DEFINITION = {"rocm": "containers/rocm.def", "cuda": "containers/cuda.def", "cpu
 
 def probe(argv_prefix: list[str]) -> tuple[dict | None, str]:
     """What PROBE finds when run by `argv_prefix + [python, -c, PROBE]`; (None, why) when it did not run."""
-    proc = run_command([*argv_prefix, "-c", PROBE], timeout=PROBE_TIMEOUT)
+    proc = run_command([*argv_prefix, "-c", PROBE], timeout=PROBE_TIMEOUT, env=existing_binds(os.environ))
     for line in proc.stdout.splitlines():
         if line.startswith("FEDHPC-DOCTOR "):
             return json.loads(line.removeprefix("FEDHPC-DOCTOR ")), ""
@@ -223,6 +226,17 @@ def bind_paths(setup: Setup, runtime: str) -> tuple[str, list[str]]:
             if m := re.match(rf"^\s*export\s+{var}=[\"']?([^\"'$]+)", line):
                 return str(env_file), _sources(m.group(1))
     return "", []
+
+
+def existing_binds(env: dict[str, str]) -> dict[str, str]:
+    """`env` with the bind variables cut to sources that exist here: lumi.sh binds slurmd's spool,
+    which exists on compute nodes only, and a missing bind source stops the runtime before the
+    probe runs (bind_checks reports the missing ones separately)."""
+    out = dict(env)
+    for var in ("APPTAINER_BIND", "SINGULARITY_BIND"):
+        if env.get(var):
+            out[var] = ",".join(e for e in env[var].split(",") if e.strip() and Path(e.split(":")[0]).exists())
+    return out
 
 
 def _sources(spec: str) -> list[str]:
