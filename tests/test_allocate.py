@@ -325,3 +325,83 @@ def test_batch_shape_invariants():
                     assert s.sequences_per_step == s.micro_batch * s.grad_accum * s.devices, case
                     # No micro-step is wasted: one fewer accumulation step could not reach the target.
                     assert (s.grad_accum - 1) * s.micro_batch * devices < target, case
+
+
+# ---------------------------------------------------------------- trainable slices
+
+
+def slices(plan: dict) -> dict[str, int]:
+    return {s: e["tokens"] for s, e in plan["sites"].items()}
+
+
+def test_a_short_last_shard_is_never_planned_alone_below_what_its_site_can_train():
+    # The small site's epoch ends on a 10-token shard; its quota (~100 tokens a round) makes the
+    # walk take that shard alone at every epoch boundary, unless the planner looks further.
+    sites = {"big": SiteConfig(), "small": SiteConfig()}
+    shards = pinned("big", 20) + pinned("small", 4) + [Shard("small-end", 10, "small")]
+    need = {"big": 150, "small": 150}
+    before = run_rounds(12, shards, sites, 700, seed=4)
+    assert any(0 < p["sites"]["small"]["tokens"] < 150 for p in before), "the scenario must arise without the fix"
+    plans, state = [], None
+    for r in range(12):
+        plans.append(make_plan(r, shards, sites, 700, 4, state, min_tokens=need))
+        state = plans[-1]["state"]
+    for p in plans:
+        assert all(t == 0 or t >= 150 for t in slices(p).values()), (p["round"], slices(p))
+    # Every shard once per epoch of its pool: the small pool (5 shards) went through 3 epochs.
+    uses = Counter(sid for p in plans for sid in all_shards(p))
+    small = {sid: n for sid, n in uses.items() if sid.startswith("small")}
+    assert plans[-1]["state"]["small"]["epoch"] >= 3 and len(set(small.values()) - {3, 4}) == 0, small
+
+
+def test_a_shared_shard_left_alone_on_an_idle_site_goes_to_a_site_that_trains_anyway():
+    sites = {"a": SiteConfig(), "b": SiteConfig()}
+    # a's pinned data fills the round; the shared pool's only shard this round is a 30-token one,
+    # which earliest-finish places on idle b.
+    shards = pinned("a", 4) + [Shard("tiny", 30, None)]
+    plain = make_plan(0, shards, sites, 430, seed=0)
+    assert plain["sites"]["b"]["shards"] == ["tiny"]
+    plan = make_plan(0, shards, sites, 430, seed=0, min_tokens={"a": 100, "b": 100})
+    assert plan["sites"]["b"]["shards"] == [] and "tiny" in plan["sites"]["a"]["shards"]
+    assert plan["participants"] == ["a"] and plan["sites"]["a"]["tokens"] == 430
+    assert "shared shard tiny moved from 'b' to 'a': alone it was less than 'b' can train" in plan["notes"]
+
+
+def test_a_site_whose_whole_pinned_data_is_too_small_is_topped_up_with_shared_shards_or_sits_out():
+    sites = {"a": SiteConfig(), "b": SiteConfig()}
+    shards = [Shard("a-only", 40, "a")] + shared(6, tokens=50)
+    plan = make_plan(0, shards, sites, 340, seed=1, min_tokens={"a": 120, "b": 120})
+    a, b = plan["sites"]["a"], plan["sites"]["b"]
+    assert "a-only" in a["shards"] and a["tokens"] >= 120 and b["tokens"] >= 120
+    assert a["tokens"] + b["tokens"] == 340  # nothing dropped: shared shards changed hands
+    # No shared data to spare: the pinned shard sits this round out, and the plan says why.
+    alone = make_plan(
+        0, [Shard("a-only", 40, "a")] + pinned("b", 3), sites, 340, seed=1, min_tokens={"a": 120, "b": 120}
+    )
+    assert alone["sites"]["a"]["shards"] == [] and alone["participants"] == ["b"]
+    assert any(
+        n.startswith("site 'a': its pinned data in this round (40 tokens, all it holds)") for n in alone["notes"]
+    )
+
+
+def test_shared_shards_no_site_can_train_this_round_move_to_the_next_one():
+    sites = {"a": SiteConfig(), "b": SiteConfig()}
+    shards = [Shard("s-small", 30, None)] + [Shard(f"s{i}", 100, None) for i in range(4)]
+    state, plans = None, []
+    need = {"a": 120, "b": 120}
+    for r in range(6):
+        plans.append(make_plan(r, shards, sites, 100, 3, state, min_tokens=need))
+        state = plans[-1]["state"]
+    for p in plans:
+        assert all(t == 0 or t >= 120 for t in slices(p).values()), (p["round"], slices(p))
+    deferred = [p for p in plans if any("moved to the next round" in n for n in p["notes"])]
+    assert deferred, [p["notes"] for p in plans]
+    # Carried, not lost: the deferred shard is in the next plan, and the first epoch trains every shard once.
+    r = deferred[0]["round"]
+    moved = deferred[0]["state"][SHARED]["carry"]
+    assert moved and set(moved) <= set(all_shards(plans[r + 1]))
+    # The walk's first epoch ends in round 3; its last shard, deferred, is trained in round 4.
+    first_epoch = [sid for p in plans[:3] for sid in all_shards(p)] + [
+        sid for sid in all_shards(plans[4]) if sid in plans[3]["state"][SHARED]["carry"]
+    ]
+    assert sorted(first_epoch) == sorted(s.id for s in shards)

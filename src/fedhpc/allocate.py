@@ -37,6 +37,7 @@ def make_plan(
     prev_state: dict | None = None,
     requeue: list[str] | None = None,
     measured: dict[str, tuple[float, str]] | None = None,
+    min_tokens: dict[str, int] | None = None,
 ) -> dict:
     """Assign shards to sites for round `r`. Pure: the same arguments give the same plan.
 
@@ -48,6 +49,8 @@ def make_plan(
     `requeue` holds shards of the previous round that produced no accepted update; they are
     taken first. `measured` overrides sites' declared throughput with what their receipts
     showed (value, explanation), so a straggler gets fewer shared shards next time.
+    `min_tokens` is the smallest slice each site can train (a round's sequences after its
+    held-back slice); no site is planned a smaller one (see `_trainable`).
     """
     speed = {n: (measured or {}).get(n, (sites[n].throughput, ""))[0] for n in sites}
     by_id = {s.id: s for s in shards}
@@ -81,8 +84,10 @@ def make_plan(
                 got += by_id[sid].tokens
         order = _epoch_order(pool, ids, st["epoch"], seed)
         walked = 0
-        # Take whole shards while that brings us closer to the quota; at most one pass per round.
-        while walked < len(ids) and got + by_id[order[st["position"]]].tokens / 2 <= quota:
+        need = (min_tokens or {}).get(pool, 0) if pool != SHARED else 0
+        # Take whole shards while that brings us closer to the quota, and past it while the owner's
+        # slice is too small to train (an epoch's short last shard); at most one pass per round.
+        while walked < len(ids) and (got + by_id[order[st["position"]]].tokens / 2 <= quota or 0 < got < need):
             sid = order[st["position"]]
             if sid in taken[pool]:
                 st["carry"].append(sid)  # keep its place in this epoch: take it next round
@@ -111,6 +116,14 @@ def make_plan(
         best = min(names, key=lambda n: ((load[n] + tok) / speed[n], sites[n].energy_weight, n))
         assigned[best].append(sid)
         load[best] += tok
+    if min_tokens:
+        moved = _trainable(assigned, load, pinned_tokens, by_id, sites, speed, min_tokens)
+        notes += moved.notes
+        if moved.deferred:
+            # Back to the shared pool: taken first next round, with the quota they did not use.
+            st = state[SHARED]
+            st["carry"] = [*moved.deferred, *st["carry"]]
+            st["debt"] += sum(by_id[i].tokens for i in moved.deferred)
 
     thr_total = sum(speed[n] for n in names)
     round_tokens = sum(load.values())
@@ -141,6 +154,93 @@ def make_plan(
         "state": state,
         "notes": notes,
     }
+
+
+@dataclass
+class _Moved:
+    notes: list[str]
+    deferred: list[str]  # shared shards no site could train this round
+
+
+def _trainable(
+    assigned: dict[str, list[str]],
+    load: dict[str, int],
+    pinned_tokens: dict[str, int],
+    by_id: dict[str, Shard],
+    sites: dict[str, SiteConfig],
+    speed: dict[str, float],
+    need: dict[str, int],
+) -> _Moved:
+    """Leave no site a slice smaller than it can train (`need`), moving shards in place.
+
+    A site whose whole pinned pool is smaller is topped up with shared shards other sites can
+    spare; if none can, its pinned shards sit this round out. A site holding only a few small
+    shared shards (an epoch's short last shard placed on an idle site) hands them to sites that
+    train anyway; shards nobody can take go back to the pool for the next round.
+    """
+    notes: list[str] = []
+    names = sorted(assigned)
+    small = [n for n in names if 0 < load[n] < need.get(n, 0)]
+
+    def shared_of(n: str) -> list[str]:
+        return [i for i in assigned[n] if by_id[i].residency is None]
+
+    def move(sid: str, src: str, dst: str) -> None:
+        assigned[src].remove(sid)
+        assigned[dst].append(sid)
+        load[src] -= by_id[sid].tokens
+        load[dst] += by_id[sid].tokens
+
+    for n in [n for n in small if pinned_tokens[n]]:
+        spare = sorted(
+            ((by_id[i].tokens, i, d) for d in names if d != n for i in shared_of(d)), key=lambda x: (x[0], x[1])
+        )
+        for tok, sid, donor in spare:
+            if load[n] >= need[n]:
+                break
+            if load[donor] - tok == 0 or load[donor] - tok >= need.get(donor, 0):
+                move(sid, donor, n)
+        if load[n] < need[n]:
+            gone = [i for i in assigned[n] if by_id[i].residency is not None]
+            notes.append(
+                f"site {n!r}: its pinned data in this round ({pinned_tokens[n]} tokens, all it holds) is less than "
+                f"the smallest slice it can train ({need[n]} tokens) and no shared shards were to spare; "
+                f"{', '.join(gone)} not trained this round"
+            )
+            for sid in gone:
+                assigned[n].remove(sid)
+                load[n] -= by_id[sid].tokens
+            pinned_tokens[n] = 0
+    orphans: list[str] = []
+    for n in [n for n in small if 0 < load[n] < need[n]]:
+        for sid in sorted(shared_of(n), key=lambda i: (-by_id[i].tokens, i)):
+            tok = by_id[sid].tokens
+            takers = [m for m in names if m != n and load[m] >= max(1, need.get(m, 0))]
+            if not takers:
+                assigned[n].remove(sid)
+                load[n] -= tok
+                orphans.append(sid)
+                continue
+            best = min(takers, key=lambda m: ((load[m] + tok) / speed[m], sites[m].energy_weight, m))
+            move(sid, n, best)
+            notes.append(f"shared shard {sid} moved from {n!r} to {best!r}: alone it was less than {n!r} can train")
+    if orphans:
+        total = sum(by_id[i].tokens for i in orphans)
+        fits = [m for m in names if load[m] + total >= need.get(m, 0)]
+        if fits:
+            best = min(fits, key=lambda m: ((load[m] + total) / speed[m], sites[m].energy_weight, m))
+            assigned[best].extend(orphans)
+            load[best] += total
+            notes.append(
+                f"shared shards {', '.join(orphans)} trained together by {best!r}: apart, no site could train them"
+            )
+            orphans = []
+        else:
+            notes.append(
+                f"shared shards {', '.join(orphans)} ({total} tokens) are less than any site can train: "
+                "moved to the next round"
+            )
+    return _Moved(notes, orphans)
 
 
 def learned_throughput(declared: dict[str, float], tokens_per_second: dict[str, float]) -> dict[str, tuple[float, str]]:

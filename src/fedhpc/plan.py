@@ -114,6 +114,20 @@ def collect_catalogues(
     return found, [*missing, *bad], notes
 
 
+def smallest_trainable(train_tokens, limit: int = 1 << 40) -> int:
+    """The fewest tokens t with train_tokens(t) > 0 (it grows with t): what a site's slice must hold."""
+    hi = 1
+    while not train_tokens(hi):
+        if hi >= limit:
+            raise PlanError(f"no slice of up to {limit} tokens can be trained")
+        hi *= 2
+    lo = hi // 2  # untrainable (or 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if train_tokens(mid) else (mid, hi)
+    return hi
+
+
 def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dict:
     sites, joined = identified_sites(cfg, trust, r)
     prev_plan = read_json(layout.plan(r - 1)) if r > 0 else {}
@@ -143,14 +157,25 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
             if not math.isfinite(tps[site]):
                 del tps[site]
         measured = learned_throughput({n: s.throughput for n, s in sites.items()}, tps)
-    plan = make_plan(r, shards, sites, cfg.rounds.tokens_per_round, cfg.seed, prev, requeue, measured)
+    task = load_task(cfg)
+    slicer = getattr(task, "plan_slice", None)  # tasks that say how a site trains a slice of N tokens
+    floor = None
+    if slicer is not None:
+        floor = {n: smallest_trainable(lambda t, n=n: slicer(n, cfg.sites[n], data, t)["train_tokens"]) for n in sites}
+    plan = make_plan(r, shards, sites, cfg.rounds.tokens_per_round, cfg.seed, prev, requeue, measured, floor)
     plan["notes"] = joined + notes + plan["notes"]
     plan["catalogues"] = catalogues
     plan["catalogue_missing"] = uncatalogued
-    task = load_task(cfg)
     for name, entry in plan["sites"].items():
         # What the task plans per site from its capability profile (e.g. the batch its memory holds).
         entry.update(task.plan_site(name, cfg.sites[name], data))
+        if slicer is not None and entry["tokens"]:
+            # What its receipt will claim: tokens planned = tokens trained, and why the rest is not.
+            part = slicer(name, cfg.sites[name], data, entry["tokens"])
+            entry.update(
+                train_tokens=part["train_tokens"], held_back_tokens=part["held_back_tokens"], steps=part["steps"]
+            )
+            entry["reason"] += f"; {part['slice']}"
     plan.update(run=cfg.run, created=time.time(), requeued=requeue)
     plan = sign_document(plan, COORDINATOR, trust.private_key(COORDINATOR))
     write_json(layout.plan(r), plan)

@@ -106,6 +106,14 @@ def spearman(x: list[float], y: list[float]) -> float:
     return value if math.isfinite(value) else 0.0
 
 
+def min_embedding_slice(eval_fraction: float) -> int:
+    """The fewest pairs a site can train a round on: two after the held-back slice."""
+    n = 4
+    while n - max(2, int(n * eval_fraction)) < 2:
+        n += 1
+    return n
+
+
 def distinct_batches(pairs: list[dict], size: int, rng: random.Random) -> list[list[dict]]:
     """Shuffled batches of `size`, each with as few repeated entities as the data allows: two pairs
     about the same entity would be each other's false negatives under an in-batch ranking loss."""
@@ -228,6 +236,21 @@ class EmbeddingTask(Task):
             raise TrainingError(f"site {site!r}: {exc}") from None
         return {"batch_size": batch, "mini_batch_size": mini, "loss_function": self.options.loss}
 
+    def plan_slice(self, site, site_cfg, manifest, tokens: int) -> dict[str, Any]:
+        """How the site will train a slice of `tokens` pairs (see TokenLMTask.plan_slice)."""
+        batch = self.plan_site(site, site_cfg, manifest)["batch_size"]
+        held = max(2, int(tokens * self.cfg.training.local_eval_fraction))
+        train = max(0, tokens - held)
+        trained = train - train % batch if train >= batch else train if train >= 2 else 0
+        why = (
+            f"trains {trained} of its {tokens} pairs in {max(1, trained // batch)} batch(es) of up to {batch}; "
+            f"{held} held back to score its loss before/after"
+            + (f", {train - trained} left over (less than a batch)" if train > trained else "")
+            if trained
+            else f"its {tokens} pairs leave fewer than 2 to train after the held-back slice"
+        )
+        return {"train_tokens": trained, "held_back_tokens": held, "steps": -(-trained // batch), "slice": why}
+
     # -- training --------------------------------------------------------------------------
     def _loss(self, model, mini_batch: int):
         from sentence_transformers.sentence_transformer.losses import (
@@ -279,9 +302,13 @@ class EmbeddingTask(Task):
         model.eval()
         before = self._mean_loss(model, held, batch, rc.device)
         batches = distinct_batches(train, batch, random.Random(rc.seed("order")))
+        if not batches and len(train) >= 2:
+            # Fewer pairs than a batch (a small site at an epoch boundary): one smaller batch of them all.
+            batches = distinct_batches(train, len(train), random.Random(rc.seed("order")))
         if not batches:
             raise TrainingError(
-                f"site {rc.site!r}, round {rc.round}: {len(train)} pairs cannot fill a batch of {batch}"
+                f"site {rc.site!r}, round {rc.round}: {len(train)} pair(s) after the held-back slice; an in-batch "
+                f"ranking loss needs 2; plan at least {min_embedding_slice(rc.cfg.training.local_eval_fraction)} pairs"
             )
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.options.lr, weight_decay=0.01)
@@ -314,7 +341,7 @@ class EmbeddingTask(Task):
         seconds = time.perf_counter() - t0
         model.eval()
         after = self._mean_loss(model, held, batch, rc.device)
-        trained = len(batches) * batch
+        trained = sum(len(b) for b in batches)
         return LocalResult(
             state=exported_state(model),
             tokens=trained,

@@ -91,6 +91,33 @@ class TokenLMTask(Task):
         shape = self.batch(site, site_cfg, manifest["tokenizer"]["vocab_size"])
         return {"micro_batch": shape.micro_batch, "grad_accum_planned": shape.grad_accum}
 
+    def plan_slice(self, site: str, site_cfg: SiteConfig, manifest: dict, tokens: int) -> dict[str, Any]:
+        """How the site will train a slice of `tokens` tokens: what `train_round` does with it, in
+        numbers the plan records (`train_tokens` is what its receipt will claim; 0: it cannot train it)."""
+        shape = self.batch(site, site_cfg, manifest["tokenizer"]["vocab_size"])
+        windows = max(0, (tokens - 1) // self.seq_len)
+        n_train = split_windows(windows, self.cfg.training.local_eval_fraction, shape.devices)
+        per_step = shape.sequences_per_step
+        full, last = divmod(n_train, per_step)
+        steps = full + (last > 0)
+        held = windows - n_train
+        unused = tokens - windows * self.seq_len
+        if n_train == 0:
+            why = f"its {tokens} tokens make {windows} windows, too few to train after the held-back slice"
+        else:
+            why = f"trains {n_train * self.seq_len} of its {tokens} tokens: {n_train} sequences in {steps} step(s)"
+            if last:
+                why += f", the last of {last} sequences (a smaller step, at {last}/{per_step} of the lr)"
+            why += f"; {held} sequences held back to score its loss before/after"
+            if unused:
+                why += f", {unused} tokens outside any window"
+        return {
+            "train_tokens": n_train * self.seq_len,
+            "held_back_tokens": held * self.seq_len,
+            "steps": steps,
+            "slice": why,
+        }
+
     # -- training --------------------------------------------------------------------------
     def train_round(self, rc: RoundContext) -> LocalResult:
         import torch
@@ -104,9 +131,9 @@ class TokenLMTask(Task):
         site_cfg = rc.site_cfg
         tokens = torch.from_numpy(np.concatenate([rc.read_shard(s).astype("int64") for s in rc.shards]))
         windows = to_windows(tokens, self.seq_len)
-        n_eval = max(world.size, int(len(windows) * cfg.training.local_eval_fraction))
+        n_train = split_windows(len(windows), cfg.training.local_eval_fraction, world.size)
         # The held-back tail is the site's own held-out slice for loss before/after.
-        train_w, eval_w = windows[:-n_eval], windows[-n_eval:]
+        train_w, eval_w = windows[:n_train], windows[n_train:]
 
         vocab = rc.global_meta["vocab_size"]
         shape = batch_shape(
@@ -118,10 +145,12 @@ class TokenLMTask(Task):
             cfg.training.max_micro_batch,
             devices=world.size,
         )
-        if len(train_w) < shape.sequences_per_step:
+        if n_train == 0:
+            # The planner never plans such a slice (plan_slice); a plan made by hand might.
             raise TrainingError(
-                f"site {site!r}, round {r}: {len(train_w)} training sequences cannot fill one optimizer step "
-                f"of {shape.sequences_per_step}; raise rounds.tokens_per_round or lower training.batch_tokens"
+                f"site {site!r}, round {r}: {len(windows)} windows of {self.seq_len + 1} tokens leave no training "
+                f"sequence for each of its {world.size} rank(s) after the held-back slice; plan at least "
+                f"{min_slice_tokens(self.seq_len, cfg.training.local_eval_fraction, world.size)} tokens for it"
             )
         model = self.build_module(vocab, rc.global_meta)
         load_exported_state(model, rc.global_state)
@@ -232,6 +261,26 @@ class TokenLMTask(Task):
         return mean_loss(
             lambda x, y: model(x, y)[1], windows, self.cfg.evaluation.batch_size, torch.device("cpu"), "fp32"
         )
+
+
+def split_windows(windows: int, eval_fraction: float, ranks: int) -> int:
+    """How many of a round's `windows` a site trains; the rest are its held-back tail (loss before/after).
+
+    At least one window per rank is held back, and the trained windows are a whole number per
+    rank: the loop shares them out by stride, and a rank with one fewer sequence would leave the
+    others' collectives waiting, so what would not divide goes to the held-back tail instead.
+    """
+    held = max(ranks, int(windows * eval_fraction))
+    train = max(0, windows - held)
+    return train - train % ranks
+
+
+def min_slice_tokens(seq_len: int, eval_fraction: float, ranks: int) -> int:
+    """The fewest tokens a site of `ranks` ranks can train a round on (one sequence per rank)."""
+    windows = 1
+    while split_windows(windows, eval_fraction, ranks) == 0:
+        windows += 1
+    return windows * seq_len + 1
 
 
 def pooled(domains: dict[str, dict]) -> dict[str, Any]:
