@@ -233,3 +233,22 @@ def test_sdm_apptainer_runs_coordinator_rules_in_the_image_and_training_in_the_s
     site = [c for c in calls if "/images/laptop-cpu.sif" in c]
     assert len(site) == 1 and "fedhpc train" in site[0] and "--site laptop" in site[0]
     assert (tmp_path / "results" / "images" / "summary.json").exists()
+
+
+def test_an_image_that_copies_the_whole_checkout_is_reported(tmp_path, monkeypatch):
+    # `. /opt/fedhpc` put .venv (GBs), results/ (a site's data) and keys/ into every image.
+    broken(
+        tmp_path,
+        monkeypatch,
+        "cpu",
+        (
+            "    pyproject.toml /opt/fedhpc/pyproject.toml\n    README.md /opt/fedhpc/README.md\n"
+            "    src /opt/fedhpc/src\n",
+            "    . /opt/fedhpc\n",
+        ),
+    )
+    assert problems("cpu") == [
+        "cpu.def: %files does not copy pyproject.toml and src/ to /opt/fedhpc",
+        "cpu.def: %files copies the whole checkout (.), with .venv, results/ and keys/: copy pyproject.toml, "
+        "README.md and src/ only",
+    ]

@@ -161,8 +161,14 @@ def problems(name: str) -> list[str]:
     """What is wrong with a definition; empty when it is fit to build."""
     r = recipe(name)
     found = base_problems(name, r) + torch_problems(name, r)
-    if not any(f.split()[-1] == "/opt/fedhpc" for f in r.files):
-        found.append(f"{name}.def: %files does not copy the repository to /opt/fedhpc")
+    copied = {f.split()[0]: f.split()[-1] for f in r.files if f.split()}
+    if copied.get("src") != "/opt/fedhpc/src" or copied.get("pyproject.toml") != "/opt/fedhpc/pyproject.toml":
+        found.append(f"{name}.def: %files does not copy pyproject.toml and src/ to /opt/fedhpc")
+    if whole := [src for src in copied if src in (".", "./")]:
+        found.append(
+            f"{name}.def: %files copies the whole checkout ({whole[0]}), with .venv, results/ and keys/: "
+            "copy pyproject.toml, README.md and src/ only"
+        )
     if not any("install" in line and "/opt/fedhpc" in line for line in r.install):
         found.append(f"{name}.def: %post does not install fedhpc from /opt/fedhpc")
     if not r.test_script:
