@@ -70,20 +70,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import shutil
-import signal
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from fedbench import fmt, gap, median, outcome, run_federation
 
 # Heterogeneous sites: different tokens per optimizer step (so different step counts per
 # token) and different throughputs (so different shares of the shared data).
@@ -199,67 +190,10 @@ def config(a: argparse.Namespace, variant: str, seed: int, out: Path) -> dict:
 
 
 def run_one(a: argparse.Namespace, variant: str, seed: int, keep_root: Path | None) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix=f"conv-{variant}-s{seed}-", dir=keep_root))
-    cfg = config(a, variant, seed, tmp)
-    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    cmd = [
-        str(BIN / "fedhpc"), "run", "--profile", str(REPO / "profiles" / "local"),
-        "--directory", str(tmp), "--configfile", str(tmp / "config.yaml"),
-    ]  # fmt: skip
-    if a.cores:
-        cmd += ["--cores", str(a.cores)]
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    t0 = time.perf_counter()
-    # Own session: on timeout the whole Snakemake tree is stopped, and nothing else.
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    res = run_federation(
+        lambda tmp: config(a, variant, seed, tmp), f"conv-{variant}-s{seed}", a.cores, a.timeout, a.keep, keep_root
     )
-    try:
-        _, stderr = proc.communicate(timeout=a.timeout)
-        rc, err = proc.returncode, stderr[-3000:]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.communicate()
-        rc, err = "timeout", f"no result after {a.timeout} s; logs in {tmp}"
-    wall = time.perf_counter() - t0
-    summary_path = Path(cfg["output_dir"]) / variant / "summary.json"
-    res = {"variant": variant, "seed": seed, "wall_seconds": wall, "dir": str(tmp) if a.keep else None}
-    if summary_path.exists():
-        s = json.loads(summary_path.read_text())
-        res.update(
-            final_eval_loss=s["final_eval_loss"],
-            initial_eval_loss=s["initial_eval_loss"],
-            entropy_floor=s["entropy_floor"],
-            final_eval_by_domain=s["final_eval_by_domain"],
-            rounds_completed=s["rounds_completed"],
-            rollbacks=s["rollbacks"],
-            excluded_updates=len(s["excluded_updates"]),
-            eval_history=[h["eval_loss"] for h in s["history"]],
-        )
-    else:
-        res.update(final_eval_loss=None, error=f"rc={rc}: {err}")
-        if not a.keep:
-            keep = Path(tempfile.mkdtemp(prefix=f"conv-failed-{variant}-s{seed}-"))
-            shutil.copytree(tmp, keep, dirs_exist_ok=True)
-            res["dir"] = str(keep)  # kept for diagnosis
-    if not a.keep:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return res
-
-
-def gap(fed: float | None, central: float | None) -> float | None:
-    if fed is None or central is None:
-        return None
-    return 100.0 * (fed - central) / central
-
-
-def median(xs: list) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def fmt(x: float | None, spec: str) -> str:
-    return "—" if x is None else format(x, spec)
+    return {"variant": variant, "seed": seed, **res}
 
 
 def parse_per_variant(items: list[str], what: str) -> dict[str, float]:
@@ -322,13 +256,9 @@ def main() -> None:
         for variant in variants:
             res = run_one(a, variant, seed, keep_root)
             runs.append(res)
-            if "error" in res:
-                extra = "FAILED " + (res["error"].strip().splitlines() or ["?"])[-1]
-            else:
-                extra = f"rollbacks {res['rollbacks']} excluded {res['excluded_updates']}"
             print(
                 f"seed {seed} {variant:17s} final {fmt(res['final_eval_loss'], '.4f')}  "
-                f"wall {res['wall_seconds']:6.1f} s  {extra}" + (f"  dir {res['dir']}" if res["dir"] else ""),
+                f"wall {res['wall_seconds']:6.1f} s  {outcome(res)}" + (f"  dir {res['dir']}" if res["dir"] else ""),
                 flush=True,
             )
 
