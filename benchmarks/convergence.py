@@ -74,7 +74,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedbench import fmt, gap, median, outcome, run_federation
+from fedbench import fmt, gap, key_values, median, outcome, run_federation
 
 # Heterogeneous sites: different tokens per optimizer step (so different step counts per
 # token) and different throughputs (so different shares of the shared data).
@@ -196,16 +196,6 @@ def run_one(a: argparse.Namespace, variant: str, seed: int, keep_root: Path | No
     return {"variant": variant, "seed": seed, **res}
 
 
-def parse_per_variant(items: list[str], what: str) -> dict[str, float]:
-    out = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        if name not in VARIANTS or not value:
-            raise SystemExit(f"--{what} takes VARIANT=VALUE with VARIANT one of {sorted(VARIANTS)}; got {item!r}")
-        out[name] = float(value)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=6)
@@ -242,9 +232,9 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=3, help="Snakemake cores (0: the profile's)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per federation run")
     a = ap.parse_args()
-    a.server_lr = parse_per_variant(a.server_lr, "server-lr")
-    a.local_lr = parse_per_variant(a.local_lr, "local-lr")
-    a.momentum = parse_per_variant(a.momentum, "momentum")
+    a.server_lr = key_values(a.server_lr, "server-lr", float, list(VARIANTS))
+    a.local_lr = key_values(a.local_lr, "local-lr", float, list(VARIANTS))
+    a.momentum = key_values(a.momentum, "momentum", float, list(VARIANTS))
     # The baseline always runs, unless left out on purpose (exploring: no gaps then).
     variants = ([] if a.no_central else ["central"]) + [v for v in a.variants if v != "central"]
     keep_root = Path(tempfile.mkdtemp(prefix="fedhpc-convergence-")) if a.keep else None

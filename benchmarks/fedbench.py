@@ -100,3 +100,15 @@ def median(xs: list) -> float | None:
 
 def fmt(x: float | None, spec: str) -> str:
     return "—" if x is None else format(x, spec)
+
+
+def key_values(items: list[str], flag: str, cast, keys: list[str] | None = None) -> dict:
+    """The KEY=VALUE arguments of `--flag` as a dict; with `keys`, KEY must be one of them."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if not key or not value or (keys is not None and key not in keys):
+            allowed = f" with KEY one of {sorted(keys)}" if keys is not None else ""
+            raise SystemExit(f"--{flag} takes KEY=VALUE{allowed}; got {item!r}")
+        out[key] = cast(value)
+    return out

@@ -45,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedbench import fmt, gap, median, outcome, run_federation
+from fedbench import fmt, gap, key_values, median, outcome, run_federation
 
 PACKAGE = "manpages-{lang}"
 BUDGETS = {"de": 300_000, "fr": 220_000, "es": 160_000, "pl": 100_000}
@@ -210,16 +210,6 @@ def config(a: argparse.Namespace, variant: str, seed: int, texts: dict[str, dict
     }
 
 
-def pairs(items: list[str], what: str, cast) -> dict:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        if not key or not value:
-            raise SystemExit(f"--{what} takes LANG=VALUE; got {item!r}")
-        out[key] = cast(value)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=16)
@@ -243,8 +233,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per federation run")
     ap.add_argument("--keep", action="store_true", help="keep each run's directory")
     a = ap.parse_args()
-    a.budgets = pairs(a.budgets, "budgets", int)
-    a.text = pairs(a.text, "text", Path)
+    a.budgets = key_values(a.budgets, "budgets", int)
+    a.text = key_values(a.text, "text", Path)
     root = Path(tempfile.mkdtemp(prefix="fedhpc-real-text-"))
     t_start = time.perf_counter()
     texts = corpus(a, root / "corpus")
