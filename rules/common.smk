@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from fedhpc.config_schema import ConfigError, as_dict, validate
+from fedhpc.failures import export_attempts, exported_attempts, new_invocation
 from fedhpc.files import write_json
 from fedhpc.launch_prefix import train_prefix
 from fedhpc.layout import round_name
@@ -293,3 +294,25 @@ def all_targets():
         *(f"{rdir(r)}/sites/{s}/status.json" for r in ROUNDS for s in SITES),
         *eval_targets(),
     ]
+
+
+# Failure records of training jobs (fedhpc.failures): the head process names this invocation,
+# and every job inherits it (a local job from this process, a Slurm job through sbatch
+# --export=ALL), so a failure recorded by an earlier invocation (a crashed head, now rerun) is
+# history, not final. A job's own Snakemake (remote mode) keeps the name it inherited.
+if not workflow.remote_exec:
+    new_invocation()
+
+
+def train_attempt(wildcards, attempt):
+    """This train job's attempt, counted by Snakemake from 1."""
+    return attempt
+
+
+def train_attempts(wildcards):
+    """Attempts a train job has: the workflow's retries + 1 (rule train sets none of its own).
+    A Slurm job's own Snakemake runs with --retries 0 and cannot know them: it takes what the
+    head exported when it evaluated this resource, before it submitted any job."""
+    if workflow.remote_exec:
+        return exported_attempts()
+    return export_attempts(workflow.get_rule("train").restart_times + 1)

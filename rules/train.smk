@@ -25,9 +25,17 @@ rule train:
         nodes=train_nodes,
         tasks_per_node=train_tasks_per_node,
         mpi=train_mpi,
+        attempt=train_attempt,
+        attempts=train_attempts,
     params:
         cfg=CONFIG_JSON,
         launch=train_launch,
+    # Every failure leaves sites/<site>/failure.json for gather (fedhpc.failures): the process
+    # writes its own; when it died without a word (killed, crashed) the `||` branch writes one.
+    # A deterministic error ends the job with status "failed" and success: nothing retries it.
     shell:
         "{params.launch}fedhpc train --config {params.cfg} --round {wildcards.r} --site {wildcards.site}"
-        " --threads {threads} --status {output} > {log} 2>&1"
+        " --threads {threads} --status {output} --attempt {resources.attempt} --attempts {resources.attempts}"
+        " > {log} 2>&1"
+        " || fedhpc train --config {params.cfg} --round {wildcards.r} --site {wildcards.site}"
+        " --status {output} --attempt {resources.attempt} --attempts {resources.attempts} --exited $? >> {log} 2>&1"

@@ -115,9 +115,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from . import distributed
     from .sites import site_ranks
-    from .train import local_spawn_argv, run_train_job
 
     ctx = context(a.config)
     site = ctx.cfg.sites.get(a.site)
@@ -125,6 +123,15 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise SystemExit(
             f"fedhpc train: {a.site!r} is not a site of {a.config}; sites: {', '.join(sorted(ctx.cfg.sites))}"
         )
+    if a.exited is not None:  # the job's shell, after the training process ended with this code
+        from .failures import record_exit
+
+        rec = record_exit(ctx.layout, a.round, a.site, a.exited, a.attempt, a.attempts)
+        print(f"fedhpc train: attempt {a.attempt} of {a.attempts} failed: {rec['error']}", file=sys.stderr)
+        return a.exited
+    from . import distributed  # torch: not needed to record a failure
+    from .train import local_spawn_argv, run_train_job
+
     world = distributed.detect()
     ranks = site_ranks(site)
     if ranks > 1 and not world.distributed:
@@ -146,10 +153,14 @@ def cmd_train(a: argparse.Namespace) -> int:
             str(max(1, a.threads // ranks)),
             "--status",
             a.status,
+            f"--attempt={a.attempt}",
+            f"--attempts={a.attempts}",
         ]
         os.execv(sys.executable, local_spawn_argv(argv, ranks))
     threads = int(os.environ.get("SLURM_CPUS_PER_TASK", a.threads)) if world.launcher == "slurm" else a.threads
-    status = run_train_job(ctx.cfg, ctx.layout, ctx.trust, a.round, a.site, threads, Path(a.status))
+    status = run_train_job(
+        ctx.cfg, ctx.layout, ctx.trust, a.round, a.site, threads, Path(a.status), a.attempt, a.attempts
+    )
     if world.is_main:
         print(json.dumps(status))
     return 0
@@ -312,6 +323,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--site", required=True)
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--status", required=True, help="where to write the job's status record")
+    t.add_argument("--attempt", type=int, default=1, help="this job's attempt (Snakemake's retries count on)")
+    t.add_argument("--attempts", type=int, default=1, help="attempts the workflow allows (its retries + 1)")
+    t.add_argument(
+        "--exited", type=int, metavar="CODE", help="record that this attempt's training process ended with CODE"
+    )
     verb("gather", cmd_gather, "wait for updates until all arrive or the deadline", round=True)
     verb("verify", cmd_verify, "verify every arrived update", round=True)
     ag = verb("aggregate", cmd_aggregate, "aggregate accepted updates into the candidate model", round=True)

@@ -10,6 +10,7 @@ from .checkpoints import load_plan
 from .config import Config
 from .errors import FedhpcError
 from .exchange import CompletenessCache, TransferError, audit_rejects, pull, transport_for
+from .failures import final_failure
 from .files import read_json, write_json
 from .layout import RunLayout
 from .signing import TrustStore
@@ -33,6 +34,17 @@ def arrived_sites(layout: RunLayout, r: int, planned: list[str], bundles: Comple
             continue
         arrived.append(site)
     return arrived
+
+
+def failed_sites(layout: RunLayout, r: int, sites: list[str]) -> dict[str, dict]:
+    """{site: its failure record} of the sites whose training job failed for good."""
+    return {s: rec for s in sites if (rec := final_failure(layout, r, s)) is not None}
+
+
+def describe_failure(rec: dict) -> str:
+    if rec["deterministic"]:
+        return "a deterministic error, not retried"
+    return f"attempt {rec['attempt']} of {rec['attempts']}"
 
 
 def bundle_checks(cfg: Config, trust: TrustStore) -> CompletenessCache | None:
@@ -85,11 +97,14 @@ def late_arrivals(cfg: Config, layout: RunLayout, r: int, trust: TrustStore | No
 def gather(
     cfg: Config, layout: RunLayout, trust: TrustStore, r: int, poll_seconds: float = 1.0, now: float | None = None
 ) -> dict:
-    """Block until all planned sites arrived or the deadline passes; write arrivals.json.
+    """Block until every planned site arrived or failed for good, or the deadline passes; write arrivals.json.
 
     The deadline counts from the plan's creation, so a restarted coordinator does not
     grant a fresh one. Aggregation depends on this file, not on the sites' jobs, which is
-    what lets a round finish without a site whose job died.
+    what lets a round finish without a site whose job died. A site whose job failed for good
+    (failures.final_failure: a deterministic error, or its last allowed attempt) is not waited
+    for: the round closes as soon as nobody else is pending, or at once when quorum can no
+    longer be reached.
     """
     plan = load_plan(layout, trust, r)
     planned = plan["participants"]
@@ -101,8 +116,10 @@ def gather(
     while True:
         fetch_bundles(cfg, layout, trust, r, planned, bundles)
         arrived = arrived_sites(layout, r, planned, bundles)
+        failed = failed_sites(layout, r, [s for s in planned if s not in arrived])
+        pending = [s for s in planned if s not in arrived and s not in failed]
         clock = now if now is not None else time.time()
-        if len(arrived) == len(planned):
+        if not pending or len(arrived) + len(pending) < need:
             break
         if clock >= deadline:
             if len(arrived) >= need or cfg.rounds.on_no_quorum == "fail":
@@ -125,13 +142,30 @@ def gather(
         time.sleep(poll_seconds)
     missing = [s for s in planned if s not in arrived]
     audit = AuditLog(layout.audit)
+    for site, rec in failed.items():
+        audit.append(
+            "site.failed",
+            round=r,
+            site=site,
+            error=rec["error"],
+            deterministic=rec["deterministic"],
+            attempt=rec["attempt"],
+            attempts=rec["attempts"],
+        )
     if len(arrived) < need:
         audit.append("round.no_quorum", round=r, arrived=arrived, missing=missing, needed=need)
+        why = ""
+        if failed:
+            why = "; ".join(f"{s} failed ({describe_failure(rec)}): {rec['error']}" for s, rec in failed.items())
+        if pending:
+            why += f"{'; ' if why else ''}no update from {', '.join(pending)}"
+        closed = "deadline passed" if not failed or clock >= deadline else "quorum out of reach"
         raise QuorumError(
-            f"round {r}: deadline passed with {len(arrived)} of {len(planned)} planned updates "
-            f"({', '.join(arrived) or 'none'}); quorum needs {need}. Missing: {', '.join(missing)}"
+            f"round {r}: {closed} with {len(arrived)} of {len(planned)} planned updates "
+            f"({', '.join(arrived) or 'none'}); quorum needs {need}. "
+            + (f"Missing: {', '.join(missing)}" if not failed else why)
         )
-    for site in missing:
+    for site in [s for s in missing if s not in failed]:
         reason = "no update by the deadline"
         if layout.receipt(r, site).exists():
             # Staged transfer: something arrived but does not match its signed index.
@@ -147,6 +181,9 @@ def gather(
         "planned": planned,
         "arrived": arrived,
         "missing": missing,
+        "failed": {
+            s: {k: rec[k] for k in ("error", "deterministic", "attempt", "attempts")} for s, rec in failed.items()
+        },
         "late": late if cfg.rounds.late_updates == "fold" else [],
         "late_dropped": late if cfg.rounds.late_updates == "drop" else [],
         "quorum": need,

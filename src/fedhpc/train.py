@@ -19,6 +19,7 @@ from .compress import Codec, codec_metadata, encode_with_feedback
 from .config import Config
 from .devices import pick_device
 from .distributed import World
+from .failures import clear_failure, is_deterministic, record_failure
 from .files import append_jsonl, exclusive_lock, finite_or_none, read_json, sha256_file, write_json
 from .layout import RunLayout
 from .progress import train_line
@@ -303,13 +304,38 @@ def encode_update(
 
 
 def run_train_job(
-    cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: str, threads: int, status_path: Path
+    cfg: Config,
+    layout: RunLayout,
+    trust: TrustStore,
+    r: int,
+    site: str,
+    threads: int,
+    status_path: Path,
+    attempt: int = 1,
+    attempts: int = 1,
 ) -> dict:
+    """Train and write the job's status. A failure is recorded for the coordinator (failures.py);
+    a deterministic one (bad data, config, a round the site cannot train) ends the job with
+    status "failed" and success, so that no retry or requeue repeats it; any other is raised."""
     t0 = time.time()
+    main = distributed.detect().is_main
     try:
         status = train_site(cfg, layout, trust, r, site, threads)
+    except Exception as exc:
+        deterministic = is_deterministic(exc)
+        error = str(exc) if deterministic else f"{type(exc).__name__}: {exc}"
+        if main:  # another rank's own failure is recorded by the job's shell (record_exit)
+            record_failure(layout, r, site, error, deterministic, attempt, attempts)
+        if not deterministic:
+            raise
+        print(f"fedhpc train: error (deterministic, so not retried): {error}", file=sys.stderr)
+        status = {"state": "failed", "error": error, "deterministic": True, "attempt": attempt}
+        if not main:
+            status["rank"] = distributed.detect().rank
     finally:
         distributed.shutdown()
+    if main and status["state"] == "published":
+        clear_failure(layout, r, site)  # an earlier attempt's failure is history (the audit log keeps it)
     if status.get("rank", 0) == 0:
         status.update(round=r, site=site, seconds=time.time() - t0, slurm_job_id=os.environ.get("SLURM_JOB_ID"))
         write_json(status_path, status)

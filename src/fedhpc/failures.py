@@ -1,0 +1,175 @@
+"""Failure records of site training jobs: what a failed attempt leaves in its round directory, and when it is final.
+
+A training job that fails writes `rounds/rNNNN/sites/<site>/failure.json`; the train rule's shell
+writes it for the attempt when the process died without a word (killed, crashed). `gather` reads
+it to stop waiting for a site that failed for good instead of waiting for the deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import uuid
+from pathlib import Path
+
+from .audit import AuditLog
+from .errors import FedhpcError
+from .files import read_json, write_json
+from .layout import RunLayout
+
+# Set by the workflow's head process (rules/common.smk) and inherited by every job it starts,
+# locally or through Slurm (sbatch --export=ALL): records of an earlier invocation are history.
+INVOCATION_ENV = "FEDHPC_INVOCATION"
+
+
+def failure_path(layout: RunLayout, r: int, site: str) -> Path:
+    return layout.site_dir(r, site) / "failure.json"
+
+
+def status_path(layout: RunLayout, r: int, site: str) -> Path:
+    """The train rule's declared output: the job's final state."""
+    return layout.site_dir(r, site) / "status.json"
+
+
+ATTEMPTS_ENV = "FEDHPC_TRAIN_ATTEMPTS"
+
+
+def invocation() -> str | None:
+    return os.environ.get(INVOCATION_ENV) or None
+
+
+def new_invocation() -> str:
+    """Name this invocation of the workflow (in its head process; its jobs inherit the name)."""
+    os.environ[INVOCATION_ENV] = uuid.uuid4().hex
+    return os.environ[INVOCATION_ENV]
+
+
+def export_attempts(attempts: int) -> int:
+    """The head's word on how many attempts a train job has, for the Snakemake a Slurm job runs
+    (which is started with --retries 0, so it cannot tell)."""
+    os.environ[ATTEMPTS_ENV] = str(attempts)
+    return attempts
+
+
+def exported_attempts() -> int:
+    return int(os.environ.get(ATTEMPTS_ENV, "1"))
+
+
+def is_deterministic(exc: BaseException) -> bool:
+    """Whether another attempt would fail the same way. Errors of input and configuration (bad
+    or tampered data, a config or plan the site cannot train, signatures: fedhpc's ValueErrors)
+    do; the environment's (I/O, network, devices, a killed process) may not."""
+    return isinstance(exc, FedhpcError) and isinstance(exc, ValueError)
+
+
+def _attempt_id(attempt: int) -> str:
+    # A Slurm requeue runs the same attempt again under the same job id: its restart count tells them apart.
+    env = os.environ
+    return f"{invocation()}/{attempt}/{env.get('SLURM_JOB_ID', '')}/{env.get('SLURM_RESTART_COUNT', '0')}"
+
+
+def record_failure(
+    layout: RunLayout,
+    r: int,
+    site: str,
+    error: str,
+    deterministic: bool,
+    attempt: int,
+    attempts: int,
+    exit_code: int | None = None,
+) -> dict:
+    """Write the site's failure record for this attempt and audit it (`train.failed`)."""
+    rec = {
+        "round": r,
+        "site": site,
+        "error": error,
+        "deterministic": deterministic,
+        "attempt": attempt,
+        "attempts": attempts,
+        "final": deterministic or attempt >= attempts,
+        "exit_code": exit_code,
+        "invocation": invocation(),
+        "attempt_id": _attempt_id(attempt),
+        "time": time.time(),
+        "host": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+    write_json(failure_path(layout, r, site), rec)
+    AuditLog(layout.audit).append(
+        "train.failed",
+        round=r,
+        site=site,
+        error=error,
+        deterministic=deterministic,
+        attempt=attempt,
+        attempts=attempts,
+        exit_code=exit_code,
+    )
+    return rec
+
+
+def describe_exit(code: int) -> str:
+    if code > 128:
+        try:
+            name = signal.Signals(code - 128).name
+        except ValueError:
+            name = "unknown signal"
+        return f"the training process was killed by signal {code - 128} ({name}) before it could report an error"
+    return f"the training process exited with code {code}"
+
+
+def record_exit(layout: RunLayout, r: int, site: str, code: int, attempt: int, attempts: int) -> dict:
+    """The shell's record of an attempt that ended with exit `code`: the process's own record of
+    this attempt, if it wrote one, completed with the code; otherwise one saying how it ended."""
+    rec = read_failure(layout, r, site)
+    if rec is not None and rec.get("attempt_id") == _attempt_id(attempt):
+        if rec.get("exit_code") is None:
+            rec["exit_code"] = code
+            write_json(failure_path(layout, r, site), rec)
+        return rec
+    return record_failure(layout, r, site, describe_exit(code), False, attempt, attempts, code)
+
+
+def read_failure(layout: RunLayout, r: int, site: str) -> dict | None:
+    """The site's failure record, or None when there is none or it is not a well-formed one."""
+    try:
+        rec = read_json(failure_path(layout, r, site))
+    except (FileNotFoundError, ValueError):
+        return None
+    ok = (
+        isinstance(rec, dict)
+        and isinstance(rec.get("error"), str)
+        and isinstance(rec.get("deterministic"), bool)
+        and all(isinstance(rec.get(k), int) and not isinstance(rec.get(k), bool) for k in ("attempt", "attempts"))
+    )
+    return rec if ok else None
+
+
+def final_failure(layout: RunLayout, r: int, site: str) -> dict | None:
+    """The site's failure record if nothing will run its round again, else None.
+
+    A record of this invocation is final when its error is deterministic (its job then ends
+    successfully, so neither Snakemake nor Slurm retries it) or its last allowed attempt failed.
+    A record of an earlier invocation (a crashed head, now rerun) is history: the rerun retries
+    the site, unless its job ended with status "failed" (a deterministic error), which a rerun
+    does not redo.
+    """
+    rec = read_failure(layout, r, site)
+    if rec is None:
+        return None
+    if rec.get("invocation") == invocation():
+        return rec if rec["deterministic"] or rec["attempt"] >= rec["attempts"] else None
+    if not rec["deterministic"]:
+        return None
+    try:
+        status = read_json(status_path(layout, r, site))
+    except (FileNotFoundError, ValueError):
+        return None
+    return rec if isinstance(status, dict) and status.get("state") == "failed" else None
+
+
+def clear_failure(layout: RunLayout, r: int, site: str) -> None:
+    """A later attempt published: the failure is history (the audit log keeps it)."""
+    failure_path(layout, r, site).unlink(missing_ok=True)
