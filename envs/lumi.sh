@@ -1,5 +1,6 @@
-# Environment of a fedhpc federation on LUMI-G. Sourced by scripts/sbatch/lumi-head.sh; the
-# head job exports it to every job it submits (sbatch --export=ALL).
+# Environment of a fedhpc federation on LUMI-G. Sourced by the head job (scripts/sbatch/lumi-head.sh,
+# or `fedhpc submit` through site_env in profiles/lumi*/head.yaml), which exports it to every job
+# it submits (sbatch --export=ALL).
 # Per-job MIOpen caches are set by `fedhpc train` itself (job-local temp dirs).
 
 # RCCL/NCCL over the Slingshot interfaces.

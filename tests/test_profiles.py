@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedhpc.submit import SubmitError, head_parameters
 from tests.workflow_util import BIN, REPO, tiny_config, write_config
 
 LUMI_MASKS = (
@@ -87,6 +88,18 @@ def test_profiles_name_the_lumi_environment_and_placeholders():
     ).stdout
     assert "NCCL_SOCKET_IFNAME=hsn0,hsn1,hsn2,hsn3" in env
     assert "SINGULARITY_BIND=/pfs,/scratch,/projappl,/project,/flash,/appl" in env
+
+
+@pytest.mark.parametrize(("profile", "env"), [("lumi", "lumi.sh"), ("lumi-dev", "lumi.sh"), ("a100", "a100.sh")])
+def test_head_job_of_fedhpc_submit_sources_the_site_environment(profile, env):
+    # The sbatch wrappers source envs/<site>.sh (FEDHPC_SITE_ENV); `fedhpc submit` gets it from head.yaml.
+    assert head_parameters(REPO / "profiles" / profile)["site_env"] == str(REPO / "envs" / env)
+
+
+def test_a_site_env_that_is_not_there_is_refused_naming_the_file_and_key(tmp_path):
+    (tmp_path / "head.yaml").write_text("partition: small\nsite_env: ../envs/lumi.sh\n")
+    with pytest.raises(SubmitError, match=r"head\.yaml: site_env '\.\./envs/lumi\.sh' is not a file"):
+        head_parameters(tmp_path)
 
 
 def test_profiles_give_no_resource_advice_for_the_command_line():

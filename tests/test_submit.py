@@ -4,54 +4,196 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.test_slurm import job_state
-from tests.workflow_util import BIN, REPO, env, tiny_config, write_config
+from tests.test_slurm_submission import two_site_config
+from tests.workflow_util import BIN, REPO, env
 
 pytestmark = pytest.mark.e2e
+LUMI_IFNAMES = "hsn0,hsn1,hsn2,hsn3"  # what envs/lumi.sh exports
+ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED")
 
 
-def test_fedhpc_submit_runs_the_whole_federation_from_a_head_job(slurm, tmp_path):
-    cfg = tiny_config(tmp_path, run="headjob", rounds=1)
-    write_config(tmp_path, cfg)
+def job_field(job: str, name: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+    return next(f.split("=", 1)[1] for f in out.split() if f.startswith(f"{name}="))
+
+
+def wait_for(job: str, timeout: float, log: Path) -> str:
+    deadline = time.time() + timeout
+    while (state := job_state(job)) in ACTIVE:
+        assert time.time() < deadline, f"job {job} still {state} after {timeout:.0f} s: {tail(log)}"
+        time.sleep(2)
+    return state
+
+
+def tail(log: Path) -> str:
+    return log.read_text()[-3000:] if log.exists() else f"no log at {log}"
+
+
+def site_env(tmp: Path) -> tuple[Path, Path]:
+    """The site environment a head sources: the real envs/lumi.sh, and first on PATH a `fedhpc`
+    that notes, for every call, the Slurm job it runs in, what envs/lumi.sh set, and the verb."""
+    bindir, calls = tmp / "site-bin", tmp / "fedhpc-calls.log"
+    bindir.mkdir()
+    note = f'echo "${{SLURM_JOB_ID:-head}} ${{NCCL_SOCKET_IFNAME:-unset}} $1" >> {calls}'
+    (bindir / "fedhpc").write_text(f'#!/bin/sh\n{note}\nexec {BIN / "fedhpc"} "$@"\n')
+    (bindir / "fedhpc").chmod(0o755)
+    script = tmp / "site-env.sh"
+    script.write_text(f"source {REPO / 'envs' / 'lumi.sh'}\nexport PATH={bindir}:$PATH\n")
+    return script, calls
+
+
+def renamed_ci_profile(tmp: Path, head: dict | None = None) -> Path:
+    """profiles/ci-slurm under another name, with `head` as its head.yaml."""
+    prof = tmp / "profile"
+    shutil.copytree(REPO / "profiles" / "ci-slurm", prof)
+    if head is not None:
+        (prof / "head.yaml").write_text(yaml.safe_dump(head))
+    return prof
+
+
+def settled(run: Path, older_than: float) -> dict[str, float]:
+    """Files of the run directory not written for `older_than` seconds: work a run has finished."""
+    now = time.time()
+    return {
+        str(p): p.stat().st_mtime
+        for p in run.rglob("*")
+        if p.is_file() and p.stat().st_mtime < now - older_than and "locks" not in p.parts
+    }
+
+
+def check_continued_to_the_end(head: str, log: Path, calls: Path, run: Path, before: dict[str, float]) -> None:
+    """Signalled once, requeued, and the second start finished the federation without redoing
+    what the first had finished; every job it submitted saw the site environment."""
+    text = log.read_text()
+    assert "start 1" in text and "time limit near" in text and "start 2" in text, tail(log)
+    assert int(job_field(head, "Restarts")) >= 1
+    assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 1, tail(log)
+    assert before, "the first start finished nothing before its time limit"
+    changed = [p for p, mtime in before.items() if Path(p).stat().st_mtime != mtime]
+    assert not changed, f"the second start redid the first's work: {changed[:5]}"
+    assert calls.exists(), "no job ran the site environment's `fedhpc`: the environment did not reach them"
+    jobs = [line.split() for line in calls.read_text().splitlines() if not line.startswith(("head ", f"{head} "))]
+    assert {verb for *_, verb in jobs} >= {"shard", "train", "aggregate", "evaluate"}, jobs
+    assert {ifname for _, ifname, _ in jobs} == {LUMI_IFNAMES}, jobs
+    for site in ("lumi", "laptop"):
+        status = json.loads((run / "rounds" / "r0000" / "sites" / site / "status.json").read_text())
+        assert status["slurm_job_id"] not in (None, head)  # training ran in jobs the head submitted
+
+
+def watch_requeues(heads: dict[str, tuple[Path, Path, Path]]) -> dict[str, dict[str, float]]:
+    """Wait until every head was warned of its time limit and requeued itself; give each second
+    start time to finish. Returns, per head, the files its first start had finished."""
+    before: dict[str, dict[str, float]] = {}
+    requeued: set[str] = set()
+    deadline = time.time() + 420
+    while len(requeued) < len(heads):
+        for job, (log, _, run) in heads.items():
+            if job not in before:
+                assert job_state(job) in ACTIVE, f"head {job} ended, never warned of its time limit: {tail(log)}"
+                if "time limit near" in (log.read_text() if log.exists() else ""):
+                    before[job] = settled(run, older_than=15)
+                    # The second start gets the time to finish (root may lengthen a job's limit).
+                    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True, env=env())
+            elif job not in requeued and int(job_field(job, "Restarts")) >= 1:
+                if job_state(job) == "PENDING":
+                    # Slurm holds a requeued job back for a while; the test need not wait for that.
+                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=env())
+                requeued.add(job)
+        assert time.time() < deadline, {job: tail(log) for job, (log, _, _) in heads.items() if job not in requeued}
+        time.sleep(1)
+    return before
+
+
+def test_heads_requeue_at_their_time_limit_and_finish_the_federation(slurm, tmp_path):
+    """Both heads, each on its own federation, side by side: the sbatch wrapper (submitted from a
+    directory without logs/) and `fedhpc submit`, each given a 1-minute limit and warned 30 s
+    before it. Each must stop, requeue itself and, given time, finish the federation."""
+    sb, sm = tmp_path / "sbatch", tmp_path / "submitit"
+    sb.mkdir()
+    sm.mkdir()
+    # The wrapper runs in its submit directory: the repo's scripts, the profile it names
+    # (profiles/ci-slurm standing in for profiles/lumi) and envs/lumi.sh (the site env).
+    (sb / "scripts").symlink_to(REPO / "scripts")
+    (sb / "profiles").mkdir()
+    renamed_ci_profile(sb).rename(sb / "profiles" / "lumi")
+    sb_env, sb_calls = site_env(sb)
+    (sb / "envs").mkdir()
+    sb_env.rename(sb / "envs" / "lumi.sh")
+    sb_cfg = two_site_config(sb, "viasbatch")
+    sm_env, sm_calls = site_env(sm)
+    head = {"partition": "debug", "time": 1, "cpus_per_task": 1, "signal_delay_s": 30, "site_env": "../site-env.sh"}
+    prof = renamed_ci_profile(sm, head)
+    sm_cfg = two_site_config(sm, "viasubmitit")
+
+    grace = {"FEDHPC_HEAD_GRACE": "10", "FEDHPC": str(BIN / "fedhpc")}
     out = subprocess.run(
-        [
-            str(BIN / "fedhpc"),
-            "submit",
-            "--profile",
-            str(REPO / "profiles" / "ci-slurm"),
-            "--configfile",
-            str(tmp_path / "config.yaml"),
-            "--directory",
-            str(tmp_path),
-            "--logs",
-            str(tmp_path / "logs"),
-        ],
+        ["sbatch", "--parsable", "-A", "fedhpc-test", "-p", "debug", "--time=1", "--signal=B:USR1@30"]
+        + ["--cpus-per-task=1", "--mem=1G", "scripts/sbatch/lumi-head.sh", "config.yaml"],
+        cwd=sb,
+        capture_output=True,
+        text=True,
+        env={**env(), **grace},
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    sb_job, sb_log = out.stdout.strip(), sb / f"fedhpc-head-{out.stdout.strip()}.out"
+    assert not (sb / "logs").exists()
+    out = subprocess.run(
+        [str(BIN / "fedhpc"), "submit", "--profile", str(prof), "--configfile", str(sm / "config.yaml")]
+        + ["--directory", str(sm), "--logs", str(sm / "logs")],
         capture_output=True,
         text=True,
         env=env(),
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    head = re.search(r"Slurm job (\d+)", out.stdout).group(1)
-    stdout = Path(re.search(r"stdout: (\S+)", out.stdout).group(1))
-    assert str(stdout).startswith(str(tmp_path / "logs"))
-    deadline = time.time() + 600
-    while job_state(head) in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
-        assert time.time() < deadline, "the head job did not finish in 10 minutes"
-        time.sleep(3)
-    assert job_state(head) == "COMPLETED", stdout.read_text()[-3000:] if stdout.exists() else "no log"
-    run = Path(cfg["output_dir"]) / "headjob"
-    assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 1
-    for site in cfg["sites"]:
-        job = json.loads((run / "rounds" / "r0000" / "sites" / site / "receipt.json").read_text())["slurm_job_id"]
-        assert job and job != head  # training ran in jobs the head job submitted
-    assert "r0000" in stdout.read_text()  # fedhpc run's closing status table
+    sm_job = re.search(r"Slurm job (\d+)", out.stdout).group(1)
+    sm_log = Path(re.search(r"stdout: (\S+)", out.stdout).group(1))
+
+    heads = {
+        sb_job: (sb_log, sb_calls, Path(sb_cfg["output_dir"]) / "viasbatch"),
+        sm_job: (sm_log, sm_calls, Path(sm_cfg["output_dir"]) / "viasubmitit"),
+    }
+    try:
+        before = watch_requeues(heads)
+        for job, (log, calls, run) in heads.items():
+            assert wait_for(job, 420, log) == "COMPLETED", tail(log)
+            check_continued_to_the_end(job, log, calls, run, before[job])
+    finally:
+        subprocess.run(["scancel", *heads], capture_output=True, env=env())  # a failed test leaves no head running
+
+
+@pytest.mark.parametrize("script", ["head.sh", "lumi-head.sh", "a100-head.sh"])
+def test_sbatch_wrappers_write_their_log_where_slurm_can_open_it(slurm, tmp_path, script):
+    # Slurm opens a batch job's --output before the script runs: a log in a directory nothing
+    # made (logs/head/) failed the job with no log at all. Submitted as a new user would, from
+    # the clone's directory with no logs/; `echo` stands in for fedhpc.
+    for name in ("scripts", "envs"):
+        (tmp_path / name).symlink_to(REPO / name)
+    out = subprocess.run(
+        ["sbatch", "--parsable", "-A", "fedhpc-test", "-p", "debug", "--mem=1G", f"scripts/sbatch/{script}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**env(), "FEDHPC": "echo"},
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip()
+    log = tmp_path / f"fedhpc-head-{job}.out"
+    assert wait_for(job, 60, log) == "COMPLETED", tail(log)
+    profile = {"head.sh": "profiles/ci-slurm", "lumi-head.sh": "profiles/lumi", "a100-head.sh": "profiles/a100"}
+    assert f"fedhpc head: job {job}, start 1" in log.read_text()
+    assert f"run --profile {profile[script]} --configfile config.yaml" in log.read_text()
 
 
 @pytest.mark.parametrize("script", ["head.sh", "lumi-head.sh", "a100-head.sh"])
