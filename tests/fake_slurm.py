@@ -25,25 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TOOLS = ("sbatch", "srun", "sacct", "squeue", "scancel", "sinfo", "sacctmgr", "sshare", "scontrol")
-# sbatch/srun options that take their value as the next word (the plugin and the rules write
-# `--opt=value` or `-n1`; these are what a hand-written line may use).
-VALUE_OPTIONS = {
-    "-A",
-    "-p",
-    "-t",
-    "-n",
-    "-N",
-    "-c",
-    "-J",
-    "-o",
-    "-e",
-    "-D",
-    "-C",
-    "--job-name",
-    "--output",
-    "--comment",
-}
-VALUE_OPTIONS |= {"--mem", "--mem-per-cpu", "--account", "--partition", "--time", "--qos", "--clusters"}
+# sbatch/srun options whose value is the next word: the plugin writes `-A X`, `-p X`, `-t X`,
+# `--mem X`, `--job-name X`, `--output X`, `--comment X`; the others as a hand-written line may.
+VALUE_OPTIONS = frozenset(
+    "-A -p -t -n -N -c -J -o -e -D -C --job-name --output --comment --mem --mem-per-cpu --account --partition "
+    "--time --qos --clusters".split()
+)
 
 
 @dataclass
