@@ -5,6 +5,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from snakemake_interface_executor_plugins.settings import ExecMode
+
 from fedhpc.config_schema import ConfigError, as_dict, validate
 from fedhpc.failures import export_attempts, exported_attempts, new_invocation
 from fedhpc.files import write_json
@@ -299,8 +301,10 @@ def all_targets():
 # Failure records of training jobs (fedhpc.failures): the head process names this invocation,
 # and every job inherits it (a local job from this process, a Slurm job through sbatch
 # --export=ALL), so a failure recorded by an earlier invocation (a crashed head, now rerun) is
-# history, not final. A job's own Snakemake (remote mode) keeps the name it inherited.
-if not workflow.remote_exec:
+# history, not final. The Snakemakes a job runs (remote mode, and the subprocess the Slurm job
+# step starts under srun) keep the name they inherited.
+HEAD = workflow.exec_mode == ExecMode.DEFAULT
+if HEAD:
     new_invocation()
 
 
@@ -312,7 +316,7 @@ def train_attempt(wildcards, attempt):
 def train_attempts(wildcards):
     """Attempts a train job has: the workflow's retries + 1 (rule train sets none of its own).
     A Slurm job's own Snakemake runs with --retries 0 and cannot know them: it takes what the
-    head exported when it evaluated this resource, before it submitted any job."""
-    if workflow.remote_exec:
+    head exported when it evaluated this resource, before it submitted the job."""
+    if not HEAD:
         return exported_attempts()
     return export_attempts(workflow.get_rule("train").restart_times + 1)

@@ -133,9 +133,9 @@ def gather(
                 if clock < deadline
                 else f"deadline passed; quorum needs {need} (rounds.on_no_quorum: wait)"
             )
+            gone = f"; failed for good: {', '.join(failed)}" if failed else ""
             print(
-                f"round {r}: {len(arrived)}/{len(planned)} updates in, waiting for "
-                f"{', '.join(s for s in planned if s not in arrived)}; {left}",
+                f"round {r}: {len(arrived)}/{len(planned)} updates in, waiting for {', '.join(pending)}{gone}; {left}",
                 flush=True,
             )
             last_report = time.time()
