@@ -77,6 +77,7 @@ def check_continued_to_the_end(head: str, log: Path, calls: Path, run: Path, bef
     assert "start 1" in text and "time limit near" in text and "start 2" in text, tail(log)
     assert int(job_field(head, "Restarts")) >= 1
     assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 1, tail(log)
+    assert re.search(r"^r0000 .* done", text, re.M), tail(log)  # fedhpc run's closing status table
     assert before, "the first start finished nothing before its time limit"
     changed = [p for p, mtime in before.items() if Path(p).stat().st_mtime != mtime]
     assert not changed, f"the second start redid the first's work: {changed[:5]}"
