@@ -169,6 +169,19 @@ def test_a_node_local_bind_missing_on_the_login_node_warns_and_the_image_is_stil
     assert f"{name} exec {image} python -c" in log.read_text()
 
 
+@pytest.mark.parametrize("profile", ["lumi", "lumi-dev"])
+def test_the_binds_checked_are_those_of_the_environment_the_profiles_head_job_sources(profile, monkeypatch):
+    from types import SimpleNamespace
+
+    from fedhpc.doctor_images import bind_paths
+
+    for var in ("APPTAINER_BIND", "SINGULARITY_BIND"):
+        monkeypatch.delenv(var, raising=False)
+    origin, paths = bind_paths(SimpleNamespace(profile_dir=REPO / "profiles" / profile), "singularity")
+    assert origin == str(REPO / "envs" / "lumi.sh")  # head.yaml's site_env, whatever the profile is called
+    assert {"/scratch", "/opt/cray", "/var/spool/slurmd"} <= set(paths)
+
+
 def test_an_unwritable_run_directory_fails(tmp_path, capsys):
     cfg = tiny_config(tmp_path)
     cfg["output_dir"] = "/sys/fedhpc-results"  # sysfs takes no files, whoever asks (root included)

@@ -214,18 +214,30 @@ def site_check(setup: Setup, name: str, where: str, found: dict | None, why: str
 def bind_paths(setup: Setup, runtime: str) -> tuple[str, list[str]]:
     """(where they come from, host paths) of the bind list the jobs will get: the variable the
     runtime reads (SingularityCE only SINGULARITY_BIND, Apptainer APPTAINER_BIND first), else
-    the one the profile's envs/<profile>.sh exports, which the head job sources for every job."""
+    the one the profile's site environment (head.yaml `site_env`) exports, which the head job
+    sources for every job."""
     names = ("SINGULARITY_BIND",) if runtime == "singularity" else ("APPTAINER_BIND", "SINGULARITY_BIND")
     for var in names:
         if os.environ.get(var):
             return f"${var}", _sources(os.environ[var])
-    env_file = Path(__file__).resolve().parents[2] / "envs" / f"{setup.profile_dir.name}.sh"
-    exports = env_file.read_text().splitlines() if env_file.exists() else []
+    env_file = site_env_file(setup.profile_dir)
+    exports = env_file.read_text().splitlines() if env_file else []
     for var in names:
         for line in exports:
             if m := re.match(rf"^\s*export\s+{var}=[\"']?([^\"'$]+)", line):
                 return str(env_file), _sources(m.group(1))
     return "", []
+
+
+def site_env_file(profile_dir: Path) -> Path | None:
+    """The environment script the profile's head job sources (head.yaml `site_env`), if any."""
+    from .submit import SubmitError, head_parameters
+
+    try:
+        env = head_parameters(profile_dir).get("site_env")
+    except SubmitError:
+        return None  # no head.yaml (a local profile) or a bad one: the profile check says so
+    return Path(env) if env else None
 
 
 def existing_binds(env: dict[str, str]) -> dict[str, str]:
