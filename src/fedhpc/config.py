@@ -58,7 +58,7 @@ class SiteConfig:
     )
     container: str | None = opt(
         None,
-        "Apptainer image (.sif) the site trains in (`srun … apptainer exec <image> fedhpc train …`); null: the host.",
+        "Apptainer/Singularity image (.sif) the site trains in (`srun … singularity|apptainer exec [--nv] <image> fedhpc train …`, whichever runtime the node has); null: the host.",
     )
 
 
@@ -359,7 +359,7 @@ class Config:
     container: str | None = opt(
         None,
         "Apptainer image every rule but training runs in under `snakemake --sdm apptainer`; "
-        "training uses `sites.<name>.container` (srun … apptainer exec). Null: the host's environment.",
+        "training uses `sites.<name>.container` (srun … singularity|apptainer exec). Null: the host's environment.",
     )
     sites: dict[str, SiteConfig] = opt(MISSING, "The sites, by name.", minProperties=1)
     data: DataConfig = opt(DataConfig, "Data.")
