@@ -5,8 +5,11 @@
 #
 #   scripts/gpu-smoke.sh                                   # a GPU workstation or an interactive node
 #   srun -p dev-g --gpus-per-node=2 -t 15 scripts/gpu-smoke.sh                            # LUMI
-#   srun -p dev-g --gpus-per-node=2 -t 15 singularity exec --rocm "$SIF" scripts/gpu-smoke.sh
-#   apptainer exec --nv fedhpc-cuda.sif scripts/gpu-smoke.sh                              # CUDA image
+#   srun -p dev-g --gpus-per-node=2 -t 15 singularity exec "$SIF" env PYTHON=python scripts/gpu-smoke.sh
+#   apptainer exec --nv fedhpc-cuda.sif env PYTHON=python scripts/gpu-smoke.sh             # CUDA image
+#
+# In an image, PYTHON=python takes the image's torch (the clone's .venv has the head's CPU torch);
+# containers/*.def install pytest for this. No --rocm on LUMI: the image carries its own ROCm.
 #
 # The ranks start on the node the script runs on (torchrun), whatever the allocation.
 # PYTHON picks the interpreter (default: .venv/bin/python if present, else python3); it needs
