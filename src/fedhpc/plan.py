@@ -16,7 +16,7 @@ from .gather import arrived_sites, bundle_checks
 from .layout import RunLayout
 from .shards import load_manifest
 from .signing import COORDINATOR, SignatureError, TrustStore, create_keypair, sign_document
-from .tasks import load_task
+from .tasks import Task, load_task
 
 
 def missed_shards(
@@ -158,7 +158,8 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
                 del tps[site]
         measured = learned_throughput({n: s.throughput for n, s in sites.items()}, tps)
     task = load_task(cfg)
-    slicer = getattr(task, "plan_slice", None)  # tasks that say how a site trains a slice of N tokens
+    # Tasks that say how a site trains a slice of N tokens (Task.plan_slice is optional).
+    slicer = task.plan_slice if type(task).plan_slice is not Task.plan_slice else None
     floor = None
     if slicer is not None:
         floor = {n: smallest_trainable(lambda t, n=n: slicer(n, cfg.sites[n], data, t)["train_tokens"]) for n in sites}
