@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedhpc.failures import failure_path
 from fedhpc.files import write_json
 from fedhpc.launch import ProgressLines, run
 from fedhpc.layout import RunLayout
@@ -158,6 +159,33 @@ def test_a_round_with_a_dropped_site_names_it_and_why(tmp_path):
     assert table(text)["r0003"][1:] == ["accepted", "dropped", "accepted", "done", "6 min 40 s", "2.5000"]
     # Walls 100, 140, 120, 400 s: median 130 s, two rounds left.
     assert text.splitlines()[-1] == "federation: 4 of 6 rounds done; ETA 4 min 20 s (2 rounds left × median 2 min 10 s)"
+
+
+def test_a_failed_site_job_shows_its_failure_record(tmp_path):
+    b, start = three_done_and_one_training(tmp_path)
+    # What a failed attempt of fedhpc train leaves (fedhpc.failures.record_failure), written by hand.
+    failure = {"round": 3, "site": "laptop", "error": "TrainingError: 18 training sequences cannot fill one step",
+               "deterministic": True, "attempt": 1, "attempts": 2, "final": True}  # fmt: skip
+    write_json(failure_path(b.layout, 3, "laptop"), failure)
+    write_json(failure_path(b.layout, 3, "a100"), {**failure, "site": "a100", "error": "killed by signal 9",
+                                                   "deterministic": False, "final": False})  # fmt: skip
+    text = status_text(b.layout, start + 130)
+    assert table(text)["r0003"][1:4] == ["training", "failed", "published"]
+    lines = text.splitlines()
+    assert (
+        "  laptop  failed (attempt 1 of 2 failed: TrainingError: 18 training sequences cannot fill one step)" in lines
+    )
+    assert (
+        "  a100    training 30/120 5,000 tokens/s, last record 30 s ago (attempt 1 of 2 failed, to be retried: "
+        "killed by signal 9)" in lines
+    )
+    # The coordinator closes the round without the site at once: dropped, and still why.
+    b.close(3, missing=["laptop"], reason="its job failed for good", t=start + 140)
+    text = status_text(b.layout, start + 150)
+    assert table(text)["r0003"][2] == "dropped"
+    assert "  laptop  dropped (attempt 1 of 2 failed: TrainingError: 18 training sequences cannot fill one step)" in (
+        text.splitlines()
+    )
 
 
 def test_a_sites_own_directory_shows_its_own_progress(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
+from .failures import read_failure
 from .layout import RunLayout
 from .progress import (
     AuditTail,
@@ -33,12 +34,13 @@ def _own_site(layout: RunLayout) -> str | None:
 
 
 def site_failure(layout: RunLayout, r: int, site: str, events: list[dict]) -> str | None:
-    """Why a site's job of round r did not publish, as far as the blackboard says.
-
-    Today: the job's status record (status.json, the train rule's output) when the job ended
-    without training, and the coordinator's reason for dropping the site. The failure record a
-    failed job leaves is to be read here as well: this is the one place that says why a site failed.
-    """
+    """Why a site's job of round r did not publish, as far as the blackboard says: the failure
+    record its last failed attempt left (failure.json), the job's status record (status.json,
+    the train rule's output) when it ended without training, or the coordinator's reason for
+    dropping the site. The one place that says why a site failed."""
+    if (rec := read_failure(layout, r, site)) is not None:
+        retry = "" if rec.get("final") else ", to be retried"
+        return f"attempt {rec['attempt']} of {rec['attempts']} failed{retry}: {rec['error']}"
     status = _read(layout.site_dir(r, site) / "status.json")
     if status is not None and status.get("state") not in (None, "published"):
         return status.get("detail") or status["state"]
@@ -48,15 +50,20 @@ def site_failure(layout: RunLayout, r: int, site: str, events: list[dict]) -> st
     return None
 
 
+def _failed(layout: RunLayout, r: int, site: str) -> bool:
+    """The site's job failed for good (its failure record says no attempt follows)."""
+    return bool((read_failure(layout, r, site) or {}).get("final"))
+
+
 def _site_cells(layout: RunLayout, r: int, plan: dict, started: set, site: str | None) -> dict[str, str]:
     if site is not None:  # a site's own directory: what it pulled, trained and published
         if site not in plan["participants"]:
             return {site: "-"}
         if (layout.site_dir(r, site) / "bundle.json").exists():
             return {site: "published"}
-        return {
-            site: "trained" if layout.receipt(r, site).exists() else "training" if (r, site) in started else "pulled"
-        }
+        if layout.receipt(r, site).exists():
+            return {site: "trained"}
+        return {site: "failed" if _failed(layout, r, site) else "training" if (r, site) in started else "pulled"}
     arrivals, verdicts = _read(layout.arrivals(r)), _read(layout.verdicts(r))
     cells = {}
     for s in sorted(plan["sites"]):
@@ -70,6 +77,8 @@ def _site_cells(layout: RunLayout, r: int, plan: dict, started: set, site: str |
             cells[s] = "dropped"
         elif layout.receipt(r, s).exists():
             cells[s] = "published"
+        elif _failed(layout, r, s):
+            cells[s] = "failed"
         elif (r, s) in started:
             cells[s] = "training"
         else:
@@ -133,7 +142,7 @@ def round_states(
                 # Closed: the coordinator stopped waiting (or, at a site, the site's part is done).
                 "closed": layout.arrivals(r).exists() or ended is not None or state.startswith("failed"),
                 "progress": {s: p for s in cells if cells[s] != "-" and (p := site_progress(layout, r, s))},
-                "why": {s: w for s in cells if cells[s] in ("dropped", "training", "pulled", "planned")
+                "why": {s: w for s in cells if cells[s] in ("dropped", "failed", "training", "pulled", "planned")
                         and (w := site_failure(layout, r, s, events))},
             }
         )  # fmt: skip
