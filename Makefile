@@ -57,8 +57,9 @@ demo: $(BIN)/.installed
 	$(BIN)/fedhpc run --profile $(PROFILE) --configfile $(CONFIG)
 
 test: $(BIN)/.installed .slurm-installed
-	# Two workers: most of an end-to-end test is job start-up and polling, not arithmetic.
-	$(BIN)/pytest -q -n 2 --dist loadgroup
+	# Two workers: most of an end-to-end test is job start-up and polling, not arithmetic. The 20
+	# slowest tests are listed, so the suite's cost stays visible in CI logs.
+	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=20
 
 lint: $(BIN)/.installed
 	$(BIN)/snakemake --lint
