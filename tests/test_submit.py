@@ -40,11 +40,14 @@ def tail(log: Path) -> str:
 
 def site_env(tmp: Path) -> tuple[Path, Path]:
     """The site environment a head sources: the real envs/lumi.sh, and first on PATH a `fedhpc`
-    that notes, for every call, the Slurm job it runs in, what envs/lumi.sh set, and the verb."""
+    that notes, for every call, the Slurm job it runs in, what envs/lumi.sh set, and the verb.
+    Its `aggregate` waits at a gate (tmp/at-gate while it waits) until tmp/gate exists: the
+    head's first start cannot finish the federation before the test has warned it."""
     bindir, calls = tmp / "site-bin", tmp / "fedhpc-calls.log"
     bindir.mkdir()
     note = f'echo "${{SLURM_JOB_ID:-head}} ${{NCCL_SOCKET_IFNAME:-unset}} $1" >> {calls}'
-    (bindir / "fedhpc").write_text(f'#!/bin/sh\n{note}\nexec {BIN / "fedhpc"} "$@"\n')
+    gate = f'if [ "$1" = aggregate ]; then touch {tmp}/at-gate; while [ ! -e {tmp}/gate ]; do sleep 1; done; fi'
+    (bindir / "fedhpc").write_text(f'#!/bin/sh\n{note}\n{gate}\nexec {BIN / "fedhpc"} "$@"\n')
     (bindir / "fedhpc").chmod(0o755)
     script = tmp / "site-env.sh"
     script.write_text(f"source {REPO / 'envs' / 'lumi.sh'}\nexport PATH={bindir}:$PATH\n")
@@ -61,18 +64,26 @@ def renamed_ci_profile(tmp: Path, head: dict | None = None) -> Path:
 
 
 def settled(run: Path, older_than: float) -> dict[str, float]:
-    """Files of the run directory not written for `older_than` seconds: work a run has finished."""
+    """Files of the run directory not written for `older_than` seconds: work a run has finished.
+    Not job logs (a job the first start did not finish reruns and rewrites its log) nor the audit
+    log (appended to by every start: checked to keep its first lines instead)."""
     now = time.time()
     return {
         str(p): p.stat().st_mtime
         for p in run.rglob("*")
-        if p.is_file() and p.stat().st_mtime < now - older_than and "locks" not in p.parts
+        if p.is_file()
+        and p.stat().st_mtime < now - older_than
+        and not {"locks", "logs"} & set(p.relative_to(run).parts)
+        and p.name != "audit.jsonl"
     }
 
 
-def check_continued_to_the_end(head: str, log: Path, calls: Path, run: Path, before: dict[str, float]) -> None:
+def check_continued_to_the_end(
+    head: str, log: Path, calls: Path, run: Path, before: dict[str, float], audit: str
+) -> None:
     """Signalled once, requeued, and the second start finished the federation without redoing
-    what the first had finished; every job it submitted saw the site environment."""
+    what the first had finished or rewriting its audit trail; every job it submitted saw the
+    site environment."""
     text = log.read_text()
     assert "start 1" in text and "time limit near" in text and "start 2" in text, tail(log)
     assert int(job_field(head, "Restarts")) >= 1
@@ -81,6 +92,7 @@ def check_continued_to_the_end(head: str, log: Path, calls: Path, run: Path, bef
     assert before, "the first start finished nothing before its time limit"
     changed = [p for p, mtime in before.items() if Path(p).stat().st_mtime != mtime]
     assert not changed, f"the second start redid the first's work: {changed[:5]}"
+    assert audit and (run / "audit.jsonl").read_text().startswith(audit), "the audit log was rewritten, not appended to"
     assert calls.exists(), "no job ran the site environment's `fedhpc`: the environment did not reach them"
     jobs = [line.split() for line in calls.read_text().splitlines() if not line.startswith(("head ", f"{head} "))]
     assert {verb for *_, verb in jobs} >= {"shard", "train", "aggregate", "evaluate"}, jobs
@@ -90,18 +102,48 @@ def check_continued_to_the_end(head: str, log: Path, calls: Path, run: Path, bef
         assert status["slurm_job_id"] not in (None, head)  # training ran in jobs the head submitted
 
 
-def watch_requeues(heads: dict[str, tuple[Path, Path, Path]]) -> dict[str, dict[str, float]]:
-    """Wait until every head was warned of its time limit and requeued itself; give each second
-    start time to finish. Returns, per head, the files its first start had finished."""
+def run_seconds(job: str) -> int:
+    """How long the job has run, from `scontrol show job`'s RunTime ([D-]HH:MM:SS)."""
+    days, _, hms = job_field(job, "RunTime").rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + s
+
+
+def bring_time_limit_near(job: str) -> None:
+    """Shorten a running head's limit so that it ends 45-105 s from now.
+
+    slurmctld sends --signal's warning from its periodic check (every 30 s) once the end is
+    within the delay plus 30 s, so a 1-minute job with @30 could be warned at once, before it
+    had finished anything: the test gives each head a long limit and shortens it only once its
+    first start has finished real work. The 45 s or more leave the head its grace to requeue itself.
+    """
+    minutes = -(-(run_seconds(job) + 45) // 60)
+    subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={minutes}"], check=True, env=env())
+
+
+def watch_requeues(heads: dict[str, tuple[Path, Path, Path]]) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Once each head's first start has trained and waits at the aggregation gate, bring its time
+    limit near; wait until every head was warned (then open its gate) and requeued itself; give
+    each second start time to finish. Returns, per head, the files its first start had finished
+    and its audit log when warned."""
     before: dict[str, dict[str, float]] = {}
+    audit: dict[str, str] = {}
+    near: set[str] = set()
     requeued: set[str] = set()
-    deadline = time.time() + 420
+    deadline = time.time() + 480
     while len(requeued) < len(heads):
-        for job, (log, _, run) in heads.items():
+        for job, (log, calls, run) in heads.items():
+            gate = calls.parent
             if job not in before:
                 assert job_state(job) in ACTIVE, f"head {job} ended, never warned of its time limit: {tail(log)}"
-                if "time limit near" in (log.read_text() if log.exists() else ""):
+                if job not in near and (gate / "at-gate").exists():
+                    bring_time_limit_near(job)
+                    near.add(job)
+                elif "time limit near" in (log.read_text() if log.exists() else ""):
+                    assert job in near, f"head {job} warned before its limit was brought near: {tail(log)}"
                     before[job] = settled(run, older_than=15)
+                    audit[job] = (run / "audit.jsonl").read_text()
+                    (gate / "gate").touch()
                     # The second start gets the time to finish (root may lengthen a job's limit).
                     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True, env=env())
             elif job not in requeued and int(job_field(job, "Restarts")) >= 1:
@@ -111,13 +153,14 @@ def watch_requeues(heads: dict[str, tuple[Path, Path, Path]]) -> dict[str, dict[
                 requeued.add(job)
         assert time.time() < deadline, {job: tail(log) for job, (log, _, _) in heads.items() if job not in requeued}
         time.sleep(1)
-    return before
+    return before, audit
 
 
 def test_heads_requeue_at_their_time_limit_and_finish_the_federation(slurm, tmp_path):
     """Both heads, each on its own federation, side by side: the sbatch wrapper (submitted from a
-    directory without logs/) and `fedhpc submit`, each given a 1-minute limit and warned 30 s
-    before it. Each must stop, requeue itself and, given time, finish the federation."""
+    directory without logs/) and `fedhpc submit`, each warned 30 s before its limit, which the
+    test brings near once training is done. Each must stop, requeue itself and, given time,
+    finish the federation."""
     sb, sm = tmp_path / "sbatch", tmp_path / "submitit"
     sb.mkdir()
     sm.mkdir()
@@ -131,13 +174,13 @@ def test_heads_requeue_at_their_time_limit_and_finish_the_federation(slurm, tmp_
     sb_env.rename(sb / "envs" / "lumi.sh")
     sb_cfg = two_site_config(sb, "viasbatch")
     sm_env, sm_calls = site_env(sm)
-    head = {"partition": "debug", "time": 1, "cpus_per_task": 1, "signal_delay_s": 30, "site_env": "../site-env.sh"}
+    head = {"partition": "debug", "time": 10, "cpus_per_task": 1, "signal_delay_s": 30, "site_env": "../site-env.sh"}
     prof = renamed_ci_profile(sm, head)
     sm_cfg = two_site_config(sm, "viasubmitit")
 
     grace = {"FEDHPC_HEAD_GRACE": "10", "FEDHPC": str(BIN / "fedhpc")}
     out = subprocess.run(
-        ["sbatch", "--parsable", "-A", "fedhpc-test", "-p", "debug", "--time=1", "--signal=B:USR1@30"]
+        ["sbatch", "--parsable", "-A", "fedhpc-test", "-p", "debug", "--time=10", "--signal=B:USR1@30"]
         + ["--cpus-per-task=1", "--mem=1G", "scripts/sbatch/lumi-head.sh", "config.yaml"],
         cwd=sb,
         capture_output=True,
@@ -165,10 +208,10 @@ def test_heads_requeue_at_their_time_limit_and_finish_the_federation(slurm, tmp_
         sm_job: (sm_log, sm_calls, Path(sm_cfg["output_dir"]) / "viasubmitit"),
     }
     try:
-        before = watch_requeues(heads)
+        before, audit = watch_requeues(heads)
         for job, (log, calls, run) in heads.items():
             assert wait_for(job, 420, log) == "COMPLETED", tail(log)
-            check_continued_to_the_end(job, log, calls, run, before[job])
+            check_continued_to_the_end(job, log, calls, run, before[job], audit[job])
     finally:
         subprocess.run(["scancel", *heads], capture_output=True, env=env())  # a failed test leaves no head running
 
