@@ -50,6 +50,29 @@ def test_four_uneven_languages_finish_every_round_through_the_epoch_boundary(tmp
     assert all(math.isfinite(x) for x in losses) and losses[0] > losses[1] > losses[2], losses
 
 
+class JobKiller(threading.Thread):
+    """SIGKILLs the whole Slurm job (batch shell included) of the chosen attempts of a site, as
+    soon as the attempt notes its start in `attempt` (fedhpc.failures.record_start)."""
+
+    def __init__(self, attempt: Path, attempts: set[int]):
+        super().__init__(daemon=True)
+        self.attempt, self.attempts, self.killed = attempt, attempts, []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        seen = set()
+        while not self.done.is_set():
+            try:
+                rec = read_json(self.attempt)
+            except (FileNotFoundError, ValueError):
+                rec = None
+            if rec and rec["attempt_id"] not in seen and rec["attempt"] in self.attempts:
+                seen.add(rec["attempt_id"])
+                subprocess.run(["scancel", "--signal=KILL", rec["slurm_job_id"]], env=env(), check=True)
+                self.killed.append((rec["attempt"], rec["slurm_job_id"]))
+            time.sleep(0.05)
+
+
 class Killer(threading.Thread):
     """SIGKILLs the training process of chosen sites and attempts of this run only (never the
     shell around it, nor the command that records its end), as an OOM killer or a crash would."""
@@ -82,10 +105,12 @@ def test_a_site_whose_job_fails_closes_the_round_in_seconds_not_at_the_deadline(
 
 
 def test_through_slurm_a_site_whose_job_fails_closes_the_round_in_seconds(slurm, tmp_path):
-    failing_round(tmp_path, "--profile", str(REPO / "profiles" / "ci-slurm"))  # its retries: 1
+    # Here site_fi's whole Slurm job, shell and all, is killed in both attempts (scancel
+    # --signal=KILL, as a time limit or a node failure would): nothing of it writes a record.
+    failing_round(tmp_path, "--profile", str(REPO / "profiles" / "ci-slurm"), jobs_killed=True)  # its retries: 1
 
 
-def failing_round(tmp_path: Path, *profile: str) -> None:
+def failing_round(tmp_path: Path, *profile: str, jobs_killed: bool = False) -> None:
     cfg = uneven_config(tmp_path, rounds=1, quorum=0.5)  # deadline: 5 minutes
     write_config(tmp_path, cfg)
     layout = RunLayout.of(Path(cfg["output_dir"]) / cfg["run"])
@@ -95,14 +120,22 @@ def failing_round(tmp_path: Path, *profile: str) -> None:
         if chunk.is_file():
             data = chunk.read_bytes()
             chunk.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
-    # site_fi's process is killed in both its attempts; site_de's only in its first.
-    killer = Killer(str(layout.config), {"site_fi": {1, 2}, "site_de": {1}})
+    # site_fi's process (or its Slurm job) is killed in both its attempts; site_de's only in its first.
+    killer = Killer(str(layout.config), {"site_de": {1}} if jobs_killed else {"site_fi": {1, 2}, "site_de": {1}})
+    job_killer = JobKiller(layout.site_dir(0, "site_fi") / "attempt.json", {1, 2})
     killer.start()
+    if jobs_killed:
+        job_killer.start()
     try:
         proc = subprocess.run(snakemake_cmd(tmp_path, *profile), capture_output=True, text=True, env=env(), timeout=600)
     finally:
         killer.done.set()
-    assert sorted(killer.killed) == [("site_de", 1), ("site_fi", 1), ("site_fi", 2)]
+        job_killer.done.set()
+    assert sorted(killer.killed + [("site_fi", a) for a, _ in job_killer.killed]) == [
+        ("site_de", 1),
+        ("site_fi", 1),
+        ("site_fi", 2),
+    ]
     # The workflow finishes its round and report; it exits 1 because one job, site_fi's training
     # (killed in every attempt), failed for good. site_sv's ended "failed" without failing the job.
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -115,10 +148,18 @@ def failing_round(tmp_path: Path, *profile: str) -> None:
     assert arrivals["closed_at"] - planned < 120, "the round waited for the deadline (300 s)"
     sv, fi = arrivals["failed"]["site_sv"], arrivals["failed"]["site_fi"]
     assert sv["deterministic"] and sv["attempt"] == 1 and "sha256" in sv["error"]
-    assert not fi["deterministic"] and (fi["attempt"], fi["attempts"]) == (2, 2) and "SIGKILL" in fi["error"]
-    # The retry that published leaves no failure behind; the audit log keeps every attempt.
+    assert not fi["deterministic"] and (fi["attempt"], fi["attempts"]) == (2, 2)
+    if jobs_killed:
+        assert fi["error"].startswith(f"Slurm job {job_killer.killed[-1][1]} ended "), fi["error"]
+    else:
+        assert "SIGKILL" in fi["error"]
+    # The retry that published leaves no failure behind; the audit log keeps every attempt (but
+    # the coordinator may never see a killed job's first attempt: its retry can start first).
     assert not (layout.site_dir(0, "site_de") / "failure.json").exists()
     failed = sorted((e["site"], e["attempt"]) for e in events(layout.root) if e["event"] == "train.failed")
-    assert failed == [("site_de", 1), ("site_fi", 1), ("site_fi", 2), ("site_sv", 1)]  # sv: not retried
+    expected = [("site_de", 1), ("site_fi", 1), ("site_fi", 2), ("site_sv", 1)]  # sv: not retried
+    if jobs_killed and ("site_fi", 1) not in failed:
+        expected.remove(("site_fi", 1))
+    assert failed == expected
     assert sorted(e["site"] for e in events(layout.root) if e["event"] == "site.failed") == ["site_fi", "site_sv"]
     assert summary(tmp_path, cfg)["rounds_completed"] == 1

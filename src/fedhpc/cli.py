@@ -129,6 +129,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         rec = record_exit(ctx.layout, a.round, a.site, a.exited, a.attempt, a.attempts)
         print(f"fedhpc train: attempt {a.attempt} of {a.attempts} failed: {rec['error']}", file=sys.stderr)
         return a.exited
+    if os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0")) == "0":
+        from .failures import record_start
+
+        record_start(ctx.layout, a.round, a.site, a.attempt, a.attempts)  # before torch's import: seconds count
     from . import distributed  # torch: not needed to record a failure
     from .train import local_spawn_argv, run_train_job
 

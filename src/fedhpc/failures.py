@@ -1,8 +1,11 @@
 """Failure records of site training jobs: what a failed attempt leaves in its round directory, and when it is final.
 
 A training job that fails writes `rounds/rNNNN/sites/<site>/failure.json`; the train rule's shell
-writes it for the attempt when the process died without a word (killed, crashed). `gather` reads
-it to stop waiting for a site that failed for good instead of waiting for the deadline.
+writes it for the attempt when the process died without a word (killed, crashed). A job killed
+together with its shell (time limit, scancel, node failure) writes nothing: every attempt notes
+its start in `attempt.json`, and the coordinator writes that attempt's record once Slurm says its
+job ended (`record_vanished`). `gather` reads the records to stop waiting for a site that failed
+for good instead of waiting for the deadline.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ INVOCATION_ENV = "FEDHPC_INVOCATION"
 
 def failure_path(layout: RunLayout, r: int, site: str) -> Path:
     return layout.site_dir(r, site) / "failure.json"
+
+
+def attempt_path(layout: RunLayout, r: int, site: str) -> Path:
+    return layout.site_dir(r, site) / "attempt.json"
 
 
 def status_path(layout: RunLayout, r: int, site: str) -> Path:
@@ -70,6 +77,61 @@ def _attempt_id(attempt: int) -> str:
     return f"{invocation()}/{attempt}/{env.get('SLURM_JOB_ID', '')}/{env.get('SLURM_RESTART_COUNT', '0')}"
 
 
+def record_start(layout: RunLayout, r: int, site: str, attempt: int, attempts: int) -> dict:
+    """Note that this attempt started, and in which Slurm job: the witness for a job that dies with its shell."""
+    rec = {
+        "round": r,
+        "site": site,
+        "attempt": attempt,
+        "attempts": attempts,
+        "invocation": invocation(),
+        "attempt_id": _attempt_id(attempt),
+        "time": time.time(),
+        "host": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME"),
+    }
+    write_json(attempt_path(layout, r, site), rec)
+    return rec
+
+
+def record_vanished(layout: RunLayout, r: int, site: str, ended) -> dict | None:
+    """If the site's last attempt of this invocation ran as a Slurm job that has ended without a
+    record or a status (killed with its shell), write its failure record and return it.
+    `ended(job_id, cluster)` is the job's final Slurm state, or None while it may still run."""
+    try:
+        start = read_json(attempt_path(layout, r, site))
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(start, dict) or start.get("invocation") != invocation() or not start.get("slurm_job_id"):
+        return None
+    if (rec := read_failure(layout, r, site)) is not None and rec.get("attempt_id") == start["attempt_id"]:
+        return None  # the attempt spoke for itself
+    state = ended(start["slurm_job_id"], start.get("slurm_cluster"))
+    if state is None:
+        return None
+    # Read after Slurm's answer: a job that ended has written all it ever will.
+    if status_path(layout, r, site).exists() or layout.receipt(r, site).exists():
+        return None
+    if (rec := read_failure(layout, r, site)) is not None and rec.get("attempt_id") == start["attempt_id"]:
+        return None
+    error = (
+        f"Slurm job {start['slurm_job_id']} ended {state} without a word from the training or its shell "
+        "(killed with it: time limit, scancel, node failure or out of memory)"
+    )
+    rec = {
+        **{k: start[k] for k in ("round", "site", "attempt", "attempts", "invocation", "attempt_id", "host")},
+        "error": error,
+        "deterministic": False,
+        "final": start["attempt"] >= start["attempts"],
+        "exit_code": None,
+        "slurm_state": state,
+        "time": time.time(),
+        "slurm_job_id": start["slurm_job_id"],
+    }
+    return _write_failure(layout, rec)
+
+
 def record_failure(
     layout: RunLayout,
     r: int,
@@ -96,17 +158,13 @@ def record_failure(
         "host": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
-    write_json(failure_path(layout, r, site), rec)
-    AuditLog(layout.audit).append(
-        "train.failed",
-        round=r,
-        site=site,
-        error=error,
-        deterministic=deterministic,
-        attempt=attempt,
-        attempts=attempts,
-        exit_code=exit_code,
-    )
+    return _write_failure(layout, rec)
+
+
+def _write_failure(layout: RunLayout, rec: dict) -> dict:
+    write_json(failure_path(layout, rec["round"], rec["site"]), rec)
+    fields = ("round", "site", "error", "deterministic", "attempt", "attempts", "exit_code")
+    AuditLog(layout.audit).append("train.failed", **{k: rec[k] for k in fields})
     return rec
 
 

@@ -10,10 +10,11 @@ from .checkpoints import load_plan
 from .config import Config
 from .errors import FedhpcError
 from .exchange import CompletenessCache, TransferError, audit_rejects, pull, transport_for
-from .failures import final_failure
+from .failures import final_failure, record_vanished
 from .files import read_json, write_json
 from .layout import RunLayout
 from .signing import TrustStore
+from .slurm_jobs import JobWatch
 
 
 class QuorumError(FedhpcError, RuntimeError):
@@ -36,8 +37,12 @@ def arrived_sites(layout: RunLayout, r: int, planned: list[str], bundles: Comple
     return arrived
 
 
-def failed_sites(layout: RunLayout, r: int, sites: list[str]) -> dict[str, dict]:
-    """{site: its failure record} of the sites whose training job failed for good."""
+def failed_sites(layout: RunLayout, r: int, sites: list[str], jobs: JobWatch | None = None) -> dict[str, dict]:
+    """{site: its failure record} of the sites whose training job failed for good. With `jobs`,
+    a site whose Slurm job ended without a record (killed with its shell) gets one first."""
+    if jobs is not None:
+        for s in sites:
+            record_vanished(layout, r, s, jobs.ended)
     return {s: rec for s in sites if (rec := final_failure(layout, r, s)) is not None}
 
 
@@ -102,8 +107,8 @@ def gather(
     The deadline counts from the plan's creation, so a restarted coordinator does not
     grant a fresh one. Aggregation depends on this file, not on the sites' jobs, which is
     what lets a round finish without a site whose job died. A site whose job failed for good
-    (failures.final_failure: a deterministic error, or its last allowed attempt) is not waited
-    for: the round closes as soon as nobody else is pending, or at once when quorum can no
+    (failures.final_failure: a deterministic error, or its last allowed attempt, or that attempt's
+    Slurm job ended without a word) is not waited for: the round closes as soon as nobody else is pending, or at once when quorum can no
     longer be reached.
     """
     plan = load_plan(layout, trust, r)
@@ -112,11 +117,12 @@ def gather(
     need = max(1, math.ceil(cfg.rounds.quorum * len(planned) - 1e-9)) if planned else 0
     t0 = time.time()
     bundles = bundle_checks(cfg, trust)
+    jobs = JobWatch()
     last_report, waiting_reported = 0.0, False
     while True:
         fetch_bundles(cfg, layout, trust, r, planned, bundles)
         arrived = arrived_sites(layout, r, planned, bundles)
-        failed = failed_sites(layout, r, [s for s in planned if s not in arrived])
+        failed = failed_sites(layout, r, [s for s in planned if s not in arrived], jobs)
         pending = [s for s in planned if s not in arrived and s not in failed]
         clock = now if now is not None else time.time()
         if not pending or len(arrived) + len(pending) < need:
