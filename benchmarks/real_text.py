@@ -30,9 +30,12 @@ many tokens as one centralized step: with every site on 1024 the federation step
 at a time, and that alone costs more than the goal (`central_sum_batch`, centralized training on
 the summed batch, is +17.7 % at the default size).
 
-Measured (seed 1234, 16 × 40k tokens unless said; centralized 2.7965 in each of four runs; see
-benchmarks/README.md): FedAvg with uniform weights 2.9231, +4.5 % (de +6.1, fr +3.2, es +1.6,
-pl +7.4 %), the best; weighted by tokens 2.9657, +6.1 % (de +3.3, fr +2.8, es +3.8, but pl, the
+Measured (seed 1234, 16 × 40k tokens; benchmarks/README.md): since 60db879 (a site's held-back
+windows spread over its round, not its tail, which had cost the centralized run a third of its
+Polish windows) centralized 2.7717, FedAvg with uniform weights 2.9217, +5.4 % (de +6.5, fr +3.6,
+es +2.2, pl +9.7 %), the best; DiLoCo over it +6.4 %, FedAvgM +12.6 %. Before (centralized
+2.7965 in each of four runs): FedAvg with uniform weights 2.9231, +4.5 % (de +6.1, fr +3.2, es +1.6,
+pl +7.4 %); weighted by tokens 2.9657, +6.1 % (de +3.3, fr +2.8, es +3.8, but pl, the
 smallest site, +14.9 %); SCAFFOLD 3.0111, +7.7 % (de +12.0, fr +10.3, es +5.1, pl +3.5 %), and
 at 32 × 20k still near 3.43 at round 28 (about +14 %); with every site on 1024 tokens per step
 SCAFFOLD 3.5646, +27.5 % (its loss near 3.6 from round 1 on, where centralized passes 3.4 in its
@@ -73,6 +76,10 @@ STRATEGIES = {
     # site's language is not outweighed three to one.
     "fedavg_uniform": {"name": "fedavg", "weighting": "uniform"},
     "scaffold": {"name": "scaffold"},
+    # Server optimizers over the uniform average: heavy-ball momentum (FedAvgM), and DiLoCo's
+    # outer Nesterov step (server lr 0.7, momentum 0.9).
+    "fedavgm_uniform": {"name": "fedavgm", "weighting": "uniform"},
+    "diloco_uniform": {"name": "diloco", "weighting": "uniform"},
 }
 GLYPHS = {
     "em": "—", "en": "–", "hy": "-", "aq": "'", "dq": '"', "lq": "“", "rq": "”", "oq": "‘", "cq": "’",
