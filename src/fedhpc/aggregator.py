@@ -32,7 +32,7 @@ import torch
 from . import strategies as st
 from .compress import Codec, codec_from_metadata, decode_range, stored_specs
 from .rawtensors import TensorReader, TensorWriter
-from .tensorfile import _DTYPES, TensorSpec
+from .tensorfile import DTYPE_NAMES, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def expected_specs(global_specs: dict[str, TensorSpec], codec: Codec) -> dict[st
     out = {}
     for name, spec in global_specs.items():
         for stored, (dtype, shape) in stored_specs(name, spec.shape, codec).items():
-            out[stored] = TensorSpec(_DTYPES[dtype], shape)
+            out[stored] = TensorSpec(DTYPE_NAMES[dtype], shape)
     return out
 
 

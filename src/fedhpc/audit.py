@@ -39,7 +39,7 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _tail(path: Path) -> tuple[int, str, int]:
+def ledger_tail(path: Path) -> tuple[int, str, int]:
     """Return (next seq, hash of last line, byte length of the complete part of the file)."""
     if not path.exists():
         return 0, GENESIS, 0
@@ -68,7 +68,7 @@ class AuditLog:
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(self.path):
-            seq, prev, complete = _tail(self.path)
+            seq, prev, complete = ledger_tail(self.path)
             with open(self.path, "r+b" if self.path.exists() else "wb") as fh:
                 size = fh.seek(0, os.SEEK_END)
                 if size != complete:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .audit import LedgerCheck, _tail, verify_ledger
+from .audit import LedgerCheck, ledger_tail, verify_ledger
 from .documents import DocumentError, check_document
 from .files import read_json, write_json
 from .layout import RunLayout
@@ -29,7 +29,7 @@ def head_path(layout: RunLayout, r: int) -> Path:
 
 def sign_head(layout: RunLayout, trust: TrustStore, run: str, r: int) -> dict:
     """Sign the ledger as it stands now as the head of round r (call after the round's last event)."""
-    seq, last, _ = _tail(layout.audit)
+    seq, last, _ = ledger_tail(layout.audit)
     doc = {"run": run, "round": r, "lines": seq, "hash": last, "time": time.time()}
     doc = sign_document(doc, COORDINATOR, trust.private_key(COORDINATOR))
     write_json(head_path(layout, r), doc)

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from .tensorfile import _DTYPES, _NAMES, TensorFileError, TensorSpec, parse_header
+from .tensorfile import DTYPE_NAMES, TORCH_DTYPES, TensorFileError, TensorSpec, parse_header
 
 RELEASE_BYTES = 2 << 20  # a reader unmaps the pages it handed out after this many bytes
 FOLIO_BYTES = 2 << 20  # the largest page-cache folio a fault may map (x86-64: PMD size)
 WRITEBACK_BYTES = 16 << 20  # start writeback of a writer's dirty pages after this many bytes
-_ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in _NAMES.items()}
+_ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in TORCH_DTYPES.items()}
 
 
 def _itemsize(dtype: str) -> int:
@@ -108,7 +108,7 @@ class TensorReader:
             raise TensorFileError(f"{self.path}: range {start}..{stop} is outside tensor {name!r}")
         if os.fstat(self.fd).st_size < self.size:
             raise TensorFileError(f"{self.path}: shorter than when it was opened (truncated while reading?)")
-        dtype, item = _NAMES[spec.dtype], _itemsize(spec.dtype)
+        dtype, item = TORCH_DTYPES[spec.dtype], _itemsize(spec.dtype)
         at, end = self.offsets[name] + start * item, self.offsets[name] + stop * item
         if end == at:
             return torch.empty(0, dtype=dtype)
@@ -208,7 +208,7 @@ class TensorWriter:
 
     def write(self, name: str, start: int, values: torch.Tensor) -> None:
         spec = self.specs[name]
-        if _DTYPES.get(values.dtype) != spec.dtype:
+        if DTYPE_NAMES.get(values.dtype) != spec.dtype:
             raise ValueError(f"tensor {name}: writing {values.dtype}, header says {spec.dtype}")
         if start + values.numel() > _numel(spec.shape):
             raise ValueError(f"tensor {name}: range {start}..{start + values.numel()} exceeds its {spec}")

@@ -16,7 +16,8 @@ from safetensors import safe_open
 from .errors import FedhpcError
 from .files import atomic_path, parse_json
 
-_DTYPES = {
+# torch dtype -> its safetensors name, and back; the raw-tensor reader and the aggregator use them too.
+DTYPE_NAMES = {
     torch.float32: "F32",
     torch.float16: "F16",
     torch.bfloat16: "BF16",
@@ -28,7 +29,7 @@ _DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-_NAMES = {v: k for k, v in _DTYPES.items()}
+TORCH_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 class TensorFileError(FedhpcError, ValueError):
@@ -49,7 +50,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=_NAMES[self.dtype]).element_size()
+        n = torch.empty((), dtype=TORCH_DTYPES[self.dtype]).element_size()
         for s in self.shape:
             n *= s
         return n
@@ -113,8 +114,8 @@ def parse_header(path: str | os.PathLike, head8: bytes, read: Callable[[int, int
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise TensorFileError(f"{where} has a malformed header entry")
         dtype, shape, span = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in _NAMES:
-            raise TensorFileError(f"{where} has dtype {str(dtype)[:40]!r}; known: {', '.join(sorted(_NAMES))}")
+        if not isinstance(dtype, str) or dtype not in TORCH_DTYPES:
+            raise TensorFileError(f"{where} has dtype {str(dtype)[:40]!r}; known: {', '.join(sorted(TORCH_DTYPES))}")
         if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_int(d) and d >= 0 for d in shape):
             raise TensorFileError(f"{where} has shape {str(shape)[:80]}: not a list of at most {MAX_NDIM} ints >= 0")
         if not isinstance(span, list) or len(span) != 2 or not all(_int(x) for x in span):
@@ -216,8 +217,10 @@ def write_tensors(
         for name in names:
             t = produce(name)
             want = specs[name]
-            if _DTYPES.get(t.dtype) != want.dtype or tuple(t.shape) != want.shape:
-                raise ValueError(f"tensor {name}: produced {_DTYPES.get(t.dtype)}{list(t.shape)}, header says {want}")
+            if DTYPE_NAMES.get(t.dtype) != want.dtype or tuple(t.shape) != want.shape:
+                raise ValueError(
+                    f"tensor {name}: produced {DTYPE_NAMES.get(t.dtype)}{list(t.shape)}, header says {want}"
+                )
             if t.numel():
                 fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy: buffer protocol
 
@@ -225,7 +228,7 @@ def write_tensors(
 def save_state(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
-    specs = {k: TensorSpec(_DTYPES[v.dtype], tuple(v.shape)) for k, v in tensors.items()}
+    specs = {k: TensorSpec(DTYPE_NAMES[v.dtype], tuple(v.shape)) for k, v in tensors.items()}
     write_tensors(path, specs, lambda name: tensors[name], metadata)
 
 
