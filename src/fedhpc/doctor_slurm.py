@@ -9,7 +9,7 @@ from typing import Any
 from .doctor import Check, Setup, first_line, run_command
 
 # Accounts the shipped profiles carry until a user puts theirs in.
-PLACEHOLDER_ACCOUNTS = {"project_465000000", "my_project"}
+EXAMPLE_ACCOUNTS = {"project_465000000", "my_project"}
 
 
 def minutes(value: Any) -> int | None:
@@ -158,12 +158,12 @@ def account_checks(setup: Setup, info: dict[str, dict[str, str]]) -> list[Check]
     partitions = sorted(partition_needs(setup))
     for acct, where in sorted(named.items()):
         label = f"account {acct}"
-        if acct in PLACEHOLDER_ACCOUNTS:
+        if acct in EXAMPLE_ACCOUNTS:
             checks.append(
                 Check(
                     label,
                     "fail",
-                    f"{acct} is the placeholder the shipped profile carries ({', '.join(where)})",
+                    f"{acct} is the example account the shipped profile carries, not yours ({', '.join(where)})",
                     f"put your project account in {setup.where('config.yaml')} (slurm_account) and head.yaml",
                 )
             )

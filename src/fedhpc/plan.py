@@ -16,7 +16,7 @@ from .gather import arrived_sites, bundle_checks
 from .layout import RunLayout
 from .shards import load_manifest
 from .signing import COORDINATOR, SignatureError, TrustStore, create_keypair, sign_document
-from .tasks import Task, load_task
+from .tasks import load_task
 
 
 def missed_shards(
@@ -158,21 +158,25 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
                 del tps[site]
         measured = learned_throughput({n: s.throughput for n, s in sites.items()}, tps)
     task = load_task(cfg)
-    # Tasks that say how a site trains a slice of N tokens (Task.plan_slice is optional).
-    slicer = task.plan_slice if type(task).plan_slice is not Task.plan_slice else None
-    floor = None
-    if slicer is not None:
-        floor = {n: smallest_trainable(lambda t, n=n: slicer(n, cfg.sites[n], data, t)["train_tokens"]) for n in sites}
-    plan = make_plan(r, shards, sites, cfg.rounds.tokens_per_round, cfg.seed, prev, requeue, measured, floor)
+
+    def slice_of(site: str, tokens: int) -> dict | None:
+        """How the site trains a slice of `tokens`, or None when the task has no say (Task.plan_slice)."""
+        return task.plan_slice(site, cfg.sites[site], data, tokens)
+
+    floor = {
+        n: smallest_trainable(lambda t, n=n: slice_of(n, t)["train_tokens"])
+        for n in sites
+        if slice_of(n, 1) is not None
+    }
+    plan = make_plan(r, shards, sites, cfg.rounds.tokens_per_round, cfg.seed, prev, requeue, measured, floor or None)
     plan["notes"] = joined + notes + plan["notes"]
     plan["catalogues"] = catalogues
     plan["catalogue_missing"] = uncatalogued
     for name, entry in plan["sites"].items():
         # What the task plans per site from its capability profile (e.g. the batch its memory holds).
         entry.update(task.plan_site(name, cfg.sites[name], data))
-        if slicer is not None and entry["tokens"]:
+        if entry["tokens"] and (part := slice_of(name, entry["tokens"])) is not None:
             # What its receipt will claim: tokens planned = tokens trained, and why the rest is not.
-            part = slicer(name, cfg.sites[name], data, entry["tokens"])
             entry.update(
                 train_tokens=part["train_tokens"], held_back_tokens=part["held_back_tokens"], steps=part["steps"]
             )

@@ -124,12 +124,14 @@ class Task(abc.ABC):
         """Fields the plan records for a site (e.g. the batch size its memory allows)."""
         return {}
 
-    def plan_slice(self, site: str, site_cfg: SiteConfig, manifest: dict[str, Any], tokens: int) -> dict[str, Any]:
-        """Optional: how `site` would train a slice of `tokens` (the manifest's unit): at least
+    def plan_slice(
+        self, site: str, site_cfg: SiteConfig, manifest: dict[str, Any], tokens: int
+    ) -> dict[str, Any] | None:
+        """How `site` would train a slice of `tokens` (the manifest's unit): at least
         `train_tokens`, what its receipt will claim (0: it cannot train it), and `slice`, the reason
         the plan states. With it the planner never plans a slice the site cannot train and plans
-        exactly what it trains; without it, slices are planned by tokens alone."""
-        raise NotImplementedError
+        exactly what it trains; None (this default) leaves slices planned by tokens alone."""
+        return None
 
     # -- training (sites) ------------------------------------------------------------------
     @abc.abstractmethod
