@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .doctor import Check, Setup, first_line, run_command
+from .submit import SubmitError, head_parameters
 
 # Run inside the image (or on the host) with nothing but the standard library and torch. RCCL's
 # network plugin (aws-ofi-rccl: librccl-net*.so, or libnccl-net*.so in newer builds) sits in
@@ -231,8 +232,6 @@ def bind_paths(setup: Setup, runtime: str) -> tuple[str, list[str]]:
 
 def site_env_file(profile_dir: Path) -> Path | None:
     """The environment script the profile's head job sources (head.yaml `site_env`), if any."""
-    from .submit import SubmitError, head_parameters
-
     try:
         env = head_parameters(profile_dir).get("site_env")
     except SubmitError:

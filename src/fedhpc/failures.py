@@ -105,15 +105,18 @@ def record_vanished(layout: RunLayout, r: int, site: str, ended) -> dict | None:
         return None
     if not isinstance(start, dict) or start.get("invocation") != invocation() or not start.get("slurm_job_id"):
         return None
-    if (rec := read_failure(layout, r, site)) is not None and rec.get("attempt_id") == start["attempt_id"]:
-        return None  # the attempt spoke for itself
+
+    def spoke() -> bool:
+        """The attempt left its status, its receipt or its own failure record."""
+        rec = read_failure(layout, r, site)
+        own = rec is not None and rec.get("attempt_id") == start["attempt_id"]
+        return own or status_path(layout, r, site).exists() or layout.receipt(r, site).exists()
+
+    if spoke():
+        return None
     state = ended(start["slurm_job_id"], start.get("slurm_cluster"))
-    if state is None:
-        return None
-    # Read after Slurm's answer: a job that ended has written all it ever will.
-    if status_path(layout, r, site).exists() or layout.receipt(r, site).exists():
-        return None
-    if (rec := read_failure(layout, r, site)) is not None and rec.get("attempt_id") == start["attempt_id"]:
+    # Asked again after Slurm's answer: a job that ended has written all it ever will.
+    if state is None or spoke():
         return None
     error = (
         f"Slurm job {start['slurm_job_id']} ended {state} without a word from the training or its shell "

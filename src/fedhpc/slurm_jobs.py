@@ -65,17 +65,17 @@ def job_state(job_id: str) -> str | None:
 class JobWatch:
     """Throttled answers to "has this job ended?" for jobs of the local cluster."""
 
-    def __init__(self, every: float = 15.0, state=job_state, cluster=local_cluster):
-        self.every, self._state, self._cluster = every, state, cluster
+    def __init__(self, every: float = 15.0):
+        self.every = every
         self._seen: dict[str, tuple[float, str | None]] = {}
 
     def ended(self, job_id: str, cluster: str | None) -> str | None:
         """The state a job ended in, or None while it may still run (or Slurm cannot tell, or it
         ran on another cluster, whose job ids mean nothing here)."""
-        if cluster is None or cluster != self._cluster():
+        if cluster is None or cluster != local_cluster():
             return None
         at, state = self._seen.get(job_id, (0.0, None))
         if time.monotonic() - at >= self.every:
-            state = self._state(job_id)
+            state = job_state(job_id)
             self._seen[job_id] = (time.monotonic(), state)
         return None if state is None or state in ALIVE else state
