@@ -24,10 +24,12 @@ def slurm_cli(tmp_path, monkeypatch):
     answer = tmp_path / "squeue.out"
     calls = tmp_path / "squeue.calls"
     (bindir / "scontrol").write_text('#!/bin/sh\necho "ClusterName             = alpha"\n')
+    # The answer is read once: a test rewriting it between two reads made one call answer half
+    # of each (an "INVALID" job state; CI failed on it).
     (bindir / "squeue").write_text(
-        f'#!/bin/sh\necho "$@" >> {calls}\n'
-        f'if grep -q INVALID {answer}; then echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; fi\n'
-        f"cat {answer}\n"
+        f'#!/bin/sh\necho "$@" >> {calls}\na=$(cat {answer})\n'
+        'case "$a" in *INVALID*) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1;; esac\n'
+        'echo "$a"\n'
     )
     for f in bindir.iterdir():
         f.chmod(0o755)
@@ -79,7 +81,9 @@ def test_a_running_job_is_waited_for_and_its_end_closes_the_round(tmp_path, monk
     t, result = gather_in_thread(b, cfg)
     time.sleep(1.0)
     assert t.is_alive() and read_failure(b.layout, b.r, "c") is None
-    answer.write_text("INVALID\n")  # ended long ago: slurmctld forgot it
+    # Replaced whole while gather polls: ended long ago, slurmctld forgot it.
+    (tmp_path / "squeue.new").write_text("INVALID\n")
+    (tmp_path / "squeue.new").replace(answer)
     t.join(timeout=10)
     assert not t.is_alive()
     assert "Slurm job 4242 ended GONE" in str(result["error"]) and "quorum out of reach" in str(result["error"])
