@@ -57,6 +57,8 @@ demo: $(BIN)/.installed
 	$(BIN)/fedhpc run --profile $(PROFILE) --configfile $(CONFIG)
 
 test: $(BIN)/.installed .slurm-installed
+	# The package layers (pyproject.toml [tool.importlinter]; docs/architecture.md has the map).
+	$(BIN)/lint-imports --no-cache
 	# Two workers: most of an end-to-end test is job start-up and polling, not arithmetic. The 20
 	# slowest tests are listed, so the suite's cost stays visible in CI logs.
 	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=20

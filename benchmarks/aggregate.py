@@ -6,11 +6,11 @@ Usage: python benchmarks/aggregate.py [--sizes 256,1024] [--sites 8] [--repeats 
 For each model size (MiB of fp32) a child process writes a seeded GPT-like model (d = 1024:
 64 MB of token embeddings, 8 MB of position embeddings, per layer a 12 MB QKV matrix, a 4 MB
 projection, two 16 MB MLP matrices, biases and layer norms) and N site updates Δ_i with
-`fedhpc.tensorfile.save_state` into a temporary directory on disk, deleted afterwards. Then,
+`fedhpc.core.tensorfile.save_state` into a temporary directory on disk, deleted afterwards. Then,
 with the page cache warm (every input file read once right before each timed run) and no
 dirty pages left by the previous run (each output is fsynced after its run, untimed):
 
-  ours    `fedhpc.aggregator.aggregate(base, inputs, out)` (FedAvg, weights n_i / Σ n, the
+  ours    `fedhpc.aggregation.streaming.aggregate(base, inputs, out)` (FedAvg, weights n_i / Σ n, the
           aggregator's default chunk size unless --chunk-mb): base + the N update files
           -> the next model file, fsynced before it is renamed into place.
   flower  what a Flower server does with the same N files: `safetensors.numpy.load_file`
@@ -78,7 +78,7 @@ def _peak_mb() -> float:
 def child_ours(job: dict) -> dict:
     import inspect
 
-    from fedhpc.aggregator import SiteInput, aggregate
+    from fedhpc.aggregation.streaming import SiteInput, aggregate
 
     inputs = [SiteInput(s, Path(p), w) for s, p, w in zip(job["sites"], job["paths"], job["weights"], strict=True)]
     chunk = job["chunk_bytes"] or inspect.signature(aggregate).parameters["chunk_bytes"].default
@@ -183,13 +183,13 @@ def _chunk_items(specs: dict, chunk_bytes: int) -> list[tuple[str, int, int]]:
 
 def child_mapped_floor(job: dict) -> dict:
     """Reading the inputs the aggregator's way with no arithmetic and no output: fresh mappings
-    (fedhpc.rawtensors.TensorReader) handing out chunk views on --workers threads, each view
+    (fedhpc.core.rawtensors.TensorReader) handing out chunk views on --workers threads, each view
     summed once so its pages are touched (page cache warm, the run itself times the warm-up)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    from fedhpc.rawtensors import TensorReader
+    from fedhpc.core.rawtensors import TensorReader
 
     torch.set_num_threads(1)
     times = []
@@ -218,7 +218,7 @@ def child_write_floor(job: dict) -> dict:
 
     import torch
 
-    from fedhpc.rawtensors import TensorReader, TensorWriter
+    from fedhpc.core.rawtensors import TensorReader, TensorWriter
 
     with TensorReader(job["base"]) as r:
         specs = r.specs
@@ -245,7 +245,7 @@ def child_workload(job: dict) -> dict:
     """Write the base and N site updates, seeded, into job["dir"]."""
     import torch
 
-    from fedhpc.tensorfile import save_state
+    from fedhpc.core.tensorfile import save_state
 
     tmp, seed = Path(job["dir"]), job["seed"]
     shapes = {k: tuple(v) for k, v in job["shapes"].items()}
@@ -273,7 +273,7 @@ def child_workload(job: dict) -> dict:
 
 def child_check(job: dict) -> dict:
     """Largest |(ours − base) − flower| over all elements."""
-    from fedhpc.tensorfile import open_tensors
+    from fedhpc.core.tensorfile import open_tensors
 
     worst = 0.0
     with open_tensors(job["base"]) as b, open_tensors(job["ours"]) as o, open_tensors(job["flower"]) as f:
@@ -584,7 +584,7 @@ def main() -> None:
                 "sites": a.sites,
                 "flower_python": flower_py,
                 "flower_timed_work": "safetensors.numpy.load_file x N + flwr aggregate() + safetensors.numpy.save_file",
-                "ours_timed_work": "fedhpc.aggregator.aggregate(): base + N update files -> fsynced output file",
+                "ours_timed_work": "fedhpc.aggregation.streaming.aggregate(): base + N update files -> fsynced output file",
                 "throughput": "GB (1e9 B) of input (N update files + base) per second, both contenders",
                 "bandwidth": "median torch.sum over 1 GiB fp32, all torch threads",
                 "read_floor": "median pread of the N + 1 input files in 1 MiB blocks, --workers threads, nothing else",

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from fedhpc.config import ModelConfig, TrainingConfig
-from fedhpc.distributed import World
-from fedhpc.engines import Engine
-from fedhpc.files import append_jsonl
-from fedhpc.loop import local_round, make_optimizer, to_windows
-from fedhpc.model import GPT
-from fedhpc.sites import BatchShape
-from fedhpc.sysinfo import SystemProbe
+from fedhpc.config.federation import ModelConfig, TrainingConfig
+from fedhpc.core.files import append_jsonl
+from fedhpc.training.distributed import World
+from fedhpc.training.engines import Engine
+from fedhpc.training.loop import local_round, make_optimizer, to_windows
+from fedhpc.training.model import GPT
+from fedhpc.training.sites import BatchShape
+from fedhpc.training.sysinfo import SystemProbe
 
 
 def bare_loop(model, opt, windows, shape, t, steps) -> float:

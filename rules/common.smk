@@ -7,13 +7,14 @@ from pathlib import Path
 
 from snakemake_interface_executor_plugins.settings import ExecMode
 
-from fedhpc.config_schema import ConfigError, as_dict, validate
-from fedhpc.failures import export_attempts, exported_attempts, new_invocation
-from fedhpc.files import write_json
-from fedhpc.launch_prefix import train_prefix
-from fedhpc.layout import round_name
-from fedhpc.sites import site_ranks
+from fedhpc.config.schema import ConfigError
+from fedhpc.core.files import write_json
+from fedhpc.core.layout import round_name
+from fedhpc.ops.launch_prefix import aggregate_prefix, train_prefix
+from fedhpc.stages.failures import export_attempts, exported_attempts, new_invocation
 from fedhpc.tasks import load_task
+from fedhpc.tasks.validation import validate
+from fedhpc.training.sites import site_ranks
 
 try:
     CFG = validate(
@@ -239,16 +240,7 @@ def aggregate_mpi(wildcards=None):
 
 def aggregate_launch(wildcards, threads, resources):
     """Several MPI ranks split a large checkpoint's tensors: srun in a Slurm job, else mpiexec."""
-    ranks = CFG.strategy.ranks
-    if ranks <= 1:
-        return ""
-    if resources.get("mpi"):
-        conf = os.environ.get("SLURM_CONF")
-        return (f"env SLURM_CONF={conf} " if conf else "") + (
-            f"{resources.mpi} --kill-on-bad-exit=1 --ntasks={ranks}"
-            f" --cpus-per-task={resources.get('cpus_per_task', max(1, threads // ranks))} "
-        )
-    return f"mpiexec -n {ranks} --oversubscribe "
+    return aggregate_prefix(CFG.strategy.ranks, resources, threads)
 
 
 def previous_publish(wildcards):
@@ -298,7 +290,7 @@ def all_targets():
     ]
 
 
-# Failure records of training jobs (fedhpc.failures): the head process names this invocation,
+# Failure records of training jobs (fedhpc.stages.failures): the head process names this invocation,
 # and every job inherits it (a local job from this process, a Slurm job through sbatch
 # --export=ALL), so a failure recorded by an earlier invocation (a crashed head, now rerun) is
 # history, not final. The Snakemakes a job runs (remote mode, and the subprocess the Slurm job

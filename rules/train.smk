@@ -30,7 +30,7 @@ rule train:
     params:
         cfg=CONFIG_JSON,
         launch=train_launch,
-    # Every failure leaves sites/<site>/failure.json for gather (fedhpc.failures): the process
+    # Every failure leaves sites/<site>/failure.json for gather (fedhpc.stages.failures): the process
     # writes its own; when it died without a word (killed, crashed) the `||` branch writes one.
     # A deterministic error ends the job with status "failed" and success: nothing retries it.
     shell:

@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from fedhpc.devices import torch_gpu_family, what_the_job_sees
+from fedhpc.training.devices import torch_gpu_family, what_the_job_sees
 
 print(f"gpu-smoke: {what_the_job_sees()}")
 if torch_gpu_family() is None or torch.cuda.device_count() == 0:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fedhpc.exchange import INDEX
+from fedhpc.exchange.hub import INDEX
 
 from .workflow_util import BIN, REPO, env, write_config
 

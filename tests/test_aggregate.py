@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedhpc.aggregate import AggregationError, aggregate_round
-from fedhpc.audit import AuditLog
-from fedhpc.files import read_json, sha256_file, write_json
-from fedhpc.strategies import fedavg, site_weights, weighted_sum
-from fedhpc.tensorfile import TensorSpec, load_state, read_metadata, read_specs, write_tensors
+from fedhpc.aggregation.strategies import fedavg, site_weights, weighted_sum
+from fedhpc.core.files import read_json, sha256_file, write_json
+from fedhpc.core.tensorfile import TensorSpec, load_state, read_metadata, read_specs, write_tensors
+from fedhpc.stages.aggregate import AggregationError, aggregate_round
+from fedhpc.trust.audit import AuditLog
 from tests.test_verify import RoundBuilder
 
 T = torch.tensor
@@ -160,7 +160,7 @@ def test_a_bf16_global_is_aggregated_in_bf16(tmp_path):
 def test_an_update_changed_after_verification_is_not_aggregated(tmp_path):
     b = build(tmp_path, accepted=["a", "b"])
     # Site b swaps its file after it was accepted (its signed receipt still names the old sha256).
-    from fedhpc.tensorfile import save_state
+    from fedhpc.core.tensorfile import save_state
 
     save_state(b.layout.update(b.r, "b"), UPDATES["c"])
     with pytest.raises(AggregationError, match="changed after verification"):
@@ -250,7 +250,7 @@ def test_a_round_with_too_few_accepted_updates_for_the_robust_rule_fails_naming_
 
 
 def test_server_state_goes_to_the_next_global_on_promotion_and_stays_on_rollback(tmp_path):
-    from fedhpc.promote import _carry_server_state
+    from fedhpc.stages.promote import _carry_server_state
 
     b = build(tmp_path, accepted=["a", "b"])
     cfg = b.config()
@@ -271,8 +271,8 @@ def test_server_state_goes_to_the_next_global_on_promotion_and_stays_on_rollback
 
 
 def test_compressed_updates_pass_verification_and_aggregate_to_their_decoded_values(tmp_path):
-    from fedhpc.compress import Codec, codec_metadata, decode, encode
-    from fedhpc.tensorfile import save_state
+    from fedhpc.aggregation.compress import Codec, codec_metadata, decode, encode
+    from fedhpc.core.tensorfile import save_state
 
     b = RoundBuilder(tmp_path, ["a", "b", "c"], global_state=GLOBAL)
     codecs = {"a": Codec("int8", block=2), "b": Codec("bf16"), "c": Codec("topk", topk_fraction=0.5)}
@@ -299,7 +299,7 @@ def test_compressed_updates_pass_verification_and_aggregate_to_their_decoded_val
 
 
 def _resign(b: RoundBuilder, site: str, receipt: dict, path: Path) -> None:
-    from fedhpc.signing import sign_document
+    from fedhpc.trust.signing import sign_document
 
     receipt = {k: v for k, v in receipt.items() if k != "signature"}
     receipt["update_sha256"] = sha256_file(path)
@@ -307,8 +307,8 @@ def _resign(b: RoundBuilder, site: str, receipt: dict, path: Path) -> None:
 
 
 def test_round_weights_decay_stale_updates_then_cap_domains_then_normalise_effort():
-    from fedhpc.aggregate import round_weights
-    from fedhpc.config_strategy import StrategyConfig
+    from fedhpc.config.strategy import StrategyConfig
+    from fedhpc.stages.aggregate import round_weights
 
     s = StrategyConfig(heterogeneity_aware=True, domain_cap=0.6)
     s.staleness.decay, s.staleness.exponent = "polynomial", 1.0

@@ -16,10 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedhpc.aggregator import Combine, ServerOpt, SiteInput, aggregate, partition
-from fedhpc.compress import Codec, codec_metadata, decode, encode, error_bound
-from fedhpc.rawtensors import TensorReader
-from fedhpc.strategies import (
+from fedhpc.aggregation.compress import Codec, codec_metadata, decode, encode, error_bound
+from fedhpc.aggregation.strategies import (
     SERVER_STATE,
     coordinate_median,
     krum_select,
@@ -28,7 +26,9 @@ from fedhpc.strategies import (
     trimmed_mean,
     weighted_sum,
 )
-from fedhpc.tensorfile import TensorFileError, TensorSpec, load_state, read_metadata, save_state
+from fedhpc.aggregation.streaming import Combine, ServerOpt, SiteInput, aggregate, partition
+from fedhpc.core.rawtensors import TensorReader
+from fedhpc.core.tensorfile import TensorFileError, TensorSpec, load_state, read_metadata, save_state
 
 T = torch.tensor
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def make_round(tmp: Path, server: str = "fedavg") -> tuple[dict, dict, dict | No
 
 
 def expected(base, updates, weights, state, rule: str, faulty: int, server: ServerOpt, select=None, clip=None):
-    """The round computed on whole tensors in memory with the pure functions of strategies.py."""
+    """The round computed on whole tensors in memory with the pure functions of aggregation/strategies.py."""
     sites, names = sorted(updates), sorted(base)
     n = len(sites)
     scale = [1.0] * n
@@ -488,7 +488,7 @@ def test_memory_stays_bounded_by_the_chunk_size_not_the_model_or_the_site_count(
         if pid:
             sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
         from pathlib import Path
-        from fedhpc.aggregator import SiteInput, aggregate
+        from fedhpc.aggregation.streaming import SiteInput, aggregate
         d = Path({str(tmp_path)!r})
         # warm up on a tiny file so lazily loaded code and kernels are not counted
         aggregate(d / "tiny.safetensors", [SiteInput("t", d / "tiny.safetensors", 1.0)], d / "warm.safetensors")
@@ -560,7 +560,7 @@ def test_views_do_not_outlive_their_reader_badly(tmp_path):
 
 
 def test_the_output_is_the_same_where_the_filesystem_cannot_preallocate(tmp_path, monkeypatch):
-    import fedhpc.rawtensors as rawtensors
+    import fedhpc.core.rawtensors as rawtensors
 
     write_mpi_round(tmp_path)
     mpi_round(tmp_path, "preallocated")

@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 
-from fedhpc.allocate import SHARED, Shard, learned_throughput, make_plan
-from fedhpc.config import ModelConfig, SiteConfig
-from fedhpc.sites import batch_shape, fixed_training_bytes, memory_per_sequence, micro_batch_for, param_count
+from fedhpc.config.federation import ModelConfig, SiteConfig
+from fedhpc.data.allocation import SHARED, Shard, learned_throughput, make_plan
+from fedhpc.training.sites import batch_shape, fixed_training_bytes, memory_per_sequence, micro_batch_for, param_count
 
 
 def shared(n: int, tokens: int = 100, prefix: str = "s") -> list[Shard]:

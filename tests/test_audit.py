@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedhpc.audit import GENESIS, AuditLog, LedgerCheck, _digest, verify_ledger
-from fedhpc.cli import main
+from fedhpc.cli.main import main
+from fedhpc.trust.audit import GENESIS, AuditLog, LedgerCheck, _digest, verify_ledger
 
 N = 8
 

@@ -9,17 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from fedhpc.audit import AuditLog
-from fedhpc.catalogue import CatalogueError, load_data, write_catalogue
-from fedhpc.checkpoints import init_global
-from fedhpc.config_schema import ConfigError, validate
-from fedhpc.data import corpus_dir, prepare_data, prepare_site_data
-from fedhpc.files import read_json, write_json
-from fedhpc.layout import RunLayout
-from fedhpc.plan import collect_catalogues, plan_round
-from fedhpc.signing import SignatureError, TrustStore, create_keypair, sign_document
-from fedhpc.synth import generate_corpus
-from fedhpc.train import TrainingError, _check_catalogue_unchanged
+from fedhpc.config.schema import ConfigError
+from fedhpc.core.files import read_json, write_json
+from fedhpc.core.layout import RunLayout
+from fedhpc.data.catalogue import CatalogueError, load_data, write_catalogue
+from fedhpc.data.synth import generate_corpus
+from fedhpc.stages.init import init_global
+from fedhpc.stages.plan import collect_catalogues, plan_round
+from fedhpc.stages.shard import corpus_dir, prepare_data, prepare_site_data
+from fedhpc.stages.train import TrainingError, _check_catalogue_unchanged
+from fedhpc.tasks.validation import validate
+from fedhpc.trust.audit import AuditLog
+from fedhpc.trust.identity import create_keypair
+from fedhpc.trust.signing import SignatureError, TrustStore, sign_document
 from tests.workflow_util import tiny_config
 
 

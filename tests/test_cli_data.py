@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from fedhpc.catalogue import load_data
-from fedhpc.cli import main
-from fedhpc.layout import RunLayout
-from fedhpc.shards import load_manifest, load_run_tokenizer, read_shard
-from fedhpc.signing import TrustStore
+from fedhpc.cli.main import main
+from fedhpc.core.layout import RunLayout
+from fedhpc.data.catalogue import load_data
+from fedhpc.data.shards import load_manifest, load_run_tokenizer, read_shard
+from fedhpc.trust.signing import TrustStore
 
 
 def make_inputs(d: Path) -> None:

@@ -13,7 +13,7 @@ from hypothesis.extra.numpy import array_shapes, arrays
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fedhpc.compress import (
+from fedhpc.aggregation.compress import (
     SCHEMES,
     SUFFIXES,
     Codec,
@@ -30,7 +30,7 @@ from fedhpc.compress import (
     stored_specs,
     topk_count,
 )
-from fedhpc.errors import FedhpcError
+from fedhpc.core.errors import FedhpcError
 
 T = torch.tensor
 F32 = torch.float32

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedhpc.config import Config, SiteConfig, TrainingConfig
-from fedhpc.config_schema import ConfigError, config_schema, load, markdown_docs, validate
+from fedhpc.config.federation import Config, SiteConfig, TrainingConfig
+from fedhpc.config.schema import ConfigError, config_schema
+from fedhpc.tasks.validation import load, markdown_docs, validate
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_FILE = REPO / "workflow" / "schemas" / "config.schema.json"
@@ -345,7 +346,7 @@ def test_multi_site_settings_that_cannot_work_are_refused_naming_the_key(exchang
 
 
 def test_run_role_and_site_become_a_nested_config_override():
-    from fedhpc.launch import role_config
+    from fedhpc.ops.run import role_config
 
     assert role_config(None, None) == []
     assert role_config(None, "lumi") == ["--config", 'exchange={"role": "site", "site": "lumi"}']

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import fedhpc.containers as c
-from fedhpc.cli import main
+import fedhpc.ops.containers as c
+from fedhpc.cli.main import main
 from tests.test_containers import fake_runtimes
 
 LUMI_BINDS = "/pfs,/scratch,/projappl,/project,/flash,/appl,/var/spool/slurmd,/opt/cray,/usr/lib64/libcxi.so.1"

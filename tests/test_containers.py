@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fedhpc.cli import main
-from fedhpc.containers import find_runtime, problems, recipe, torch_version
+from fedhpc.cli.main import main
+from fedhpc.ops.containers import find_runtime, problems, recipe, torch_version
 
 TESTS = Path(__file__).parent
 
@@ -74,7 +74,7 @@ def test_gpu_images_check_their_torch_build():
 
 def broken(tmp_path, monkeypatch, name: str, *edits: tuple[str, str]) -> Path:
     """A copy of a shipped definition with `edits` (old, new) made, checked in its place."""
-    import fedhpc.containers as c
+    import fedhpc.ops.containers as c
 
     text = (c.REPO / "containers" / f"{name}.def").read_text()
     for old, new in edits:
@@ -158,7 +158,7 @@ def test_a_rocm_image_without_the_slingshot_settings_is_reported(tmp_path, monke
 
 
 def test_lumi_environment_without_the_slingshot_binds_is_reported(tmp_path, monkeypatch):
-    import fedhpc.containers as c
+    import fedhpc.ops.containers as c
 
     env = tmp_path / "lumi.sh"
     env.write_text("export SINGULARITY_BIND=/pfs,/scratch,/projappl,/project,/flash,/appl\n")

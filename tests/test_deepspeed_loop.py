@@ -17,18 +17,18 @@ CHILD = textwrap.dedent(
     import json, os
     os.environ["DS_ACCELERATOR"] = "cpu"
     import torch
-    import fedhpc.engines
-    from fedhpc.config import ModelConfig, TrainingConfig
-    from fedhpc.distributed import World
-    from fedhpc.engines import DeepSpeedEngine, Engine
-    from fedhpc.loop import local_round, to_windows
-    from fedhpc.model import GPT
-    from fedhpc.sites import BatchShape
-    from fedhpc.train import _single_process_group_for_deepspeed
+    import fedhpc.training.engines
+    from fedhpc.config.federation import ModelConfig, TrainingConfig
+    from fedhpc.training.distributed import World
+    from fedhpc.training.engines import DeepSpeedEngine, Engine
+    from fedhpc.training.loop import local_round, to_windows
+    from fedhpc.training.model import GPT
+    from fedhpc.training.sites import BatchShape
+    from fedhpc.stages.train import _single_process_group_for_deepspeed
 
     _single_process_group_for_deepspeed(World())  # as a one-rank DeepSpeed site's training job does
     torch.set_num_threads(1)
-    adamw = fedhpc.engines.make_optimizer
+    adamw = fedhpc.training.engines.make_optimizer
 
     def sgd(model, t):
         return torch.optim.SGD(model.parameters(), lr=t.lr)
@@ -41,7 +41,7 @@ CHILD = textwrap.dedent(
     # Plain SGD without clipping moves by -lr x the gradient, so a wrong loss scale shows (AdamW
     # would normalise it away); AdamW with clipping through ZeRO-2 checks the sharded path.
     for opt, clip, stage in (("sgd", 0.0, 0), ("adamw", 1.0, 2)):
-        fedhpc.engines.make_optimizer = sgd if opt == "sgd" else adamw
+        fedhpc.training.engines.make_optimizer = sgd if opt == "sgd" else adamw
         t = TrainingConfig(lr=1e-2, warmup_fraction=0.0, min_lr_ratio=1.0, grad_clip=clip, precision="fp32")
         for kind in ("single", "deepspeed"):
             torch.manual_seed(0)

@@ -8,9 +8,9 @@ import subprocess
 import pytest
 import torch
 
-from fedhpc import devices
-from fedhpc.devices import DeviceError, pick_device
-from fedhpc.distributed import World
+from fedhpc.training import devices
+from fedhpc.training.devices import DeviceError, pick_device
+from fedhpc.training.distributed import World
 from tests.workflow_util import BIN, env, tiny_config
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="these tests need a machine without a GPU")

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedhpc.distributed import first_host, hostnames
-from fedhpc.engines import fsdp_units
-from fedhpc.errors import FedhpcError
+from fedhpc.core.errors import FedhpcError
+from fedhpc.training.distributed import first_host, hostnames
+from fedhpc.training.engines import fsdp_units
 from tests.rank_util import run_ranks
 
 # (host list, the hosts `scontrol show hostnames` prints for it)
@@ -106,7 +106,7 @@ def test_host_lists_expand_as_slurms_scontrol_expands_them(scontrol):
 
 SLURM_STEP = """
 import json, os, torch
-from fedhpc import distributed
+from fedhpc.training import distributed
 world = distributed.detect()
 distributed.init(world, torch.device("cpu"))
 print(json.dumps({"launcher": world.launcher, "master": os.environ["MASTER_ADDR"],
@@ -131,7 +131,7 @@ def test_srun_ranks_in_a_container_find_their_master_in_the_step_node_list():
 # for NCCL here, and setting the device (impossible without a GPU) is recorded, not done.
 GPU_GROUP = """
 import json, torch, torch.distributed as dist
-from fedhpc import distributed
+from fedhpc.training import distributed
 events = []
 torch.cuda.set_device = lambda device: events.append(["set_device", str(device)])
 real_init = dist.init_process_group
@@ -160,10 +160,10 @@ FSDP_UNITS = """
 import json, os, torch
 from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM
-from fedhpc import distributed
-from fedhpc.config import ModelConfig, TrainingConfig
-from fedhpc.engines import FSDPEngine
-from fedhpc.model import GPT, trainable
+from fedhpc.training import distributed
+from fedhpc.config.federation import ModelConfig, TrainingConfig
+from fedhpc.training.engines import FSDPEngine
+from fedhpc.training.model import GPT, trainable
 from fedhpc.tasks.hf_lm import CausalLM
 
 torch.set_num_threads(1)

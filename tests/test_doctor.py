@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedhpc.cli import main
+from fedhpc.cli.main import main
 from tests.workflow_util import BIN, REPO, env, tiny_config, write_config
 
 
@@ -173,7 +173,7 @@ def test_a_node_local_bind_missing_on_the_login_node_warns_and_the_image_is_stil
 def test_the_binds_checked_are_those_of_the_environment_the_profiles_head_job_sources(profile, monkeypatch):
     from types import SimpleNamespace
 
-    from fedhpc.doctor_images import bind_paths
+    from fedhpc.ops.doctor_images import bind_paths
 
     for var in ("APPTAINER_BIND", "SINGULARITY_BIND"):
         monkeypatch.delenv(var, raising=False)
@@ -229,7 +229,7 @@ def test_a_reachable_rsync_hub_passes(sshd_hub, tmp_path, capsys):
 
 
 def test_a_lustre_quota_smaller_than_the_run_fails_the_space_check(tmp_path, capsys, monkeypatch):
-    import fedhpc.doctor_storage as storage
+    import fedhpc.ops.doctor_storage as storage
 
     # This machine has no Lustre: the run directory's filesystem is reported as one, and `lfs`
     # answers as LUMI's does for a project group with 1 GB of its quota left.

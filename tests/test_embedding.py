@@ -11,14 +11,15 @@ import pytest
 import torch
 import yaml
 
-from fedhpc import strategies as st
-from fedhpc.checkpoints import load_global_meta
-from fedhpc.cli import context, main
-from fedhpc.evaluate import evaluate_model
-from fedhpc.files import write_json
-from fedhpc.promote import promote_round
+from fedhpc.aggregation import strategies as st
+from fedhpc.cli.main import main
+from fedhpc.core.files import write_json
+from fedhpc.core.tensorfile import load_state, read_specs, save_state
+from fedhpc.stages.context import context
+from fedhpc.stages.evaluate import evaluate_model
+from fedhpc.stages.promote import promote_round
 from fedhpc.tasks import load_task
-from fedhpc.tensorfile import load_state, read_specs, save_state
+from fedhpc.trust.checkpoints import load_global_meta
 from tests.workflow_util import run_stages
 
 pytest.importorskip("sentence_transformers")
@@ -148,8 +149,8 @@ def test_spearman_of_cosines_equal_up_to_rounding_is_zero_not_a_ranking_of_noise
 def test_cached_mnrl_keeps_the_virtual_batch_and_has_the_same_gradients(tmp_path):
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    from fedhpc.config_schema import validate
     from fedhpc.tasks.embedding_data import pairs
+    from fedhpc.tasks.validation import validate
 
     cfg = validate(config(tmp_path, loss="cached_mnrl"))
     task = load_task(cfg)
@@ -201,7 +202,7 @@ def test_exported_embedding_model_loads_offline_and_embeds_the_same(federation, 
     import threading
     import urllib.request
 
-    from fedhpc.serve import Embedder, load_served, make_server
+    from fedhpc.ops.serve import Embedder, load_served, make_server
 
     served = load_served(tmp_path / "st")
     assert isinstance(served, Embedder)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedhpc.config import ModelConfig, TrainingConfig
-from fedhpc.distributed import World
-from fedhpc.engines import Engine
-from fedhpc.model import GPT
+from fedhpc.config.federation import ModelConfig, TrainingConfig
+from fedhpc.training.distributed import World
+from fedhpc.training.engines import Engine
+from fedhpc.training.model import GPT
 from tests.rank_util import run_ranks
 
 # Two ranks of a DeepSpeed site in bf16: DeepSpeed casts the module to bf16 and keeps fp32 master
@@ -17,9 +17,9 @@ DEEPSPEED_BF16 = """
 import json, os
 os.environ["DS_ACCELERATOR"] = "cpu"
 import torch
-from fedhpc import distributed
-from fedhpc.config import ModelConfig, TrainingConfig
-from fedhpc.engines import DeepSpeedEngine
+from fedhpc.training import distributed
+from fedhpc.config.federation import ModelConfig, TrainingConfig
+from fedhpc.training.engines import DeepSpeedEngine
 
 torch.set_num_threads(1)
 world = distributed.detect()
@@ -27,7 +27,7 @@ distributed.init(world, torch.device("cpu"))
 out = {}
 for stage in (2, 3):
     torch.manual_seed(0)
-    from fedhpc.model import GPT
+    from fedhpc.training.model import GPT
     model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, seq_len=8), 20)
     shapes = {n: list(p.shape) for n, p in model.named_parameters()}
     t = TrainingConfig(lr=1e-2, precision="bf16")

@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from fedhpc.config import DataConfig
-from fedhpc.config_trust import EncryptionConfig
-from fedhpc.envelope import (
+from fedhpc.config.federation import DataConfig
+from fedhpc.config.trust import EncryptionConfig
+from fedhpc.core.files import sha256_tree
+from fedhpc.core.layout import RunLayout
+from fedhpc.data.shards import build_shards, read_heldout, read_shard
+from fedhpc.data.tokenizer import ByteTokenizer
+from fedhpc.trust.envelope import (
     DataKey,
     EnvelopeError,
     MissingDataKey,
@@ -21,11 +25,8 @@ from fedhpc.envelope import (
     seal,
     unseal,
 )
-from fedhpc.files import sha256_tree
-from fedhpc.layout import RunLayout
-from fedhpc.shards import build_shards, read_heldout, read_shard
-from fedhpc.signing import COORDINATOR, TrustStore, create_keypair
-from fedhpc.tokenizer import ByteTokenizer
+from fedhpc.trust.identity import create_keypair
+from fedhpc.trust.signing import COORDINATOR, TrustStore
 from tests.test_shards import make_sources
 
 ENC = EncryptionConfig(shards=True)
@@ -162,8 +163,8 @@ def test_a_tampered_sealed_chunk_is_refused_even_without_the_tree_hash(sealed_ru
 
 def test_sealing_a_whole_run_from_config_reads_keys_from_the_environment(tmp_path, monkeypatch):
     """`trust.encryption.shards` through the data stage, keys only in environment variables."""
-    from fedhpc.config_schema import validate
-    from fedhpc.data import sealing
+    from fedhpc.stages.shard import sealing
+    from fedhpc.tasks.validation import validate
     from tests.workflow_util import tiny_config
 
     cfg = validate({**tiny_config(tmp_path), "trust": {"encryption": {"shards": True}}})

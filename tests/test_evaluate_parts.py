@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from fedhpc.checkpoints import init_global
-from fedhpc.evaluate import EvaluationError, check_part, comparable, evaluate_part, gather_parts, merge
-from fedhpc.files import read_json, sha256_file, write_json
-from fedhpc.promote import gate
-from fedhpc.signing import SignatureError, sign_document
+from fedhpc.core.files import read_json, sha256_file, write_json
+from fedhpc.stages.evaluate import EvaluationError, check_part, comparable, evaluate_part, gather_parts, merge
+from fedhpc.stages.init import init_global
+from fedhpc.stages.promote import gate
+from fedhpc.trust.signing import SignatureError, sign_document
 from tests.test_catalogue import federation
 
 

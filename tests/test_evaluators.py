@@ -8,22 +8,23 @@ import shutil
 
 import pytest
 
-from fedhpc.checkpoints import load_global_meta
-from fedhpc.config_schema import ConfigError, validate
-from fedhpc.evaluate import evaluate_model
-from fedhpc.evaluators import flat_metrics
-from fedhpc.files import write_json
-from fedhpc.layout import RunLayout
-from fedhpc.promote import promote_round
-from fedhpc.signing import TrustStore
+from fedhpc.config.schema import ConfigError
+from fedhpc.core.files import write_json
+from fedhpc.core.layout import RunLayout
+from fedhpc.stages.evaluate import evaluate_model
+from fedhpc.stages.promote import promote_round
+from fedhpc.tasks.evaluators import flat_metrics
+from fedhpc.tasks.validation import validate
+from fedhpc.trust.checkpoints import load_global_meta
+from fedhpc.trust.signing import TrustStore
 
 pytestmark = pytest.mark.e2e  # uses the session's finished federation
 
 USER_EVALUATOR = '''
 from dataclasses import dataclass
-from fedhpc.config import opt
-from fedhpc.evaluators import Evaluator
-from fedhpc.tensorfile import load_state
+from fedhpc.config.federation import opt
+from fedhpc.tasks.evaluators import Evaluator
+from fedhpc.core.tensorfile import load_state
 
 @dataclass(kw_only=True)
 class Opts:
@@ -94,7 +95,9 @@ def test_evaluator_options_are_checked(finished):
 
 
 def test_an_evaluator_without_evaluate_is_named(finished, tmp_path):
-    (tmp_path / "lazy.py").write_text("from fedhpc.evaluators import Evaluator\nclass Lazy(Evaluator):\n    pass\n")
+    (tmp_path / "lazy.py").write_text(
+        "from fedhpc.tasks.evaluators import Evaluator\nclass Lazy(Evaluator):\n    pass\n"
+    )
     with pytest.raises(
         ConfigError, match=r"evaluation.evaluators\[0\].name: '.*lazy.py:Lazy' does not implement evaluate"
     ):

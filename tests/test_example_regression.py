@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedhpc.audit import verify_ledger
-from fedhpc.tensorfile import read_specs
+from fedhpc.core.tensorfile import read_specs
+from fedhpc.trust.audit import verify_ledger
 from tests.workflow_util import REPO, events, run_workflow, summary
 
 pytestmark = pytest.mark.e2e

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fedhpc import exchange as ex
-from fedhpc.files import read_json, write_json
-from fedhpc.signing import TrustStore, create_keypair
+from fedhpc.core.files import read_json, write_json
+from fedhpc.exchange import hub as ex
+from fedhpc.trust.identity import create_keypair
+from fedhpc.trust.signing import TrustStore
 
 
 @pytest.fixture
@@ -101,7 +102,7 @@ def test_an_index_signed_by_someone_else_is_refused(transport, trust, tmp_path):
 
 
 def test_an_index_naming_files_outside_its_bundle_is_refused(trust, tmp_path):
-    from fedhpc.signing import sign_document
+    from fedhpc.trust.signing import sign_document
 
     doc = sign_document(
         {"files": {"../../etc/x": {"sha256": "0", "bytes": 1}}}, "coordinator", trust.private_key("coordinator")
@@ -232,8 +233,8 @@ def test_s3_errors_name_the_object(tmp_path, s3_hub):
 
 
 def test_rejected_transfers_are_recorded_in_the_audit_log_with_their_round(tmp_path):
-    from fedhpc.audit import AuditLog
-    from fedhpc.layout import RunLayout
+    from fedhpc.core.layout import RunLayout
+    from fedhpc.trust.audit import AuditLog
 
     layout = RunLayout(tmp_path / "run")
     ex.audit_rejects(layout, "rounds/r0003")("global/model.safetensors", 1)
@@ -249,7 +250,7 @@ def test_rejected_transfers_are_recorded_in_the_audit_log_with_their_round(tmp_p
 def test_a_stopped_federation_stops_the_sites_waiting_for_its_next_round(kind, trust, tmp_path, request):
     from types import SimpleNamespace
 
-    from fedhpc.layout import RunLayout
+    from fedhpc.core.layout import RunLayout
 
     coordinator = RunLayout(tmp_path / "coordinator")
     coordinator.root.mkdir()
@@ -273,7 +274,7 @@ def test_a_stopped_federation_stops_the_sites_waiting_for_its_next_round(kind, t
 
 
 def test_a_stop_notice_not_signed_by_the_coordinator_is_ignored(trust, tmp_path):
-    from fedhpc.signing import sign_document
+    from fedhpc.trust.signing import sign_document
 
     hub = tmp_path / "hub"
     hub.mkdir()

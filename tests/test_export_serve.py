@@ -12,11 +12,11 @@ import urllib.request
 import pytest
 import torch
 
-from fedhpc.cli import main
-from fedhpc.config_schema import validate
-from fedhpc.model import GPT, load_exported_state
-from fedhpc.tensorfile import load_state
-from fedhpc.tokenizer import ByteTokenizer
+from fedhpc.cli.main import main
+from fedhpc.core.tensorfile import load_state
+from fedhpc.data.tokenizer import ByteTokenizer
+from fedhpc.tasks.validation import validate
+from fedhpc.training.model import GPT, load_exported_state
 
 pytestmark = pytest.mark.e2e  # uses the session's finished federation
 transformers = pytest.importorskip("transformers")

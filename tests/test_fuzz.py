@@ -13,17 +13,18 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedhpc.audit import AuditLog, verify_ledger
-from fedhpc.compress import CompressionError, codec_from_metadata
-from fedhpc.config_schema import ConfigError, load, validate
-from fedhpc.documents import SCHEMAS, DocumentError, check_document
-from fedhpc.envelope import DataKey, EnvelopeError, new_envelope, open_envelope
-from fedhpc.exchange import TransferError, check_index
-from fedhpc.files import parse_json
-from fedhpc.rawtensors import TensorReader
-from fedhpc.signing import SignatureError, sign_document
-from fedhpc.tensorfile import TensorFileError, parse_header
-from fedhpc.verify import check_update, curve_anomaly
+from fedhpc.aggregation.compress import CompressionError, codec_from_metadata
+from fedhpc.config.schema import ConfigError
+from fedhpc.core.documents import SCHEMAS, DocumentError, check_document
+from fedhpc.core.files import parse_json
+from fedhpc.core.rawtensors import TensorReader
+from fedhpc.core.tensorfile import TensorFileError, parse_header
+from fedhpc.exchange.hub import TransferError, check_index
+from fedhpc.stages.verify import check_update, curve_anomaly
+from fedhpc.tasks.validation import load, validate
+from fedhpc.trust.audit import AuditLog, verify_ledger
+from fedhpc.trust.envelope import DataKey, EnvelopeError, new_envelope, open_envelope
+from fedhpc.trust.signing import SignatureError, sign_document
 from tests.test_hostile import good_header, safetensors_bytes
 from tests.test_verify import RoundBuilder
 from tests.workflow_util import tiny_config

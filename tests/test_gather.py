@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from fedhpc.audit import AuditLog
-from fedhpc.failures import (
+from fedhpc.core.files import write_json
+from fedhpc.stages.failures import (
     INVOCATION_ENV,
     failure_path,
     final_failure,
@@ -17,8 +17,8 @@ from fedhpc.failures import (
     record_failure,
     status_path,
 )
-from fedhpc.files import write_json
-from fedhpc.gather import QuorumError, gather
+from fedhpc.stages.gather import QuorumError, gather
+from fedhpc.trust.audit import AuditLog
 from tests.test_verify import RoundBuilder
 
 SITES = ["a", "b", "c"]
@@ -59,7 +59,7 @@ def test_without_quorum_wait_mode_keeps_waiting_past_the_deadline_until_quorum(t
 
 
 def test_a_staged_update_that_does_not_match_its_signed_index_is_not_an_arrival(tmp_path):
-    from fedhpc.exchange import SITE_FILES, present, write_index
+    from fedhpc.exchange.hub import SITE_FILES, present, write_index
 
     b, cfg = builder(tmp_path, "fail")
     b.publish("c")
@@ -82,8 +82,8 @@ def test_a_staged_update_that_does_not_match_its_signed_index_is_not_an_arrival(
 def test_a_coordinator_that_fails_a_round_tells_the_sites_through_the_hub_and_takes_it_back_on_rerun(tmp_path):
     import yaml
 
-    from fedhpc.cli import main
-    from fedhpc.exchange import SITE_FILES, STOPPED, Shared, present, stop_notice, write_index
+    from fedhpc.cli.main import main
+    from fedhpc.exchange.hub import SITE_FILES, STOPPED, Shared, present, stop_notice, write_index
 
     b = RoundBuilder(tmp_path, SITES, run="run")  # its run directory is tmp_path/run
     raw = {

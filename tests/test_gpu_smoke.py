@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedhpc.devices import torch_gpu_family, what_the_job_sees
+from fedhpc.training.devices import torch_gpu_family, what_the_job_sees
 from tests.rank_util import run_ranks
 from tests.workflow_util import env, snakemake_cmd, tiny_config, write_config
 
@@ -111,8 +111,8 @@ def test_each_engine_trains_its_ranks_on_the_variants_device_in_bf16(smoke, engi
 
 PROCESS_GROUP = """
 import json, os, torch
-from fedhpc import distributed
-from fedhpc.devices import pick_device
+from fedhpc.training import distributed
+from fedhpc.training.devices import pick_device
 world = distributed.detect()
 device = pick_device("auto", "smoke", os.environ["SMOKE_ACCELERATOR"], world)
 distributed.init(world, device)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import fedhpc.loop
-from fedhpc.cli import main
-from fedhpc.files import read_json
-from fedhpc.shards import load_manifest, read_shard
-from fedhpc.signing import TrustStore
+import fedhpc.training.loop
+from fedhpc.cli.main import main
+from fedhpc.core.files import read_json
+from fedhpc.data.shards import load_manifest, read_shard
+from fedhpc.trust.signing import TrustStore
 from tests.test_uneven import prepared
 from tests.uneven_util import uneven_config
 
@@ -31,9 +31,9 @@ def test_a_site_with_several_sources_trains_each_in_proportion_and_scores_all(tm
     entry = read_json(layout.plan(0))["sites"]["solo"]
 
     trained: list[torch.Tensor] = []
-    local_round = fedhpc.loop.local_round
+    local_round = fedhpc.training.loop.local_round
     monkeypatch.setattr(
-        fedhpc.loop,
+        fedhpc.training.loop,
         "local_round",
         lambda engine, windows, *a: trained.append(windows) or local_round(engine, windows, *a),
     )
@@ -55,7 +55,7 @@ def test_a_site_with_several_sources_trains_each_in_proportion_and_scores_all(tm
 
     shards = {s["id"]: s for s in load_manifest(layout, TrustStore(layout.keys_dir))["shards"]}
     tokens = np.concatenate([read_shard(layout, shards[sid]) for sid in entry["shards"]]).astype(np.int64)
-    windows = fedhpc.loop.to_windows(torch.from_numpy(tokens), 32)
+    windows = fedhpc.training.loop.to_windows(torch.from_numpy(tokens), 32)
     swedish = lambda w: int((w[:, :-1] >= 128).any(dim=1).sum())  # noqa: E731
     (train,) = trained
     held = len(windows) - len(train)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedhpc.tensorfile import read_specs
+from fedhpc.core.tensorfile import read_specs
 from tests.hf_util import tiny_causal_lm
 from tests.workflow_util import run_stages, tiny_config
 
@@ -85,8 +85,8 @@ def test_lora_federation_learns_and_records_its_base(lora_run):
 
 
 def test_a_site_with_another_base_model_refuses_to_train(lora_run, tmp_path):
-    from fedhpc.cli import context
-    from fedhpc.train import TrainingError, train_site
+    from fedhpc.stages.context import context
+    from fedhpc.stages.train import TrainingError, train_site
 
     tmp, cfg, run, model = lora_run
     other = tiny_causal_lm(tmp_path / "other", words(400), seed=5)
@@ -108,9 +108,10 @@ def test_exported_lora_model_is_the_base_with_adapters_merged(lora_run, tmp_path
     import torch
     import transformers
 
-    from fedhpc.cli import context, main
+    from fedhpc.cli.main import main
+    from fedhpc.core.tensorfile import load_state
+    from fedhpc.stages.context import context
     from fedhpc.tasks import load_task
-    from fedhpc.tensorfile import load_state
 
     tmp, _, run, _ = lora_run
     final = run / "rounds" / "r0002" / "global" / "model.safetensors"
@@ -131,8 +132,9 @@ def test_exported_lora_model_is_the_base_with_adapters_merged(lora_run, tmp_path
 def test_full_fine_tuning_exchanges_every_weight_and_config_errors_name_their_key(lora_run, tmp_path):
     import transformers
 
-    from fedhpc.config_schema import ConfigError, validate
+    from fedhpc.config.schema import ConfigError
     from fedhpc.tasks import load_task
+    from fedhpc.tasks.validation import validate
 
     tmp, cfg, run, model = lora_run
     raw = json.loads(json.dumps(cfg))

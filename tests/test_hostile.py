@@ -10,18 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedhpc.aggregate import aggregate_round
-from fedhpc.audit import AuditLog, verify_ledger
-from fedhpc.checkpoints import load_global_meta
-from fedhpc.config_schema import ConfigError, load
-from fedhpc.documents import DocumentError
-from fedhpc.exchange import INDEX, complete, write_index
-from fedhpc.files import read_json, sha256_file, write_json
-from fedhpc.rawtensors import TensorReader
-from fedhpc.shards import load_manifest
-from fedhpc.signing import COORDINATOR, TrustStore, create_keypair, sign_bytes, sign_document
-from fedhpc.tensorfile import TensorFileError, TensorSpec, read_header
-from fedhpc.train import load_plan
+from fedhpc.config.schema import ConfigError
+from fedhpc.core.documents import DocumentError
+from fedhpc.core.files import read_json, sha256_file, write_json
+from fedhpc.core.rawtensors import TensorReader
+from fedhpc.core.tensorfile import TensorFileError, TensorSpec, read_header
+from fedhpc.data.shards import load_manifest
+from fedhpc.exchange.hub import INDEX, complete, write_index
+from fedhpc.stages.aggregate import aggregate_round
+from fedhpc.stages.train import load_plan
+from fedhpc.tasks.validation import load
+from fedhpc.trust.audit import AuditLog, verify_ledger
+from fedhpc.trust.checkpoints import load_global_meta
+from fedhpc.trust.identity import create_keypair
+from fedhpc.trust.signing import COORDINATOR, TrustStore, sign_bytes, sign_document
 from tests.test_verify import GOOD, RoundBuilder
 
 # ---------------------------------------------------------------- crafting hostile files
@@ -165,8 +167,8 @@ def test_duplicate_submission_of_an_update_already_accepted(tmp_path):
 
 
 def publish_next_global(b: RoundBuilder) -> dict:
-    from fedhpc.checkpoints import publish_global
-    from fedhpc.tensorfile import save_state
+    from fedhpc.core.tensorfile import save_state
+    from fedhpc.trust.checkpoints import publish_global
     from tests.test_verify import small_state
 
     save_state(b.layout.global_model(1), small_state(101), {"run": b.run, "round": "1"})
@@ -385,7 +387,7 @@ def test_hostile_config(tmp_path, text, reason):
 
 def test_the_coordinators_metrics_replay_skips_hostile_records(tmp_path):
     """Tracking replays every arrival's metrics, rejected ones too: malformed records are skipped."""
-    from fedhpc.tracking import site_metrics
+    from fedhpc.stages.track import site_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text(

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from fedhpc.agreement import agreement_key, certificate_path, pair_seed, peer_public
-from fedhpc.cli import main
-from fedhpc.config_schema import ConfigError, validate
-from fedhpc.files import read_json, write_json
-from fedhpc.signing import (
+from fedhpc.cli.main import main
+from fedhpc.config.schema import ConfigError
+from fedhpc.core.files import read_json, write_json
+from fedhpc.tasks.validation import validate
+from fedhpc.trust.agreement import agreement_key, certificate_path, pair_seed, peer_public
+from fedhpc.trust.identity import create_keypair
+from fedhpc.trust.signing import (
     SignatureError,
     TrustStore,
-    create_keypair,
     load_private_key,
     public_b64,
     sign_document,
@@ -115,7 +116,7 @@ def test_keys_ensure_with_a_trust_list_mirrors_it_and_plans_only_listed_sites(tm
     assert "'laptop' is not in trust.public_keys" in capsys.readouterr().out
     assert (run_keys / "lumi.pub").read_text().strip() == cfg["trust"]["public_keys"]["lumi"]
     assert not (run_keys / "laptop.pub").exists() and not (run_keys / "laptop.key").exists()
-    from fedhpc.plan import identified_sites
+    from fedhpc.stages.plan import identified_sites
 
     trust = TrustStore(run_keys, cfg["trust"]["public_keys"])
     sites, notes = identified_sites(validate(cfg), trust, 0)

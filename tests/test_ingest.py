@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fedhpc.config import SourceConfig, TokenizerConfig
-from fedhpc.ingest import DataError, iter_documents, iter_source, iter_texts
-from fedhpc.tokenizer import (
+from fedhpc.config.federation import SourceConfig, TokenizerConfig
+from fedhpc.data.ingest import DataError, iter_documents, iter_source, iter_texts
+from fedhpc.data.tokenizer import (
     ByteTokenizer,
     TokenizerError,
     build_tokenizer,

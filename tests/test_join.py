@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fedhpc.audit import AuditLog
-from fedhpc.files import read_json
-from fedhpc.layout import RunLayout
+from fedhpc.core.files import read_json
+from fedhpc.core.layout import RunLayout
+from fedhpc.trust.audit import AuditLog
 
 from .workflow_util import run_workflow, tiny_config, write_config
 

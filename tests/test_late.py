@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedhpc.aggregate import aggregate_round
-from fedhpc.audit import AuditLog
-from fedhpc.files import read_json, write_json
-from fedhpc.gather import gather
-from fedhpc.plan import missed_shards
-from fedhpc.tensorfile import load_state
-from fedhpc.verify import verify_round
+from fedhpc.core.files import read_json, write_json
+from fedhpc.core.tensorfile import load_state
+from fedhpc.stages.aggregate import aggregate_round
+from fedhpc.stages.gather import gather
+from fedhpc.stages.plan import missed_shards
+from fedhpc.stages.verify import verify_round
+from fedhpc.trust.audit import AuditLog
 from tests.test_verify import RoundBuilder, small_state
 
 SITES = ["a", "b", "c"]
@@ -65,7 +65,7 @@ def test_a_late_update_is_folded_once_not_again_in_the_round_after(tmp_path):
     b, cfg = late_round(tmp_path)
     gather(cfg, b.layout, b.trust, 2, poll_seconds=0, now=1e12)
     cfg.rounds.max_staleness = 2
-    from fedhpc.gather import late_arrivals
+    from fedhpc.stages.gather import late_arrivals
 
     assert late_arrivals(cfg, b.layout, 3) == []
 
@@ -84,7 +84,7 @@ def test_drop_mode_records_the_late_update_but_leaves_it_out(tmp_path):
 def test_a_late_update_older_than_max_staleness_is_not_folded(tmp_path):
     b, cfg = late_round(tmp_path)
     cfg.rounds.max_staleness = 1
-    from fedhpc.gather import late_arrivals
+    from fedhpc.stages.gather import late_arrivals
 
     # Round 3 looks back one round (round 2), not at round 1.
     write_json(b.layout.arrivals(2), {"round": 2, "planned": SITES, "arrived": SITES, "missing": []})
@@ -98,7 +98,7 @@ def test_shards_of_a_late_update_that_will_be_folded_are_not_requeued(tmp_path):
 
 
 def test_with_staged_transfer_only_a_complete_late_bundle_keeps_its_shards_from_being_requeued(tmp_path):
-    from fedhpc.exchange import SITE_FILES, CompletenessCache, present, write_index
+    from fedhpc.exchange.hub import SITE_FILES, CompletenessCache, present, write_index
 
     b, cfg = late_round(tmp_path)
     bundles = CompletenessCache(b.trust)

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from fedhpc.launch import acquire_head_lock
+from fedhpc.ops.run import acquire_head_lock
 
-HOLD = "import sys, time; from fedhpc.launch import acquire_head_lock; acquire_head_lock(__import__('pathlib').Path(sys.argv[1])); print('held', flush=True); time.sleep(60)"
+HOLD = "import sys, time; from fedhpc.ops.run import acquire_head_lock; acquire_head_lock(__import__('pathlib').Path(sys.argv[1])); print('held', flush=True); time.sleep(60)"
 
 
 def test_a_second_head_process_is_refused_while_the_first_lives(tmp_path):

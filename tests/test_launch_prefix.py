@@ -1,5 +1,6 @@
 """The command before `fedhpc train`: srun for several ranks, then whichever container runtime the
-node has (LUMI: singularity; elsewhere apptainer), with what the site's accelerator needs."""
+node has (LUMI: singularity; elsewhere apptainer), with what the site's accelerator needs; and
+before `fedhpc aggregate`: srun or mpiexec for its ranks."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fedhpc.config import SiteConfig
-from fedhpc.containers import ContainerError
-from fedhpc.launch_prefix import srun_prefix, train_prefix
+from fedhpc.config.federation import SiteConfig
+from fedhpc.ops.containers import ContainerError
+from fedhpc.ops.launch_prefix import aggregate_prefix, srun_prefix, train_prefix
 from tests.test_containers import fake_runtimes
 from tests.workflow_util import REPO, run_workflow, tiny_config, write_config
 
@@ -73,6 +74,19 @@ def test_srun_for_a_fixed_number_of_tasks_is_the_aggregation_form(monkeypatch):
     """The same srun part serves a job of N tasks on whatever nodes (MPI aggregation)."""
     monkeypatch.delenv("SLURM_CONF", raising=False)
     assert srun_prefix("srun", 7, ntasks=4) == "srun --kill-on-bad-exit=1 --ntasks=4 --cpus-per-task=7 "
+
+
+def test_the_aggregation_prefix_is_built_by_the_same_srun_part(monkeypatch):
+    """One rank: nothing; a Slurm job: srun for N tasks (SLURM_CONF handed on, CPUs shared out
+    when the profile sets none); elsewhere mpiexec."""
+    monkeypatch.setenv("SLURM_CONF", "/etc/b/slurm.conf")
+    assert aggregate_prefix(1, {"mpi": "srun"}, 8) == ""
+    assert aggregate_prefix(2, {"mpi": "srun"}, 8) == (
+        "env SLURM_CONF=/etc/b/slurm.conf srun --kill-on-bad-exit=1 --ntasks=2 --cpus-per-task=4 "
+    )
+    monkeypatch.delenv("SLURM_CONF")
+    assert aggregate_prefix(4, {"mpi": "srun", "cpus_per_task": 7}, 8) == srun_prefix("srun", 7, ntasks=4)
+    assert aggregate_prefix(2, {}, 8) == "mpiexec -n 2 --oversubscribe "
 
 
 def test_a_node_without_a_runtime_names_the_site_and_what_to_do(tmp_path, monkeypatch):

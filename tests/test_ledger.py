@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from fedhpc.audit import GENESIS, AuditLog, _digest
-from fedhpc.cli import main
-from fedhpc.files import read_json, write_json
-from fedhpc.ledger import head_path, sign_head, verify_run
-from fedhpc.signing import COORDINATOR, sign_document
+from fedhpc.cli.main import main
+from fedhpc.core.files import read_json, write_json
+from fedhpc.trust.audit import GENESIS, AuditLog, _digest
+from fedhpc.trust.ledger import head_path, sign_head, verify_run
+from fedhpc.trust.signing import COORDINATOR, sign_document
 from tests.test_verify import RoundBuilder
 
 

@@ -6,12 +6,12 @@ import contextlib
 
 import torch
 
-from fedhpc.config import ModelConfig, TrainingConfig
-from fedhpc.distributed import World
-from fedhpc.engines import Engine
-from fedhpc.loop import autocast_for, local_round, mean_loss, to_windows
-from fedhpc.model import GPT
-from fedhpc.sites import BatchShape
+from fedhpc.config.federation import ModelConfig, TrainingConfig
+from fedhpc.training.distributed import World
+from fedhpc.training.engines import Engine
+from fedhpc.training.loop import autocast_for, local_round, mean_loss, to_windows
+from fedhpc.training.model import GPT
+from fedhpc.training.sites import BatchShape
 
 MCFG = ModelConfig(n_layer=1, n_head=2, d_model=16, seq_len=8)
 
@@ -150,7 +150,7 @@ def test_a_smaller_last_step_takes_the_mean_gradient_of_its_sequences():
 
 
 def test_rocm_ranks_get_their_own_miopen_cache(monkeypatch, tmp_path):
-    from fedhpc.train import accelerator_env
+    from fedhpc.stages.train import accelerator_env
 
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     a = accelerator_env("rocm", World(rank=0, size=2), str(tmp_path))

@@ -8,8 +8,8 @@ import shlex
 import pytest
 import yaml
 
-from fedhpc.cli import parser
-from fedhpc.config_schema import validate
+from fedhpc.cli.main import parser
+from fedhpc.tasks.validation import validate
 from tests.workflow_util import REPO
 
 DOC = REPO / "docs" / "running-on-lumi.md"

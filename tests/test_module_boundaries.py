@@ -1,9 +1,10 @@
-"""No fedhpc module reaches into another's private names (issue 20: what a module does not
-export, it may change without telling anyone)."""
+"""Module boundaries (issue 20): no module reaches into another's private names (what a module
+does not export, it may change without telling anyone), no import cycles, and the package layers."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedhpc"
@@ -45,3 +46,87 @@ def test_the_check_sees_both_forms(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("from .audit import _tail\nfrom fedhpc import tensorfile as tf\nx = tf._DTYPES\ny = tf.__name__\n")
     assert private_uses(probe) == ["probe.py:1: from .audit import _tail", "probe.py:3: tf._DTYPES"]
+
+
+def import_cycles(graph) -> list[list[str]]:
+    """The groups of fedhpc modules that import each other in a ring (strongly connected
+    components of more than one module), function-level imports included."""
+    edges = {m: graph.find_modules_directly_imported_by(m) for m in graph.modules}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    rings: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            ring = []
+            while (w := stack.pop()) != v:
+                ring.append(w)
+            if ring:
+                rings.append(sorted([v, *ring]))
+
+    for m in sorted(edges):
+        if m not in index:
+            visit(m)
+    return rings
+
+
+def test_no_import_cycles():
+    import grimp
+
+    rings = import_cycles(grimp.build_graph("fedhpc", include_external_packages=False, cache_dir=None))
+    assert not rings, "modules importing each other in a ring:\n" + "\n".join(" <-> ".join(r) for r in rings)
+
+
+def test_the_cycle_check_sees_a_ring_behind_a_function_level_import(tmp_path, monkeypatch):
+    import grimp
+
+    pkg = tmp_path / "ringpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from ringpkg import b\n")
+    (pkg / "b.py").write_text("def f():\n    from ringpkg import c\n")
+    (pkg / "c.py").write_text("import ringpkg.a\n")
+    (pkg / "d.py").write_text("from ringpkg import a\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    graph = grimp.build_graph("ringpkg", include_external_packages=False, cache_dir=None)
+    assert import_cycles(graph) == [["ringpkg.a", "ringpkg.b", "ringpkg.c"]]
+
+
+def test_the_layers_contract_holds():
+    """pyproject.toml's import-linter contract: each package imports only the packages below it."""
+    import subprocess
+    import sys
+
+    lint = Path(sys.executable).with_name("lint-imports")
+    out = subprocess.run([str(lint), "--no-cache"], capture_output=True, text=True, cwd=SRC.parents[1])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "1 kept, 0 broken" in out.stdout
+
+
+def test_the_architecture_map_names_every_package_and_module():
+    """docs/architecture.md's package map matches the tree: every subpackage and every module
+    in it is named in the map (a module added, moved or renamed without updating it fails)."""
+    doc = (SRC.parents[1] / "docs" / "architecture.md").read_text()
+    section = doc.split("## The package: who may import whom", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```", 2)[1]
+    words = set(re.findall(r"[a-z_]+", block))
+    packages = sorted(p.name for p in SRC.iterdir() if (p / "__init__.py").is_file())
+    missing = [f"{p}/" for p in packages if f"{p}/" not in block]
+    missing += [
+        f"{pkg}/{m.stem}"
+        for pkg in packages
+        for m in sorted((SRC / pkg).glob("*.py"))
+        if m.stem != "__init__" and m.stem not in words
+    ]
+    assert not missing, f"docs/architecture.md's package map does not name: {missing}"
+    stray = sorted(SRC.glob("*.py"))
+    assert [p.name for p in stray] == ["__init__.py", "__main__.py"], "modules outside the packages: " + str(stray)

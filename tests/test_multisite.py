@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from fedhpc.audit import verify_ledger
-from fedhpc.exchange import INDEX, SITE_FILES, complete
-from fedhpc.files import read_json, sha256_file
-from fedhpc.layout import RunLayout
-from fedhpc.signing import TrustStore
-from fedhpc.status import round_states
+from fedhpc.core.files import read_json, sha256_file
+from fedhpc.core.layout import RunLayout
+from fedhpc.exchange.hub import INDEX, SITE_FILES, complete
+from fedhpc.stages.status import round_states
+from fedhpc.trust.audit import verify_ledger
+from fedhpc.trust.signing import TrustStore
 
 from .multisite_util import (
     RUN,

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedhpc.errors import FedhpcError
-from fedhpc.privacy import (
+from fedhpc.aggregation.privacy import (
     DEFAULT_ORDERS,
     PrivacyError,
     PrivacyLedger,
@@ -20,6 +19,7 @@ from fedhpc.privacy import (
     rdp_gaussian,
     rdp_to_epsilon,
 )
+from fedhpc.core.errors import FedhpcError
 
 
 def epsilon_after(z: float, q: float, rounds: int, delta: float) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedhpc.submit import SubmitError, head_parameters
+from fedhpc.ops.submit import SubmitError, head_parameters
 from tests.workflow_util import BIN, REPO, tiny_config, write_config
 
 LUMI_MASKS = (

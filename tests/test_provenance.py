@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 
-from fedhpc.catalogue import catalogue_sites, load_data
-from fedhpc.cli import main
-from fedhpc.files import read_json, write_json
-from fedhpc.layout import RunLayout
-from fedhpc.provenance import ProvenanceError, locate, trace
-from fedhpc.signing import COORDINATOR, TrustStore, verify_document
+from fedhpc.cli.main import main
+from fedhpc.core.files import read_json, write_json
+from fedhpc.core.layout import RunLayout
+from fedhpc.data.catalogue import catalogue_sites, load_data
+from fedhpc.ops.provenance import ProvenanceError, locate, trace
+from fedhpc.trust.signing import COORDINATOR, TrustStore, verify_document
 
 pytestmark = pytest.mark.e2e
 

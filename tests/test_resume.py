@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fedhpc.audit import verify_ledger
+from fedhpc.trust.audit import verify_ledger
 from tests.workflow_util import env, events, run_workflow, snakemake_cmd, summary, tiny_config, write_config
 
 pytestmark = pytest.mark.e2e

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from fedhpc.cli import main
-from fedhpc.config_trust import ScrubConfig
-from fedhpc.exchange import INDEX
-from fedhpc.files import read_json, write_json
-from fedhpc.scrub import Scrubber, outgoing_receipt
-from fedhpc.signing import create_keypair
+from fedhpc.cli.main import main
+from fedhpc.config.trust import ScrubConfig
+from fedhpc.core.files import read_json, write_json
+from fedhpc.exchange.hub import INDEX
+from fedhpc.trust.identity import create_keypair
+from fedhpc.trust.scrub import Scrubber, outgoing_receipt
 from tests.workflow_util import tiny_config
 
 USER, HOST = "mkowalski", "nid005123.lumi.csc"

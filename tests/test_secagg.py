@@ -9,18 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from fedhpc import secagg
-from fedhpc.aggregate import aggregate_round
-from fedhpc.aggregator import SiteInput, aggregate
-from fedhpc.audit import AuditLog
-from fedhpc.checkpoints import load_global_meta
-from fedhpc.config_schema import ConfigError, validate
-from fedhpc.files import read_json, write_json
-from fedhpc.secagg import SecureAggregationError
-from fedhpc.secure import SCHEME, masked_update, recover, reveal_seeds
-from fedhpc.signing import COORDINATOR, sign_document
-from fedhpc.tensorfile import load_state, save_state
-from fedhpc.verify import verify_round
+from fedhpc.aggregation import masking as secagg
+from fedhpc.aggregation.masking import SecureAggregationError
+from fedhpc.aggregation.secure import SCHEME, masked_update, recover, reveal_seeds
+from fedhpc.aggregation.streaming import SiteInput, aggregate
+from fedhpc.config.schema import ConfigError
+from fedhpc.core.files import read_json, write_json
+from fedhpc.core.tensorfile import load_state, save_state
+from fedhpc.stages.aggregate import aggregate_round
+from fedhpc.stages.verify import verify_round
+from fedhpc.tasks.validation import validate
+from fedhpc.trust.audit import AuditLog
+from fedhpc.trust.checkpoints import load_global_meta
+from fedhpc.trust.signing import COORDINATOR, sign_document
 from tests.test_verify import RoundBuilder
 from tests.workflow_util import tiny_config
 
@@ -104,7 +105,7 @@ def secure_round(tmp_path, sites=SITES):
 
 
 def publish_masked(b: RoundBuilder, cfg, site: str, tokens: int = 1000, **receipt) -> dict[str, torch.Tensor]:
-    """Site `site` masks its update as train.py does and publishes it; returns the plain update."""
+    """Site `site` masks its update as stages/train.py does and publishes it; returns the plain update."""
     plain = b.good_update(site)
     plan = read_json(b.layout.plan(b.r))
     tensors, meta, extra = masked_update(cfg, b.trust, plan, site, plain, tokens, tokens // cfg.model.seq_len)
@@ -185,7 +186,7 @@ def test_a_reveal_that_does_not_match_its_commitment_stops_the_round(tmp_path, m
     b, cfg = secure_round(tmp_path)
     for s in ["a100", "lumi"]:
         publish_masked(b, cfg, s)
-    import fedhpc.secure as secure
+    import fedhpc.aggregation.secure as secure
 
     real = secure.pair_seeds
     monkeypatch.setattr(

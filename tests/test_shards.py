@@ -9,11 +9,11 @@ import h5py
 import numpy as np
 import pytest
 
-from fedhpc.config import DataConfig, SourceConfig, TokenizerConfig
-from fedhpc.files import sha256_file
-from fedhpc.ingest import DataError
-from fedhpc.layout import RunLayout
-from fedhpc.shards import (
+from fedhpc.config.federation import DataConfig, SourceConfig, TokenizerConfig
+from fedhpc.core.files import sha256_file
+from fedhpc.core.layout import RunLayout
+from fedhpc.data.ingest import DataError
+from fedhpc.data.shards import (
     ShardIntegrityError,
     build_shards,
     load_manifest,
@@ -22,8 +22,9 @@ from fedhpc.shards import (
     read_shard,
     token_dtype,
 )
-from fedhpc.signing import COORDINATOR, SignatureError, TrustStore, create_keypair
-from fedhpc.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer, load_tokenizer
+from fedhpc.data.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer, load_tokenizer
+from fedhpc.trust.identity import create_keypair
+from fedhpc.trust.signing import COORDINATOR, SignatureError, TrustStore
 
 LETTERS = "abcdefghij"
 DIGITS = "0123456789"

@@ -11,25 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-import fedhpc.gather as gather_mod
-from fedhpc.audit import AuditLog
-from fedhpc.config import ModelConfig, SiteConfig, TrainingConfig
-from fedhpc.distributed import World
-from fedhpc.engines import Engine
-from fedhpc.files import read_json
-from fedhpc.gather import QuorumError, gather
-from fedhpc.loop import local_round, lr_at, lr_scale, to_windows
-from fedhpc.model import GPT
-from fedhpc.promote import gate
-from fedhpc.signing import (
-    SignatureError,
-    TrustStore,
-    create_keypair,
-    load_private_key,
-    sign_document,
-    verify_document,
-)
-from fedhpc.sites import BatchShape, batch_shape
+import fedhpc.stages.gather as gather_mod
+from fedhpc.config.federation import ModelConfig, SiteConfig, TrainingConfig
+from fedhpc.core.files import read_json
+from fedhpc.stages.gather import QuorumError, gather
+from fedhpc.stages.promote import gate
+from fedhpc.training.distributed import World
+from fedhpc.training.engines import Engine
+from fedhpc.training.loop import local_round, lr_at, lr_scale, to_windows
+from fedhpc.training.model import GPT
+from fedhpc.training.sites import BatchShape, batch_shape
+from fedhpc.trust.audit import AuditLog
+from fedhpc.trust.identity import create_keypair
+from fedhpc.trust.signing import SignatureError, TrustStore, load_private_key, sign_document, verify_document
 from tests.test_verify import RoundBuilder
 
 # ================================================================= signing

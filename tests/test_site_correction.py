@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedhpc.site_correction import GradCorrection
+from fedhpc.training.site_correction import GradCorrection
 
 T = torch.tensor
 

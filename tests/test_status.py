@@ -13,12 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from fedhpc.failures import failure_path
-from fedhpc.files import write_json
-from fedhpc.launch import ProgressLines, run
-from fedhpc.layout import RunLayout
-from fedhpc.progress import compact_line, span
-from fedhpc.status import format_status, snapshot
+from fedhpc.core.files import write_json
+from fedhpc.core.layout import RunLayout
+from fedhpc.ops.run import ProgressLines, run
+from fedhpc.stages.failures import failure_path
+from fedhpc.stages.progress import compact_line, span
+from fedhpc.stages.status import format_status, snapshot
 from tests.workflow_util import BIN, env, events, tiny_config, write_config
 
 T0 = 1_800_000_000.0
@@ -163,7 +163,7 @@ def test_a_round_with_a_dropped_site_names_it_and_why(tmp_path):
 
 def test_a_failed_site_job_shows_its_failure_record(tmp_path):
     b, start = three_done_and_one_training(tmp_path)
-    # What a failed attempt of fedhpc train leaves (fedhpc.failures.record_failure), written by hand.
+    # What a failed attempt of fedhpc train leaves (fedhpc.stages.failures.record_failure), written by hand.
     failure = {"round": 3, "site": "laptop", "error": "TrainingError: 18 training sequences cannot fill one step",
                "deterministic": True, "attempt": 1, "attempts": 2, "final": True}  # fmt: skip
     write_json(failure_path(b.layout, 3, "laptop"), failure)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as hst
 
-from fedhpc.strategies import (
+from fedhpc.aggregation.strategies import (
     DEFAULT_MOMENTUM,
     DEFAULT_SERVER_LR,
     SERVER_STATE,

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedhpc.aggregate import aggregate_round
-from fedhpc.checkpoints import load_global_meta
-from fedhpc.config_schema import load
-from fedhpc.files import read_json, sha256_file
-from fedhpc.layout import RunLayout
-from fedhpc.signing import TrustStore
-from fedhpc.tensorfile import load_state, read_metadata, read_specs
+from fedhpc.core.files import read_json, sha256_file
+from fedhpc.core.layout import RunLayout
+from fedhpc.core.tensorfile import load_state, read_metadata, read_specs
+from fedhpc.stages.aggregate import aggregate_round
+from fedhpc.tasks.validation import load
+from fedhpc.trust.checkpoints import load_global_meta
+from fedhpc.trust.signing import TrustStore
 
 from .workflow_util import run_workflow, tiny_config, write_config
 

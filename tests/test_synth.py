@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedhpc.config import SynthConfig, SynthDomainConfig
-from fedhpc.synth import domain_sources, generate_corpus, make_source
+from fedhpc.config.federation import SynthConfig, SynthDomainConfig
+from fedhpc.data.synth import domain_sources, generate_corpus, make_source
 
 
 def _docs(path: Path) -> list[str]:

@@ -8,14 +8,16 @@ import sys
 
 import pytest
 
-from fedhpc.config_schema import ConfigError, validate
-from fedhpc.data import prepare_data
-from fedhpc.layout import RunLayout
-from fedhpc.shards import ShardIntegrityError, load_manifest
-from fedhpc.signing import TrustStore, create_keypair
-from fedhpc.taskdata import read_records, verified_file
+from fedhpc.config.schema import ConfigError
+from fedhpc.core.layout import RunLayout
+from fedhpc.data.shards import ShardIntegrityError, load_manifest
+from fedhpc.data.taskdata import read_records, verified_file
+from fedhpc.stages.shard import prepare_data
 from fedhpc.tasks import load_task
 from fedhpc.tasks.gpt import GPTTask
+from fedhpc.tasks.validation import validate
+from fedhpc.trust.identity import create_keypair
+from fedhpc.trust.signing import TrustStore
 from tests.workflow_util import REPO
 
 EXAMPLE = str(REPO / "examples" / "regression" / "task.py") + ":RegressionTask"
@@ -47,7 +49,7 @@ def test_checking_a_config_and_planning_a_round_import_no_torch():
     # the task for each site's batch: importing torch there cost 1.3 s a job.
     code = (
         "import sys\n"
-        "from fedhpc.config_schema import validate\n"
+        "from fedhpc.tasks.validation import validate\n"
         "from fedhpc.tasks import load_task\n"
         f"cfg = validate({raw()!r})\n"
         "task = load_task(cfg)\n"
@@ -86,8 +88,11 @@ def test_task_problems_name_the_key_at_fault():
     "name, message",
     [
         ("nonexistent_pkg_xyz.mod:Task", "task.name: cannot import 'nonexistent_pkg_xyz.mod' (ModuleNotFoundError"),
-        ("fedhpc.config:NoSuchThing", "task.name: 'fedhpc.config' has no 'NoSuchThing'"),
-        ("fedhpc.config:Config", "task.name: 'fedhpc.config:Config' is not a subclass of fedhpc.tasks.Task"),
+        ("fedhpc.config.federation:NoSuchThing", "task.name: 'fedhpc.config.federation' has no 'NoSuchThing'"),
+        (
+            "fedhpc.config.federation:Config",
+            "task.name: 'fedhpc.config.federation:Config' is not a subclass of fedhpc.tasks.Task",
+        ),
         ("gpt2", "task.name: 'gpt2' is neither a built-in (embedding, gpt, hf_causal_lm) nor an import path"),
         ("missing/file.py:T", "task.name: no such file 'missing/file.py'"),
     ],

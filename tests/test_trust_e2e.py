@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedhpc import secagg
-from fedhpc.aggregator import SiteInput, aggregate
-from fedhpc.cli import main
-from fedhpc.config_schema import load
-from fedhpc.files import read_json
-from fedhpc.layout import RunLayout
-from fedhpc.secure import pair_seeds
-from fedhpc.shards import load_manifest, read_shard
-from fedhpc.signing import TrustStore
-from fedhpc.tensorfile import load_state, save_state
+from fedhpc.aggregation import masking as secagg
+from fedhpc.aggregation.secure import pair_seeds
+from fedhpc.aggregation.streaming import SiteInput, aggregate
+from fedhpc.cli.main import main
+from fedhpc.core.files import read_json
+from fedhpc.core.layout import RunLayout
+from fedhpc.core.tensorfile import load_state, save_state
+from fedhpc.data.shards import load_manifest, read_shard
+from fedhpc.tasks.validation import load
+from fedhpc.trust.signing import TrustStore
 from tests.workflow_util import run_workflow, summary, tiny_config, write_config
 
 pytestmark = pytest.mark.e2e

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from fedhpc.cli import main
-from fedhpc.config import SiteConfig
-from fedhpc.files import read_json
-from fedhpc.layout import RunLayout
-from fedhpc.plan import smallest_trainable
+from fedhpc.cli.main import main
+from fedhpc.config.federation import SiteConfig
+from fedhpc.core.files import read_json
+from fedhpc.core.layout import RunLayout
+from fedhpc.stages.plan import smallest_trainable
 from fedhpc.tasks.lm import min_slice_tokens, split_windows
 from tests.uneven_util import uneven_config
 from tests.workflow_util import BIN, env, run_stages, write_config
@@ -166,8 +166,8 @@ def test_an_uneven_federation_stays_sound_through_epoch_boundaries(tmp_path):
 
 
 def test_min_slice_is_what_the_planner_gets_from_the_task(tmp_path):
-    from fedhpc.config_schema import load
     from fedhpc.tasks import load_task
+    from fedhpc.tasks.validation import load
 
     cfg = uneven_config(tmp_path)
     cfg["sites"]["site_fi"].update(ranks_per_node=3, engine="ddp")
@@ -190,10 +190,10 @@ def test_an_embedding_site_with_fewer_pairs_than_a_batch_trains_them_as_one_smal
     import torch
     import yaml
 
-    from fedhpc.config_schema import load
-    from fedhpc.distributed import World
     from fedhpc.tasks import RoundContext, load_task
     from fedhpc.tasks import embedding_data as gen
+    from fedhpc.tasks.validation import load
+    from fedhpc.training.distributed import World
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     raw = {

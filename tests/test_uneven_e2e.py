@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fedhpc.files import read_json
-from fedhpc.layout import RunLayout
+from fedhpc.core.files import read_json
+from fedhpc.core.layout import RunLayout
 from tests.uneven_util import uneven_config
 from tests.workflow_util import REPO, env, events, run_workflow, snakemake_cmd, summary, write_config
 
@@ -52,7 +52,7 @@ def test_four_uneven_languages_finish_every_round_through_the_epoch_boundary(tmp
 
 class JobKiller(threading.Thread):
     """SIGKILLs the whole Slurm job (batch shell included) of the chosen attempts of a site, as
-    soon as the attempt notes its start in `attempt` (fedhpc.failures.record_start)."""
+    soon as the attempt notes its start in `attempt` (fedhpc.stages.failures.record_start)."""
 
     def __init__(self, attempt: Path, attempts: set[int]):
         super().__init__(daemon=True)

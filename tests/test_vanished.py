@@ -7,11 +7,18 @@ import time
 
 import pytest
 
-import fedhpc.gather
-from fedhpc.audit import AuditLog
-from fedhpc.failures import INVOCATION_ENV, final_failure, read_failure, record_start, record_vanished, status_path
-from fedhpc.files import write_json
-from fedhpc.slurm_jobs import GONE, JobWatch, job_state, local_cluster
+import fedhpc.stages.gather
+from fedhpc.core.files import write_json
+from fedhpc.stages.failures import (
+    INVOCATION_ENV,
+    final_failure,
+    read_failure,
+    record_start,
+    record_vanished,
+    status_path,
+)
+from fedhpc.stages.slurm_jobs import GONE, JobWatch, job_state, local_cluster
+from fedhpc.trust.audit import AuditLog
 from tests.test_gather import gather_in_thread, open_round
 
 
@@ -75,7 +82,7 @@ def test_a_last_attempt_whose_job_ended_without_a_word_closes_the_round_at_once_
 def test_a_running_job_is_waited_for_and_its_end_closes_the_round(tmp_path, monkeypatch, slurm_cli):
     answer, _ = slurm_cli
     b, cfg = open_round(tmp_path, quorum=1.0)
-    monkeypatch.setattr(fedhpc.gather, "JobWatch", lambda: JobWatch(every=0))
+    monkeypatch.setattr(fedhpc.stages.gather, "JobWatch", lambda: JobWatch(every=0))
     started(b, "c", attempt=1, attempts=1, monkeypatch=monkeypatch)
     answer.write_text("RUNNING\n")
     t, result = gather_in_thread(b, cfg)

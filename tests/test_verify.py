@@ -10,14 +10,15 @@ from typing import Any
 import pytest
 import torch
 
-from fedhpc.audit import AuditLog, verify_ledger
-from fedhpc.checkpoints import load_global_meta, publish_global
-from fedhpc.config import Config, SiteConfig
-from fedhpc.files import read_json, sha256_file, write_json
-from fedhpc.layout import RunLayout
-from fedhpc.signing import COORDINATOR, SignatureError, TrustStore, create_keypair, sign_document, verify_document
-from fedhpc.tensorfile import save_state
-from fedhpc.verify import verify_round
+from fedhpc.config.federation import Config, SiteConfig
+from fedhpc.core.files import read_json, sha256_file, write_json
+from fedhpc.core.layout import RunLayout
+from fedhpc.core.tensorfile import save_state
+from fedhpc.stages.verify import verify_round
+from fedhpc.trust.audit import AuditLog, verify_ledger
+from fedhpc.trust.checkpoints import load_global_meta, publish_global
+from fedhpc.trust.identity import create_keypair
+from fedhpc.trust.signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
 
 RUN = "t"
 

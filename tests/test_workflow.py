@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from fedhpc.audit import verify_ledger
+from fedhpc.trust.audit import verify_ledger
 from tests.workflow_util import BIN, env, events, run_workflow, summary
 
 pytestmark = pytest.mark.e2e
@@ -132,8 +132,8 @@ def test_optimizer_state_stays_at_the_site_and_carries_across_rounds(finished):
 def test_resetting_optimizer_state_is_a_config_choice(finished, tmp_path):
     import shutil
 
-    from fedhpc.cli import context
-    from fedhpc.train import train_site
+    from fedhpc.stages.context import context
+    from fedhpc.stages.train import train_site
 
     _, cfg, run = finished
     copy = tmp_path / "run"
@@ -161,7 +161,7 @@ def test_a_two_rank_deepspeed_zero3_site_publishes_one_full_update(finished, tmp
     """ZeRO-3 shards the parameters themselves; the published update must still be the whole model."""
     import shutil
 
-    from fedhpc.tensorfile import read_specs
+    from fedhpc.core.tensorfile import read_specs
     from tests.workflow_util import BIN, env
 
     _, cfg, run = finished
@@ -216,9 +216,9 @@ def test_a_second_job_of_a_site_round_drops_its_update_when_the_first_published(
     that publishes second keeps the first one's update and receipt untouched."""
     import shutil
 
-    import fedhpc.train
-    from fedhpc.cli import context
-    from fedhpc.train import train_site
+    import fedhpc.stages.train
+    from fedhpc.stages.context import context
+    from fedhpc.stages.train import train_site
 
     _, cfg, run = finished
     copy = tmp_path / "run"
@@ -229,7 +229,7 @@ def test_a_second_job_of_a_site_round_drops_its_update_when_the_first_published(
     before = {p.name: p.read_bytes() for p in site_dir.iterdir() if p.is_file()}
     lines = len((copy / "audit.jsonl").read_text().splitlines())
     # This job started before the other one published: its own precheck found nothing to reuse.
-    monkeypatch.setattr(fedhpc.train, "_precheck", lambda *a, **k: None)
+    monkeypatch.setattr(fedhpc.stages.train, "_precheck", lambda *a, **k: None)
     status = train_site(ctx.cfg, ctx.layout, ctx.trust, 1, "a100", threads=1)
     assert status["state"] == "published" and status["reused"]
     assert status["update_sha256"] == json.loads(before["receipt.json"])["update_sha256"]
@@ -244,14 +244,14 @@ def test_the_publish_lock_makes_a_second_holder_wait(tmp_path):
     import sys
     import time
 
-    from fedhpc.files import exclusive_lock
+    from fedhpc.core.files import exclusive_lock
 
     lock = tmp_path / "locks" / "publish.lock"
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, time; from fedhpc.files import exclusive_lock\n"
+            "import sys, time; from fedhpc.core.files import exclusive_lock\n"
             f"with exclusive_lock({str(lock)!r}) as held:\n"
             "    print(held, flush=True); time.sleep(1.5)",
         ],

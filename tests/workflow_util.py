@@ -90,12 +90,12 @@ def run_stages(config: Path, rounds: int, sites: list[str], synth: bool = False,
     """Every stage of a federation, in the order the workflow runs them, as `fedhpc <verb>` calls in
     this process (the rules are exactly these calls): for tasks whose imports would dominate a
     workflow run (transformers, sentence-transformers) if every job paid for them again."""
-    from fedhpc.cli import main
+    from fedhpc.cli.main import main
 
     def stage(*args: str) -> None:
         assert main([*args, "--config", str(config)]) == 0, args
 
-    from fedhpc.config_schema import load
+    from fedhpc.tasks.validation import load
 
     cfg = load(config)
     stage("keys", "ensure")

@@ -15,10 +15,10 @@ from dataclasses import MISSING, dataclass
 import numpy as np
 import torch
 
-from fedhpc.config import opt
-from fedhpc.taskdata import read_records
+from fedhpc.config.federation import opt
+from fedhpc.core.tensorfile import load_state
+from fedhpc.data.taskdata import read_records
 from fedhpc.tasks import LocalResult, Task
-from fedhpc.tensorfile import load_state
 
 
 @dataclass(kw_only=True)

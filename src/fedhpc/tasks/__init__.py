@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .base import EvalContext, LocalResult, NoOptions, RoundContext, Task, TaskError, options_from
+from fedhpc.tasks.base import EvalContext, LocalResult, NoOptions, RoundContext, Task, TaskError, options_from
 
 BUILTIN = {
     "gpt": "fedhpc.tasks.gpt:GPTTask",

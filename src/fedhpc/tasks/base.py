@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import jsonschema
 
-from ..config import Config, SiteConfig
-from ..errors import FedhpcError
-from ..layout import RunLayout
+from fedhpc.config.federation import Config, SiteConfig
+from fedhpc.core.errors import FedhpcError
+from fedhpc.core.layout import RunLayout
 
 if TYPE_CHECKING:  # torch is imported by the tasks that train: planning and config checks need none of it
     import torch
 
-    from ..distributed import World
+    from fedhpc.training.distributed import World
 
 
 class TaskError(FedhpcError, ValueError):
@@ -153,7 +153,7 @@ class Task(abc.ABC):
 
 def options_from(cls: type, raw: dict[str, Any], where: str = "task.options") -> Any:
     """Build an options dataclass from a mapping, strictly: unknown keys and wrong types are errors."""
-    from ..config_schema import ConfigError, dataclass_schema, describe_errors, from_mapping
+    from fedhpc.config.schema import ConfigError, dataclass_schema, describe_errors, from_mapping
 
     errors = sorted(
         jsonschema.Draft202012Validator(dataclass_schema(cls)).iter_errors(raw or {}),

@@ -22,17 +22,17 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from ..config import opt
-from ..files import finite_or_none, read_json
-from ..loop import lr_at
-from ..model import exported_state, load_exported_state
-from ..sites import GB, USABLE, device_memory_bytes
-from ..taskdata import read_records
-from ..tensorfile import load_state, read_specs
-from . import embedding_data as gen
-from .base import LocalResult, Task, TaskError
-from .hf_lm import base_sha256
-from .lm import TrainingError
+from fedhpc.config.federation import opt
+from fedhpc.core.files import finite_or_none, read_json
+from fedhpc.core.tensorfile import load_state, read_specs
+from fedhpc.data.taskdata import read_records
+from fedhpc.tasks import embedding_data as gen
+from fedhpc.tasks.base import LocalResult, Task, TaskError
+from fedhpc.tasks.hf_lm import base_sha256
+from fedhpc.tasks.lm import TrainingError
+from fedhpc.training.loop import lr_at
+from fedhpc.training.model import exported_state, load_exported_state
+from fedhpc.training.sites import GB, USABLE, device_memory_bytes
 
 
 @dataclass(kw_only=True)

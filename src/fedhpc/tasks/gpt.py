@@ -1,22 +1,22 @@
-"""The built-in task: pre-training the GPT of `model:` (model.py) on the run's token shards."""
+"""The built-in task: pre-training the GPT of `model:` (training/model.py) on the run's token shards."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import TYPE_CHECKING
 
-from ..config import ModelConfig
-from .lm import TokenLMTask
+from fedhpc.config.federation import ModelConfig
+from fedhpc.tasks.lm import TokenLMTask
 
 if TYPE_CHECKING:  # imported where the module is built: planning needs no torch
-    from ..model import GPT
+    from fedhpc.training.model import GPT
 
 
 class GPTTask(TokenLMTask):
     """GPT pre-training from random initialisation (`model:` sets its shape); no options."""
 
     def build_module(self, vocab_size, meta=None) -> GPT:
-        from ..model import GPT
+        from fedhpc.training.model import GPT
 
         return GPT(self.cfg.model, vocab_size)
 
@@ -31,6 +31,6 @@ class GPTTask(TokenLMTask):
         }
 
     def export(self, state, meta, out, layout):
-        from ..export import export_gpt
+        from fedhpc.tasks.gpt_export import export_gpt
 
         return export_gpt(self.cfg, state, meta, out, layout)

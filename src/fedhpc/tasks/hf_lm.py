@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig, opt
-from .base import TaskError
-from .lm import TokenLMTask, TrainingError
+from fedhpc.config.federation import ModelConfig, opt
+from fedhpc.tasks.base import TaskError
+from fedhpc.tasks.lm import TokenLMTask, TrainingError
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "config.json")
 

@@ -1,7 +1,7 @@
 """Causal language-model tasks on the framework's token shards: data, local round, held-out perplexity.
 
 Subclasses only say which module they train (`build_module`) and how it is described; the
-nanoGPT-style loop (loop.py), the intra-site engines (DDP/FSDP/DeepSpeed), site-kept optimizer
+nanoGPT-style loop (training/loop.py), the intra-site engines (DDP/FSDP/DeepSpeed), site-kept optimizer
 state and the FedProx/SCAFFOLD gradient corrections are shared.
 """
 
@@ -13,19 +13,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import ModelConfig, SiteConfig
-from ..errors import FedhpcError
-from ..files import finite_or_none
-from ..scores import summary_of
-from ..sites import BatchShape, batch_shape, site_ranks
-from .base import EvalContext, LocalResult, RoundContext, Task
+from fedhpc.config.federation import ModelConfig, SiteConfig
+from fedhpc.core.errors import FedhpcError
+from fedhpc.core.files import finite_or_none
+from fedhpc.core.scores import summary_of
+from fedhpc.tasks.base import EvalContext, LocalResult, RoundContext, Task
+from fedhpc.training.sites import BatchShape, batch_shape, site_ranks
 
 # Planning and config checks load the task but never train: torch (1.3 s to import) is
 # imported by the methods that need it, so they stay light.
 if TYPE_CHECKING:
     import torch
 
-    from ..site_correction import GradCorrection
+    from fedhpc.training.site_correction import GradCorrection
 
 
 class TrainingError(FedhpcError, ValueError):
@@ -56,13 +56,13 @@ class TokenLMTask(Task):
 
     # -- data ------------------------------------------------------------------------------
     def prepare_data(self, data) -> None:
-        raise FedhpcError("token tasks are prepared by fedhpc.data.prepare_data")
+        raise FedhpcError("token tasks are prepared by fedhpc.stages.shard.prepare_data")
 
     # -- model -----------------------------------------------------------------------------
     def init_model(self, manifest):
         import torch
 
-        from ..model import exported_state
+        from fedhpc.training.model import exported_state
 
         vocab = manifest["tokenizer"]["vocab_size"]
         torch.manual_seed(self.cfg.seed)
@@ -70,7 +70,7 @@ class TokenLMTask(Task):
         return exported_state(module), self.describe(module, vocab)
 
     def load(self, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.nn.Module:
-        from ..model import load_exported_state
+        from fedhpc.training.model import load_exported_state
 
         module = self.build_module(meta["vocab_size"], meta)
         load_exported_state(module, state)
@@ -122,10 +122,10 @@ class TokenLMTask(Task):
     def train_round(self, rc: RoundContext) -> LocalResult:
         import torch
 
-        from .. import distributed, site_state
-        from ..engines import make_engine
-        from ..loop import local_round, mean_loss, to_windows
-        from ..model import load_exported_state
+        from fedhpc.training import distributed, site_state
+        from fedhpc.training.engines import make_engine
+        from fedhpc.training.loop import local_round, mean_loss, to_windows
+        from fedhpc.training.model import load_exported_state
 
         cfg, world, device, site, r = rc.cfg, rc.world, rc.device, rc.site, rc.round
         site_cfg = rc.site_cfg
@@ -226,7 +226,7 @@ class TokenLMTask(Task):
     def evaluate(self, ec: EvalContext) -> dict[str, Any]:
         import torch
 
-        from ..tensorfile import load_state
+        from fedhpc.core.tensorfile import load_state
 
         torch.set_num_threads(ec.threads)
         model = self.load(load_state(ec.model_file), ec.global_meta)
@@ -250,7 +250,7 @@ class TokenLMTask(Task):
     def heldout_windows(self, ec: EvalContext, entry: dict) -> torch.Tensor:
         import torch
 
-        from ..loop import to_windows
+        from fedhpc.training.loop import to_windows
 
         tokens = torch.from_numpy(ec.read_heldout(entry).astype("int64"))
         # Windows cover the first tokens_per_domain tokens: the same slice for every model.
@@ -259,7 +259,7 @@ class TokenLMTask(Task):
     def mean_loss(self, model: torch.nn.Module, windows: torch.Tensor) -> float:
         import torch
 
-        from ..loop import mean_loss
+        from fedhpc.training.loop import mean_loss
 
         return mean_loss(
             lambda x, y: model(x, y)[1], windows, self.cfg.evaluation.batch_size, torch.device("cpu"), "fp32"
@@ -311,9 +311,9 @@ def gradient_correction(
 ) -> GradCorrection | None:
     import torch
 
-    from .. import site_state
-    from ..site_correction import GradCorrection
-    from ..tensorfile import load_state
+    from fedhpc.core.tensorfile import load_state
+    from fedhpc.training import site_state
+    from fedhpc.training.site_correction import GradCorrection
 
     name = cfg.strategy.name
     if name == "fedprox" and cfg.strategy.proximal_mu > 0:

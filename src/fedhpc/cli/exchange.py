@@ -1,0 +1,113 @@
+"""`fedhpc exchange <action>`: what each side offers, pulls and publishes through the hub, by name.
+
+The coordinator offers the data (manifest, tokenizer, shared shards), each round (plan and
+global model) and each round's candidate model; a site pulls those and publishes its data
+catalogue, its update and its scores of models on its own held-out data. Only these named
+files ever cross; every bundle is signed by its sender and checked by its receiver.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedhpc.config.federation import Config
+from fedhpc.core.layout import RunLayout
+from fedhpc.exchange import hub as ex
+from fedhpc.trust.signing import COORDINATOR, TrustStore
+
+OFFERS = {"outbox", "outbox-data", "outbox-candidate"}
+PULLS = {"pull", "pull-data", "pull-candidate"}
+PUBLISHES = {"publish", "publish-catalogue", "publish-eval"}
+EXCHANGE_ACTIONS = OFFERS | PULLS | PUBLISHES
+CANDIDATE_FILES = ("model.safetensors",)
+CATALOGUE_FILES = ("catalogue.json",)
+EVAL_FILES = ("eval.json",)
+
+
+def shared_shard_files(layout: RunLayout) -> list[str]:
+    """Every file of the manifest's (shared) shards, relative to `data/`: shared data may travel."""
+    from fedhpc.core.files import read_json
+
+    names = []
+    for entry in read_json(layout.manifest)["shards"]:
+        root = layout.root / entry["path"]
+        names += sorted(p.relative_to(layout.data).as_posix() for p in root.rglob("*") if p.is_file())
+    return names
+
+
+def bundle_dir(layout: RunLayout, action: str, r: int, which: str, site: str | None) -> tuple[Path, list[str]]:
+    """The directory a bundle lives in (the same relative path on every side) and the names it may hold."""
+    if action in ("outbox", "pull"):
+        return layout.round_dir(r), list(ex.ROUND_FILES)
+    if action in ("outbox-data", "pull-data"):
+        return layout.data, list(ex.DATA_FILES)
+    if action in ("outbox-candidate", "pull-candidate"):
+        return layout.candidate(r).parent, list(CANDIDATE_FILES)
+    assert site is not None
+    if action == "publish":
+        return layout.site_dir(r, site), list(ex.SITE_FILES)
+    if action == "publish-catalogue":
+        return layout.site_data(site), list(CATALOGUE_FILES)
+    return layout.eval_part(r, which, site).parent, list(EVAL_FILES)
+
+
+def exchange_action(cfg: Config, layout: RunLayout, trust: TrustStore, action: str, r: int, which: str) -> str:
+    """Run one exchange action; the line to print."""
+    site = cfg.exchange.site
+    if action in OFFERS:
+        d, names = bundle_dir(layout, action, r, which, None)
+        names = ex.present(d, names)
+        if action == "outbox-data":
+            names += shared_shard_files(layout)
+        if cfg.exchange.kind == "s3":  # the hub is not this directory: upload the offer to it
+            transport = ex.transport_for(cfg.exchange)
+            rel = d.relative_to(layout.root).as_posix()
+            ex.publish(transport, d, names, rel, COORDINATOR, trust.private_key(COORDINATOR))
+            return f"{d}: offered {len(names)} files at {transport.describe()}"
+        ex.write_index(d, names, COORDINATOR, trust.private_key(COORDINATOR))
+        return f"{d}: offered {len(names)} files"
+    if cfg.exchange.role != "site":
+        raise SystemExit(f"fedhpc exchange {action}: only a site pulls and publishes (exchange.role is site)")
+    transport = ex.transport_for(cfg.exchange)
+    d, names = bundle_dir(layout, action, r, which, site)
+    rel = d.relative_to(layout.root).as_posix()
+    if action in PUBLISHES:
+        if action == "publish" and layout.train_log(r, site).exists():  # the job's log travels too, scrubbed
+            from fedhpc.trust.scrub import Scrubber
+
+            Scrubber(cfg.trust.scrub).file(layout.train_log(r, site), d / "train.log")
+        names = ex.present(d, names)
+        ex.publish(transport, d, names, rel, site, trust.private_key(site))
+        return f"published {', '.join(names) or 'nothing (no update this round)'} to {transport.describe()}/{rel}"
+    doc = ex.wait_pull(
+        transport,
+        rel,
+        d,
+        trust,
+        COORDINATOR,
+        cfg.exchange.poll_seconds,
+        cfg.exchange.wait_minutes * 60,
+        on_reject=ex.audit_rejects(layout, rel),
+        # Stop waiting once the coordinator announced it stopped in a round this pull needs.
+        round_={"pull": r, "pull-candidate": r + 1}.get(action),
+    )
+    return f"pulled {len(doc['files'])} files from {transport.describe()}/{rel}, hashes verified"
+
+
+def eval_fetcher(ctx, r: int, which: str):
+    """For the coordinator of an object-store hub: a function pulling a site's published scores
+    of round r's `which` model into this run directory (None where sites publish in place)."""
+    cfg, layout, trust = ctx.cfg, ctx.layout, ctx.trust
+    if cfg.exchange.kind != "s3" or cfg.exchange.role != "coordinator":
+        return None
+    transport = ex.transport_for(cfg.exchange)
+
+    def fetch(site: str) -> None:
+        d = layout.eval_part(r, which, site).parent
+        rel = d.relative_to(layout.root).as_posix()
+        try:
+            ex.pull(transport, rel, d, trust, site, on_reject=ex.audit_rejects(layout, rel))
+        except ex.TransferError as exc:
+            print(f"round {r}: {site}'s held-out scores are not usable yet: {exc}", flush=True)
+
+    return fetch

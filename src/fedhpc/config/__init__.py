@@ -1,0 +1,4 @@
+"""Typed configuration of a federation: one dataclass per component (federation, strategy,
+trust), the field helper, the JSON-Schema and Markdown generated from them and the checks
+that need no task. Imports only fedhpc.core.
+"""

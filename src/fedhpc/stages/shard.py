@@ -1,0 +1,132 @@
+"""The data stage: the coordinator packs the shared sources (and sets the tokenizer), each site its own.
+
+Data pinned to a site (`site:` on a source or a generated domain) is read, tokenised and
+packed only by that site, which publishes a signed catalogue of it; the coordinator packs
+the unpinned (shared) sources, trains the tokenizer on them if asked, and signs the manifest.
+A task with its own data format (not `data:` token shards) generates all of it at the
+coordinator (`Task.prepare_data`); its sites then publish empty catalogues.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedhpc.config.federation import Config, SourceConfig
+from fedhpc.core.files import read_json
+from fedhpc.core.layout import RunLayout
+from fedhpc.data.catalogue import write_catalogue
+from fedhpc.data.ingest import DataError, iter_texts
+from fedhpc.data.shards import DataDirs, Sealing, build_shards, load_manifest, load_run_tokenizer, pack_sources
+from fedhpc.data.synth import domain_sources
+from fedhpc.data.taskdata import DataWriter
+from fedhpc.data.tokenizer import build_tokenizer
+from fedhpc.tasks import Task, load_task
+from fedhpc.trust.audit import AuditLog
+from fedhpc.trust.identity import create_keypair
+from fedhpc.trust.signing import COORDINATOR, TrustStore
+
+
+def sealing(cfg: Config, trust: TrustStore) -> Sealing:
+    """With `trust.encryption.shards`, who reads what: a site's own shards and held-out splits that
+    site (it trains and scores on them), a shared shard every site, a shared held-out split the
+    coordinator (which scores the shared domains). Sealing needs each reader's data key."""
+    if not cfg.trust.encryption.shards:
+        return None
+    sites = sorted(cfg.sites)
+
+    def readers(kind: str, residency: str | None) -> list:
+        names = [residency] if residency else [COORDINATOR] if kind == "heldout" else sites
+        return [trust.data_key(n) for n in names]
+
+    return readers
+
+
+def corpus_dir(layout: RunLayout, site: str | None) -> Path:
+    """Where the generated demo corpus of a party lives: the coordinator's shared domains, or a site's own."""
+    return layout.corpus_dir if site is None else layout.site_data(site) / "corpus"
+
+
+def party_sources(cfg: Config, layout: RunLayout, site: str | None) -> tuple[list[SourceConfig], dict]:
+    """The sources `site` holds (None: the shared ones) and the entropy rate of each domain, where known."""
+    sources = [s for s in cfg.data.sources if s.site == site]
+    entropy: dict[str, float | None] = {s.domain: None for s in sources}
+    generated = [d for d in (cfg.data.synth.domains if cfg.data.synth else []) if d.site == site]
+    if generated:
+        corpus = read_json(corpus_dir(layout, site) / "corpus.json")
+        sources = domain_sources(corpus, corpus_dir(layout, site)) + sources
+        entropy.update({n: d["entropy_rate_nats_per_byte"] for n, d in corpus["domains"].items()})
+    return sources, entropy
+
+
+def prepare_data(cfg: Config, layout: RunLayout, trust: TrustStore) -> dict:
+    """The coordinator's part: tokenizer, shared shards and held-out splits, signed manifest."""
+    task = load_task(cfg)
+    if not task.uses_tokens:
+        return prepare_task_data(cfg, layout, trust, task)
+    sources, entropy = party_sources(cfg, layout, None)
+    if cfg.data.tokenizer.kind == "bpe" and not sources:
+        raise DataError(
+            "data.tokenizer.kind bpe is trained on the shared sources (those without `site`), and there are none: "
+            "pinned data never leaves its site. Train a tokenizer elsewhere and use kind: pretrained, or kind: byte"
+        )
+    tok = build_tokenizer(cfg.data.tokenizer, iter_texts(sources))
+    manifest = build_shards(
+        sources, cfg.data, tok, layout, cfg.seed, trust.private_key(COORDINATOR), entropy, sealing(cfg, trust)
+    )
+    AuditLog(layout.audit).append(
+        "data.sharded",
+        holder=COORDINATOR,
+        sealed=cfg.trust.encryption.shards,
+        shards=len(manifest["shards"]),
+        tokens=sum(s["tokens"] for s in manifest["shards"]),
+        heldout=[h["domain"] for h in manifest["heldout"]],
+    )
+    return manifest
+
+
+def prepare_task_data(cfg: Config, layout: RunLayout, trust: TrustStore, task: Task) -> dict:
+    """A task with its own data format writes its shards; the manifest is signed the same way."""
+    # No valid manifest may point at shards while they are being rewritten.
+    layout.manifest_sig.unlink(missing_ok=True)
+    layout.manifest.unlink(missing_ok=True)
+    writer = DataWriter(layout, cfg.seed, cfg.task.name)
+    task.prepare_data(writer)
+    manifest = writer.finish(trust.private_key(COORDINATOR))
+    AuditLog(layout.audit).append(
+        "data.sharded",
+        task=cfg.task.name,
+        shards=len(manifest["shards"]),
+        tokens=sum(s["tokens"] for s in manifest["shards"]),
+        heldout=[h["domain"] for h in manifest["heldout"]],
+    )
+    return manifest
+
+
+def prepare_site_data(cfg: Config, layout: RunLayout, trust: TrustStore, site: str) -> dict:
+    """A site's part: its own sources packed under `data/sites/<site>/` with the federation's
+    tokenizer (checked against the coordinator's manifest), and its signed catalogue."""
+    if site not in cfg.sites:
+        raise DataError(f"{site!r} is not a site of this federation; sites: {', '.join(sorted(cfg.sites))}")
+    manifest = load_manifest(layout, trust)
+    if not (trust.keys_dir / f"{site}.key").exists() and cfg.trust.generate_missing:
+        # A site added to a running one-machine federation gets its identity where it packs its data.
+        create_keypair(trust.keys_dir, site)
+    layout.catalogue(site).unlink(missing_ok=True)  # no catalogue may list shards being rewritten
+    shards: list[dict] = []
+    heldout: list[dict] = []
+    tok_sha = (manifest.get("tokenizer") or {}).get("sha256")
+    if load_task(cfg).uses_tokens:
+        tok = load_run_tokenizer(layout, manifest)
+        sources, entropy = party_sources(cfg, layout, site)
+        dirs = DataDirs.site(layout, site)
+        shards, heldout = pack_sources(sources, cfg.data, tok, dirs, cfg.seed, entropy, sealing(cfg, trust))
+    doc = write_catalogue(layout, site, tok_sha, shards, heldout, trust.private_key(site))
+    AuditLog(layout.audit).append(
+        "data.catalogued",
+        holder=site,
+        sealed=cfg.trust.encryption.shards,
+        shards=len(shards),
+        tokens=sum(s["tokens"] for s in shards),
+        heldout=[h["domain"] for h in heldout],
+    )
+    return doc
