@@ -10,14 +10,12 @@ import os
 import sys
 from pathlib import Path
 
-from fedhpc.cli.exchange import EXCHANGE_ACTIONS
 from fedhpc.cli.tools import add_verbs as add_tool_verbs
 from fedhpc.cli.trust import add_verbs as add_trust_verbs
 from fedhpc.config.schema import ConfigError, config_schema
 from fedhpc.core.errors import FedhpcError
-from fedhpc.core.files import write_json
-from fedhpc.core.layout import RunLayout
 from fedhpc.stages.context import context
+from fedhpc.stages.exchange import EXCHANGE_ACTIONS
 from fedhpc.tasks.validation import load, markdown_docs
 
 
@@ -35,20 +33,9 @@ def cmd_config(a: argparse.Namespace) -> int:
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from fedhpc.stages import shard
 
-    from fedhpc.data.synth import generate_corpus
-    from fedhpc.stages.shard import corpus_dir
-
-    ctx = context(a.config, with_task=False)
-    if ctx.cfg.data.synth is None:
-        raise SystemExit(f"{a.config}: data.synth is not set; nothing to generate")
-    # Each party generates only the domains it holds: the shared ones, or a site's pinned ones.
-    mine = [d for d in ctx.cfg.data.synth.domains if d.site == a.site]
-    if not mine:
-        raise SystemExit(f"{a.config}: no generated domain is held by {a.site or 'the coordinator (shared)'}")
-    out = Path(a.out) if a.out else corpus_dir(ctx.layout, a.site)
-    corpus = generate_corpus(replace(ctx.cfg.data.synth, domains=mine), ctx.cfg.seed, out)
+    corpus = shard.run_synth(context(a.config, with_task=False), a.site, Path(a.out) if a.out else None)
     for name, d in corpus["domains"].items():
         print(
             f"{name}: {d['bytes']} bytes, {d['documents']} documents, entropy rate {d['entropy_rate_bits_per_byte']:.3f} bits/byte"
@@ -57,109 +44,62 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_shard(a: argparse.Namespace) -> int:
-    from fedhpc.stages.shard import prepare_data, prepare_site_data
+    from fedhpc.stages import shard
 
     ctx = context(a.config)
-    if a.site:
-        doc = prepare_site_data(ctx.cfg, ctx.layout, ctx.trust, a.site)
-        where = f"site {a.site}: catalogue {ctx.layout.catalogue(a.site)}"
-    else:
-        doc = prepare_data(ctx.cfg, ctx.layout, ctx.trust)
-        where = f"shared: manifest {ctx.layout.manifest}"
+    doc = shard.run(ctx, a.site)
+    where = (
+        f"site {a.site}: catalogue {ctx.layout.catalogue(a.site)}"
+        if a.site
+        else f"shared: manifest {ctx.layout.manifest}"
+    )
     print(f"{where}: {len(doc['shards'])} shards, held-out domains {', '.join(h['domain'] for h in doc['heldout'])}")
     return 0
 
 
 def cmd_init(a: argparse.Namespace) -> int:
-    from fedhpc.data.shards import load_manifest
-    from fedhpc.stages.init import init_global
+    from fedhpc.stages import init
 
-    ctx = context(a.config)
-    meta = init_global(ctx.cfg, ctx.layout, ctx.trust, load_manifest(ctx.layout, ctx.trust))
+    meta = init.run(context(a.config))
     print(f"initial global model: {meta.get('parameters', 0):,} parameters, sha256 {meta['sha256'][:16]}")
     return 0
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
-    from fedhpc.stages.plan import plan_round
+    from fedhpc.stages import plan
 
-    ctx = context(a.config)
-    plan = plan_round(ctx.cfg, ctx.layout, ctx.trust, a.round)
-    for site, e in plan["sites"].items():
+    doc = plan.run(context(a.config), a.round)
+    for site, e in doc["sites"].items():
         print(f"round {a.round}: {site}: {len(e['shards'])} shards, {e['tokens']} tokens ({e['reason']})")
     return 0
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from fedhpc.training.sites import site_ranks
+    from fedhpc.stages.failures import record_exit, record_start
 
     ctx = context(a.config)
-    site = ctx.cfg.sites.get(a.site)
-    if site is None:
+    if a.site not in ctx.cfg.sites:
         raise SystemExit(
             f"fedhpc train: {a.site!r} is not a site of {a.config}; sites: {', '.join(sorted(ctx.cfg.sites))}"
         )
     if a.exited is not None:  # the job's shell, after the training process ended with this code
-        from fedhpc.stages.failures import record_exit
-
         rec = record_exit(ctx.layout, a.round, a.site, a.exited, a.attempt, a.attempts)
         print(f"fedhpc train: attempt {a.attempt} of {a.attempts} failed: {rec['error']}", file=sys.stderr)
         return a.exited
     if os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0")) == "0":
-        from fedhpc.stages.failures import record_start
-
         record_start(ctx.layout, a.round, a.site, a.attempt, a.attempts)  # before torch's import: seconds count
-    from fedhpc.stages.train import local_spawn_argv, run_train_job
-    from fedhpc.training import distributed  # torch: not needed to record a failure
+    from fedhpc.stages import train
 
-    world = distributed.detect()
-    ranks = site_ranks(site)
-    if ranks > 1 and not world.distributed:
-        if site.nodes > 1:
-            raise SystemExit(
-                f"fedhpc train: site {a.site!r} spans {site.nodes} nodes; launch it with srun "
-                "inside a Slurm allocation (see profiles/ and docs/running-on-lumi.md)"
-            )
-        # No launcher gave us ranks: start them here, one node, CPU threads shared out.
-        argv = [
-            "train",
-            "--config",
-            a.config,
-            "--round",
-            str(a.round),
-            "--site",
-            a.site,
-            "--threads",
-            str(max(1, a.threads // ranks)),
-            "--status",
-            a.status,
-            f"--attempt={a.attempt}",
-            f"--attempts={a.attempts}",
-        ]
-        os.execv(sys.executable, local_spawn_argv(argv, ranks))
-    threads = int(os.environ.get("SLURM_CPUS_PER_TASK", a.threads)) if world.launcher == "slurm" else a.threads
-    status = run_train_job(
-        ctx.cfg, ctx.layout, ctx.trust, a.round, a.site, threads, Path(a.status), a.attempt, a.attempts
-    )
-    if world.is_main:
+    status = train.run(ctx, a.round, a.site, a.threads, Path(a.status), a.attempt, a.attempts, a.config)
+    if status is not None:
         print(json.dumps(status))
     return 0
 
 
 def cmd_gather(a: argparse.Namespace) -> int:
-    from fedhpc.exchange.hub import announce_stop, withdraw_stop
-    from fedhpc.stages.gather import QuorumError, gather
+    from fedhpc.stages import gather
 
-    ctx = context(a.config, with_task=False)
-    staged = ctx.cfg.exchange.kind != "local"
-    if staged:
-        withdraw_stop(ctx.cfg.exchange, ctx.layout)
-    try:
-        rec = gather(ctx.cfg, ctx.layout, ctx.trust, a.round)
-    except QuorumError as exc:
-        if staged:
-            announce_stop(ctx.cfg.exchange, ctx.layout, ctx.trust, a.round, str(exc))
-        raise
+    rec = gather.run(context(a.config, with_task=False), a.round)
     print(
         f"round {a.round}: arrived {', '.join(rec['arrived']) or 'none'}; missing {', '.join(rec['missing']) or 'none'}"
     )
@@ -167,12 +107,9 @@ def cmd_gather(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from fedhpc.stages.verify import verify_round
-    from fedhpc.trust.checkpoints import load_global_meta
+    from fedhpc.stages import verify
 
-    ctx = context(a.config)
-    base = load_global_meta(ctx.layout, ctx.trust, a.round)
-    s = verify_round(ctx.cfg, ctx.layout, ctx.trust, a.round, base)
+    s = verify.run(context(a.config), a.round)
     print(f"round {a.round}: accepted {', '.join(s['accepted']) or 'none'}")
     for site, why in s["rejected"].items():
         print(f"round {a.round}: REJECTED {site}: {'; '.join(why)}")
@@ -180,12 +117,9 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_aggregate(a: argparse.Namespace) -> int:
-    from fedhpc.stages.aggregate import aggregate_round
-    from fedhpc.trust.checkpoints import load_global_meta
+    from fedhpc.stages import aggregate
 
-    ctx = context(a.config)
-    base = load_global_meta(ctx.layout, ctx.trust, a.round)
-    rec = aggregate_round(ctx.cfg, ctx.layout, a.round, base, ctx.trust, threads=a.threads)
+    rec = aggregate.run(context(a.config), a.round, a.threads)
     if rec:  # rank 0 of an MPI aggregation (or the only process) reports
         eps = f", DP ε = {rec['privacy']['epsilon']:.3g}" if rec.get("privacy") else ""
         print(
@@ -195,35 +129,19 @@ def cmd_aggregate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _model_of(layout: RunLayout, r: int, which: str) -> Path:
-    return layout.global_model(r) if which == "global" else layout.candidate(r)
-
-
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from fedhpc.stages.evaluate import evaluate_part
-    from fedhpc.trust.checkpoints import load_global_meta
-    from fedhpc.trust.signing import COORDINATOR
+    from fedhpc.stages import evaluate
 
-    ctx = context(a.config)
-    holder = a.site or COORDINATOR
-    meta = load_global_meta(ctx.layout, ctx.trust, a.round)
-    out = ctx.layout.eval_part(a.round, a.which, holder)
-    model = _model_of(ctx.layout, a.round, a.which)
-    doc = evaluate_part(ctx.cfg, ctx.layout, ctx.trust, model, meta, holder, out, a.threads)
+    doc = evaluate.run(context(a.config), a.round, a.which, a.site, a.threads)
     scores = ", ".join(f"{d} {v['loss']:.4f}" for d, v in doc["domains"].items() if v.get("loss") is not None)
-    print(f"round {a.round} {a.which}, held out by {holder}: {scores or 'no held-out data here'}")
+    print(f"round {a.round} {a.which}, held out by {doc['holder']}: {scores or 'no held-out data here'}")
     return 0
 
 
 def cmd_merge_eval(a: argparse.Namespace) -> int:
-    from fedhpc.cli.exchange import eval_fetcher
-    from fedhpc.stages.evaluate import gather_parts
+    from fedhpc.stages import evaluate
 
-    ctx = context(a.config, with_task=False)
-    out = ctx.layout.global_eval(a.round) if a.which == "global" else ctx.layout.candidate_eval(a.round)
-    model = _model_of(ctx.layout, a.round, a.which)
-    res = gather_parts(ctx.cfg, ctx.layout, ctx.trust, a.round, a.which, model, eval_fetcher(ctx, a.round, a.which))
-    write_json(out, res)
+    res = evaluate.run_merge(context(a.config, with_task=False), a.round, a.which)
     print(
         f"round {a.round} {a.which}: held-out loss {res['loss']} over {', '.join(res['domains'])}"
         + (f"; missing scores from {', '.join(res['missing'])}" if res["missing"] else "")
@@ -232,33 +150,26 @@ def cmd_merge_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_promote(a: argparse.Namespace) -> int:
-    from fedhpc.stages.promote import promote_round
-    from fedhpc.trust.checkpoints import load_global_meta
+    from fedhpc.stages import promote
 
-    ctx = context(a.config, with_task=False)
-    meta = promote_round(ctx.cfg, ctx.layout, ctx.trust, a.round, load_global_meta(ctx.layout, ctx.trust, a.round))
+    meta = promote.run(context(a.config, with_task=False), a.round)
     print(f"round {a.round + 1} global from {meta['source']}: {meta['reason']}")
     return 0
 
 
 def cmd_track(a: argparse.Namespace) -> int:
-    from fedhpc.stages.track import track_round
+    from fedhpc.stages import track
 
-    ctx = context(a.config)
-    rec = track_round(ctx.cfg, ctx.layout, a.round)
+    rec = track.run(context(a.config), a.round)
     print(f"round {a.round}: MLflow model version {rec['model_version']} at {rec['tracking_uri']}")
     return 0
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from fedhpc.stages.report import write_report
+    from fedhpc.stages import report
 
     ctx = context(a.config)
-    summary = write_report(ctx.cfg, ctx.layout)
-    if ctx.cfg.tracking.mlflow:
-        from fedhpc.stages.track import finish
-
-        finish(ctx.cfg, ctx.layout, summary, ctx.layout.report_dir / "index.html")
+    summary = report.run(ctx)
     print(
         f"held-out loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}; "
         f"report: {ctx.layout.report_dir / 'index.html'}"
@@ -267,10 +178,9 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_exchange(a: argparse.Namespace) -> int:
-    from fedhpc.cli.exchange import exchange_action
+    from fedhpc.stages import exchange
 
-    ctx = context(a.config, with_task=False)
-    print(exchange_action(ctx.cfg, ctx.layout, ctx.trust, a.action, a.round, a.which))
+    print(exchange.run(context(a.config, with_task=False), a.action, a.round, a.which))
     return 0
 
 

@@ -14,7 +14,9 @@ from fedhpc.core.errors import FedhpcError
 from fedhpc.core.files import clear_stale_parts, read_json, sha256_file, write_json
 from fedhpc.core.layout import RunLayout
 from fedhpc.data.catalogue import load_data
+from fedhpc.stages.context import Ctx
 from fedhpc.trust.audit import AuditLog
+from fedhpc.trust.checkpoints import load_global_meta
 from fedhpc.trust.signing import COORDINATOR, TrustStore
 
 
@@ -260,3 +262,11 @@ def _mpi_comm(ranks: int):
 
     comm = MPI.COMM_WORLD
     return comm if comm.Get_size() > 1 else None
+
+
+def run(ctx: Ctx, r: int, threads: int = 1) -> dict | None:
+    """The aggregate stage: round r's candidate from its accepted updates; returns aggregate.json
+    (on rank 0 of an MPI aggregation, or the only process; None on the other ranks)."""
+    return aggregate_round(
+        ctx.cfg, ctx.layout, r, load_global_meta(ctx.layout, ctx.trust, r), ctx.trust, threads=threads
+    )

@@ -20,8 +20,11 @@ from fedhpc.core.scores import summary_of
 from fedhpc.data.catalogue import load_catalogue, load_data, tokenizer_sha256
 from fedhpc.data.shards import load_manifest, read_heldout
 from fedhpc.data.taskdata import verified_file
+from fedhpc.stages.context import Ctx
+from fedhpc.stages.exchange import eval_fetcher
 from fedhpc.tasks import EvalContext, load_task
 from fedhpc.tasks.evaluators import run_evaluators
+from fedhpc.trust.checkpoints import load_global_meta
 from fedhpc.trust.signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
 
 # Fields of a part that are about the part, or recomputed from its domains when parts merge.
@@ -264,3 +267,28 @@ def gather_parts(
     result = merge(parts, sha, [h for h in holders if h not in parts])
     result["refused"] = refused
     return result
+
+
+def model_of(layout: RunLayout, r: int, which: str) -> Path:
+    """Round r's global model or its candidate."""
+    return layout.global_model(r) if which == "global" else layout.candidate(r)
+
+
+def run(ctx: Ctx, r: int, which: str, site: str | None = None, threads: int = 1) -> dict:
+    """The evaluate stage: the signed scores of round r's `which` model on the held-out data this
+    party keeps (`site`, or the coordinator's shared splits); returns the part."""
+    holder = site or COORDINATOR
+    meta = load_global_meta(ctx.layout, ctx.trust, r)
+    out = ctx.layout.eval_part(r, which, holder)
+    return evaluate_part(ctx.cfg, ctx.layout, ctx.trust, model_of(ctx.layout, r, which), meta, holder, out, threads)
+
+
+def run_merge(ctx: Ctx, r: int, which: str) -> dict:
+    """The evaluate stage's merge: every holder's part of round r's `which` model (or what came by
+    the deadline), merged per domain into its eval.json; returns it."""
+    layout = ctx.layout
+    out = layout.global_eval(r) if which == "global" else layout.candidate_eval(r)
+    fetch = eval_fetcher(ctx, r, which)
+    res = gather_parts(ctx.cfg, layout, ctx.trust, r, which, model_of(layout, r, which), fetch)
+    write_json(out, res)
+    return res

@@ -9,7 +9,16 @@ from fedhpc.config.federation import Config
 from fedhpc.core.errors import FedhpcError
 from fedhpc.core.files import read_json, write_json
 from fedhpc.core.layout import RunLayout
-from fedhpc.exchange.hub import CompletenessCache, TransferError, audit_rejects, pull, transport_for
+from fedhpc.exchange.hub import (
+    CompletenessCache,
+    TransferError,
+    announce_stop,
+    audit_rejects,
+    pull,
+    transport_for,
+    withdraw_stop,
+)
+from fedhpc.stages.context import Ctx
 from fedhpc.stages.failures import final_failure, record_vanished
 from fedhpc.stages.slurm_jobs import JobWatch
 from fedhpc.trust.audit import AuditLog
@@ -200,3 +209,17 @@ def gather(
     write_json(layout.arrivals(r), record)
     audit.append("round.gathered", round=r, arrived=arrived, missing=missing)
     return record
+
+
+def run(ctx: Ctx, r: int) -> dict:
+    """The gather stage: close round r (arrivals.json). Through a hub, a round that cannot reach
+    quorum is announced to the sites (they stop waiting for it) and a rerun withdraws that."""
+    staged = ctx.cfg.exchange.kind != "local"
+    if staged:
+        withdraw_stop(ctx.cfg.exchange, ctx.layout)
+    try:
+        return gather(ctx.cfg, ctx.layout, ctx.trust, r)
+    except QuorumError as exc:
+        if staged:
+            announce_stop(ctx.cfg.exchange, ctx.layout, ctx.trust, r, str(exc))
+        raise

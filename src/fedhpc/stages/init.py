@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from fedhpc.config.federation import Config
 from fedhpc.core.layout import RunLayout
+from fedhpc.data.shards import load_manifest
+from fedhpc.stages.context import Ctx
 from fedhpc.trust.audit import AuditLog
 from fedhpc.trust.checkpoints import publish_global
 from fedhpc.trust.signing import TrustStore
@@ -27,3 +29,8 @@ def init_global(cfg: Config, layout: RunLayout, trust: TrustStore, manifest: dic
     )
     AuditLog(layout.audit).append("global.published", round=0, sha256=meta["sha256"], source="init")
     return meta
+
+
+def run(ctx: Ctx) -> dict:
+    """The init stage: round 0's global model from the signed manifest; returns its model.json."""
+    return init_global(ctx.cfg, ctx.layout, ctx.trust, load_manifest(ctx.layout, ctx.trust))

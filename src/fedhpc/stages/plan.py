@@ -13,6 +13,7 @@ from fedhpc.data.allocation import Shard, learned_throughput, make_plan
 from fedhpc.data.catalogue import load_catalogue, load_data, tokenizer_sha256
 from fedhpc.data.shards import load_manifest
 from fedhpc.exchange.hub import CompletenessCache, TransferError, audit_rejects, pull, transport_for
+from fedhpc.stages.context import Ctx
 from fedhpc.stages.gather import arrived_sites, bundle_checks
 from fedhpc.tasks import load_task
 from fedhpc.trust.audit import AuditLog
@@ -195,3 +196,8 @@ def plan_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dic
         notes=plan["notes"],
     )
     return plan
+
+
+def run(ctx: Ctx, r: int) -> dict:
+    """The plan stage: round r's signed plan.json."""
+    return plan_round(ctx.cfg, ctx.layout, ctx.trust, r)

@@ -9,9 +9,10 @@ from pathlib import Path
 from fedhpc.config.federation import Config
 from fedhpc.core.files import atomic_path, read_json, write_json
 from fedhpc.core.layout import RunLayout
+from fedhpc.stages.context import Ctx
 from fedhpc.stages.evaluate import comparable
 from fedhpc.trust.audit import AuditLog
-from fedhpc.trust.checkpoints import publish_global
+from fedhpc.trust.checkpoints import load_global_meta, publish_global
 from fedhpc.trust.ledger import sign_head
 from fedhpc.trust.signing import TrustStore
 
@@ -99,3 +100,8 @@ def promote_round(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, bas
     )
     sign_head(layout, trust, cfg.run, r)  # after the round's last event: the anchor of its ledger lines
     return meta
+
+
+def run(ctx: Ctx, r: int) -> dict:
+    """The promote stage: round r+1's global model, the candidate or (rollback) round r's."""
+    return promote_round(ctx.cfg, ctx.layout, ctx.trust, r, load_global_meta(ctx.layout, ctx.trust, r))

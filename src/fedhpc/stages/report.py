@@ -11,6 +11,7 @@ import time
 from fedhpc.config.federation import Config
 from fedhpc.core.files import read_json, write_bytes, write_json
 from fedhpc.core.layout import RunLayout
+from fedhpc.stages.context import Ctx
 from fedhpc.stages.status import format_table, round_states
 from fedhpc.tasks import load_task
 from fedhpc.tasks.evaluators import flat_metrics
@@ -191,4 +192,15 @@ Final global model <code>{summary["global_model_sha256"][:16]}…</code>; audit 
 {plots}</body></html>"""
     write_bytes(layout.report_dir / "index.html", doc.encode())
     write_json(layout.summary, summary)
+    return summary
+
+
+def run(ctx: Ctx) -> dict:
+    """The report stage: summary.json and report/index.html (and, with MLflow, the run closed
+    with the report attached); returns the summary."""
+    summary = write_report(ctx.cfg, ctx.layout)
+    if ctx.cfg.tracking.mlflow:
+        from fedhpc.stages.track import finish  # mlflow: imported only when tracking is on
+
+        finish(ctx.cfg, ctx.layout, summary, ctx.layout.report_dir / "index.html")
     return summary

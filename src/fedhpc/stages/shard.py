@@ -9,17 +9,20 @@ coordinator (`Task.prepare_data`); its sites then publish empty catalogues.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from fedhpc.config.federation import Config, SourceConfig
+from fedhpc.config.schema import ConfigError
 from fedhpc.core.files import read_json
 from fedhpc.core.layout import RunLayout
 from fedhpc.data.catalogue import write_catalogue
 from fedhpc.data.ingest import DataError, iter_texts
 from fedhpc.data.shards import DataDirs, Sealing, build_shards, load_manifest, load_run_tokenizer, pack_sources
-from fedhpc.data.synth import domain_sources
+from fedhpc.data.synth import domain_sources, generate_corpus
 from fedhpc.data.taskdata import DataWriter
 from fedhpc.data.tokenizer import build_tokenizer
+from fedhpc.stages.context import Ctx
 from fedhpc.tasks import Task, load_task
 from fedhpc.trust.audit import AuditLog
 from fedhpc.trust.identity import create_keypair
@@ -130,3 +133,23 @@ def prepare_site_data(cfg: Config, layout: RunLayout, trust: TrustStore, site: s
         heldout=[h["domain"] for h in heldout],
     )
     return doc
+
+
+def run(ctx: Ctx, site: str | None = None) -> dict:
+    """The shard stage: the shared sources packed under the signed manifest, or (`site`) that
+    site's own sources under its signed catalogue. Returns the manifest or catalogue."""
+    if site:
+        return prepare_site_data(ctx.cfg, ctx.layout, ctx.trust, site)
+    return prepare_data(ctx.cfg, ctx.layout, ctx.trust)
+
+
+def run_synth(ctx: Ctx, site: str | None = None, out: Path | None = None) -> dict:
+    """The demo corpus each party generates: only the domains it holds, the shared ones or (`site`)
+    that site's pinned ones, into its corpus directory (or `out`); returns corpus.json."""
+    synth = ctx.cfg.data.synth
+    if synth is None:
+        raise ConfigError("data.synth: not set; nothing to generate")
+    mine = [d for d in synth.domains if d.site == site]
+    if not mine:
+        raise ConfigError(f"data.synth.domains: none is held by {site or 'the coordinator (shared)'}")
+    return generate_corpus(replace(synth, domains=mine), ctx.cfg.seed, out or corpus_dir(ctx.layout, site))

@@ -18,6 +18,7 @@ from pathlib import Path
 from fedhpc.config.federation import Config
 from fedhpc.core.files import read_json, write_json
 from fedhpc.core.layout import RunLayout
+from fedhpc.stages.context import Ctx
 from fedhpc.tasks.evaluators import flat_metrics
 
 
@@ -180,3 +181,8 @@ def finish(cfg: Config, layout: RunLayout, summary: dict, report: Path) -> None:
             client.log_metric(parent, k, float(summary[k]))
     client.log_artifact(parent, str(report))
     client.set_terminated(parent)
+
+
+def run(ctx: Ctx, r: int) -> dict:
+    """The track stage: round r into MLflow (site metrics, round results, the model version)."""
+    return track_round(ctx.cfg, ctx.layout, r)

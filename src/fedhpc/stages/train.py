@@ -19,6 +19,7 @@ from fedhpc.data.allocation import stable_seed
 from fedhpc.data.catalogue import load_data
 from fedhpc.data.shards import read_shard
 from fedhpc.data.taskdata import verified_file
+from fedhpc.stages.context import Ctx
 from fedhpc.stages.failures import clear_failure, is_deterministic, record_failure
 from fedhpc.stages.progress import train_line
 from fedhpc.tasks import RoundContext, load_task
@@ -26,13 +27,14 @@ from fedhpc.tasks.lm import TrainingError
 from fedhpc.training import distributed, site_state
 from fedhpc.training.devices import pick_device
 from fedhpc.training.distributed import World
+from fedhpc.training.sites import site_ranks
 from fedhpc.training.sysinfo import SystemProbe
 from fedhpc.trust.audit import AuditLog
 from fedhpc.trust.checkpoints import load_global_meta, load_plan
 from fedhpc.trust.scrub import outgoing_receipt
 from fedhpc.trust.signing import SignatureError, TrustStore, sign_document, verify_document
 
-__all__ = ["TrainingError", "train_site", "run_train_job"]
+__all__ = ["TrainingError", "train_site", "run_train_job", "run"]
 
 
 def accelerator_env(accelerator: str, world: World, tmp: str | None = None) -> dict[str, str]:
@@ -340,3 +342,28 @@ def run_train_job(
         status.update(round=r, site=site, seconds=time.time() - t0, slurm_job_id=os.environ.get("SLURM_JOB_ID"))
         write_json(status_path, status)
     return status
+
+
+def run(
+    ctx: Ctx, r: int, site: str, threads: int, status: Path, attempt: int, attempts: int, config: str
+) -> dict | None:
+    """The train stage: `site`'s job in round r. A multi-rank site that no launcher gave ranks
+    (one node, no srun) re-executes itself as that many local ranks, each with its share of the
+    threads; otherwise this rank trains, and rank 0 returns the job's status."""
+    spec = ctx.cfg.sites[site]
+    world = distributed.detect()
+    ranks = site_ranks(spec)
+    if ranks > 1 and not world.distributed:
+        if spec.nodes > 1:
+            raise SystemExit(
+                f"fedhpc train: site {site!r} spans {spec.nodes} nodes; launch it with srun "
+                "inside a Slurm allocation (see profiles/ and docs/running-on-lumi.md)"
+            )
+        argv = ["train", "--config", config, "--round", str(r), "--site", site]
+        argv += ["--threads", str(max(1, threads // ranks)), "--status", str(status)]
+        argv += [f"--attempt={attempt}", f"--attempts={attempts}"]
+        os.execv(sys.executable, local_spawn_argv(argv, ranks))
+    if world.launcher == "slurm":
+        threads = int(os.environ.get("SLURM_CPUS_PER_TASK", threads))
+    result = run_train_job(ctx.cfg, ctx.layout, ctx.trust, r, site, threads, status, attempt, attempts)
+    return result if world.is_main else None

@@ -17,7 +17,9 @@ from fedhpc.core.documents import check_document
 from fedhpc.core.files import read_json, sha256_file, write_json
 from fedhpc.core.layout import RunLayout
 from fedhpc.core.tensorfile import TensorFileError, TensorSpec, read_header, read_metadata, read_specs
+from fedhpc.stages.context import Ctx
 from fedhpc.trust.audit import AuditLog
+from fedhpc.trust.checkpoints import load_global_meta
 from fedhpc.trust.signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
 
 
@@ -350,3 +352,9 @@ def _verify_late(
         else:
             rejected[late_label(site, k)] = c["reasons"]
     return accepted, rejected
+
+
+def run(ctx: Ctx, r: int) -> dict:
+    """The verify stage: every update of round r checked against round r's signed global model;
+    returns verdicts.json."""
+    return verify_round(ctx.cfg, ctx.layout, ctx.trust, r, load_global_meta(ctx.layout, ctx.trust, r))

@@ -13,6 +13,7 @@ from pathlib import Path
 from fedhpc.config.federation import Config
 from fedhpc.core.layout import RunLayout
 from fedhpc.exchange import hub as ex
+from fedhpc.stages.context import Ctx
 from fedhpc.trust.signing import COORDINATOR, TrustStore
 
 OFFERS = {"outbox", "outbox-data", "outbox-candidate"}
@@ -111,3 +112,8 @@ def eval_fetcher(ctx, r: int, which: str):
             print(f"round {r}: {site}'s held-out scores are not usable yet: {exc}", flush=True)
 
     return fetch
+
+
+def run(ctx: Ctx, action: str, r: int, which: str) -> str:
+    """The exchange stage: one offer, pull or publish through the hub; the line to print."""
+    return exchange_action(ctx.cfg, ctx.layout, ctx.trust, action, r, which)
