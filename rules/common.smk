@@ -1,16 +1,15 @@
-# Config validation, the run directory, and the input functions every stage uses.
-import json
+# Config validation, the run directory, and the input functions every stage uses; the head of
+# a real run also writes the config snapshot (fedhpc.ops.run.prepare_head).
 import os
-import shutil
 import sys
 from pathlib import Path
 
 from snakemake_interface_executor_plugins.settings import ExecMode
 
 from fedhpc.config.schema import ConfigError
-from fedhpc.core.files import write_json
 from fedhpc.core.layout import round_name
 from fedhpc.ops.launch_prefix import aggregate_prefix, train_prefix
+from fedhpc.ops.run import prepare_head
 from fedhpc.stages.failures import export_attempts, exported_attempts, new_invocation
 from fedhpc.tasks import load_task
 from fedhpc.tasks.validation import validate
@@ -37,18 +36,13 @@ KEYS = CFG.trust.keys_dir or f"{RUN}/keys"
 # Language-model tasks tokenise `data:` and keep the run's tokenizer beside the manifest;
 # tasks with their own data format write only shards and the manifest.
 USES_TOKENS = load_task(CFG).uses_tokens
-# Every job reads the validated config from this snapshot, so `--config` overrides on the
-# command line reach the jobs too. Rewritten only when it changes.
+# Every job reads the validated config from this snapshot. Only the head of a real run writes
+# it (and puts `fedhpc` on the jobs' PATH): a dry run, perhaps with other --config overrides
+# while a federation runs, and the jobs' own Snakemakes only read what the head wrote.
 CONFIG_JSON = f"{RUN}/config.json"
-_snapshot = json.dumps(config, indent=2, sort_keys=True) + "\n"
-if not Path(CONFIG_JSON).exists() or Path(CONFIG_JSON).read_text() != _snapshot:
-    write_json(CONFIG_JSON, config)
-# Jobs call the `fedhpc` command: make the one installed beside this Snakemake findable
-# even when its virtual environment is not activated.
-if shutil.which("fedhpc") is None:
-    os.environ["PATH"] = (
-        f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    )
+HEAD = workflow.exec_mode == ExecMode.DEFAULT
+if HEAD and not workflow.output_settings.dryrun:
+    prepare_head(CONFIG_JSON, config)
 
 
 # With --sdm apptainer, every rule runs in this image; train opts out (see rules/train.smk).
@@ -295,7 +289,6 @@ def all_targets():
 # --export=ALL), so a failure recorded by an earlier invocation (a crashed head, now rerun) is
 # history, not final. The Snakemakes a job runs (remote mode, and the subprocess the Slurm job
 # step starts under srun) keep the name they inherited.
-HEAD = workflow.exec_mode == ExecMode.DEFAULT
 if HEAD:
     new_invocation()
 

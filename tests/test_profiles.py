@@ -109,3 +109,17 @@ def test_profiles_give_no_resource_advice_for_the_command_line():
         for line in path.read_text().splitlines():
             if re.search(r"--(default|set)-resources\s+\S+=", line):
                 pytest.fail(f"{path.relative_to(REPO)} suggests a command-line resource override: {line.strip()}")
+
+
+def test_a_dry_run_writes_nothing_to_the_run_directory(tmp_path):
+    # The head of a real run writes the config snapshot the jobs read; a dry run (say, with other
+    # --config overrides while the federation runs) used to rewrite it under the running jobs.
+    cfg = tiny_config(tmp_path)
+    write_config(tmp_path, cfg)
+    run = tmp_path / "results" / cfg["run"]
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("what the running head wrote\n")
+    out, _ = snakemake(tmp_path, "local", "-n", "--config", "seed=99").communicate(timeout=300)
+    assert "This was a dry-run" in out, out[-3000:]
+    assert (run / "config.json").read_text() == "what the running head wrote\n"
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]

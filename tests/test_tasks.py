@@ -46,7 +46,7 @@ def test_default_task_is_the_builtin_gpt():
 
 def test_checking_a_config_and_planning_a_round_import_no_torch():
     # Every coordinator step validates the config with the task's own checks, and `plan` asks
-    # the task for each site's batch: importing torch there cost 1.3 s a job.
+    # the task for each site's batch: importing torch there cost every job seconds (benchmarks/README.md).
     code = (
         "import sys\n"
         "from fedhpc.tasks.validation import validate\n"

@@ -10,11 +10,11 @@ are bitwise identical to the serial run's.
 
 Speed: the work is memory-bound (the page cache read once, one multiply-add per site and
 element, one copy out). Chunks are 2 MiB: with mapped inputs the per-chunk Python and
-dispatch cost is what is left to save (1 MiB took 8 % longer, 16 MiB spills the cache).
-torch's intra-op threads are pinned to one while the aggregator runs: splitting each add
-over OpenMP threads saves little, and with more runnable threads than cores (a loaded node)
-every OpenMP barrier can wait a whole scheduler time slice (2 threads on a busy 2-core
-machine: 16 s instead of 1 s). Parallelism comes from the worker threads instead.
+dispatch cost is what is left to save; smaller chunks pay it more often, larger ones spill the
+cache. torch's intra-op threads are pinned to one while the aggregator runs: splitting each
+add over OpenMP threads saves little, and with more runnable threads than cores (a loaded
+node) every OpenMP barrier can wait a whole scheduler time slice. Parallelism comes from the
+worker threads instead. The figures behind both choices are in benchmarks/README.md.
 """
 
 from __future__ import annotations

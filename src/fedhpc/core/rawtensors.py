@@ -1,8 +1,8 @@
 """Safetensors read (memory-mapped) and written (pwrite) by element range, for the streaming aggregator.
 
 Reading maps each file once and hands out views of it: no copy out of the page cache, which
-is what the aggregator's speed depends on (a pread of every input alone took more than the
-whole time budget of the bandwidth goal). The mapping is shared and read-only, so nothing can
+is what the aggregator's speed depends on (benchmarks/README.md: reading every input with
+pread alone takes longer than the bandwidth goal allows for the whole aggregation). The mapping is shared and read-only, so nothing can
 change a file through it. Pages a stream has finished with are unmapped again (MADV_DONTNEED
 on the previous range of the same stream), so the resident set stays at a chunk per stream
 whatever the file sizes. A file truncated underneath is refused with its name when the size
@@ -194,8 +194,8 @@ class TensorWriter:
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.pwrite(fd, self.head, 0)
-            # Blocks reserved up front make each later pwrite cheaper (ext4: 0.026 s instead of
-            # 0.043 s for 256 MiB). Not posix_fallocate: where the filesystem cannot, glibc's
+            # Blocks reserved up front make each later pwrite cheaper (benchmarks/README.md has
+            # the figure). Not posix_fallocate: where the filesystem cannot, glibc's
             # emulation would write the whole file once more; there a sparse file will do.
             if _FALLOCATE is None or _FALLOCATE(fd, 0, 0, self.size) != 0:
                 os.ftruncate(fd, self.size)

@@ -51,8 +51,9 @@ class Source(Protocol):
 
 
 def _uniforms(rng: np.random.Generator) -> Iterator[float]:
-    # Sequential samplers draw in fixed-size blocks: scalar draws are ~10x slower, and a fixed
-    # block size keeps the stream (hence the output) independent of how it is consumed.
+    # Sequential samplers draw in fixed-size blocks: scalar draws cost a numpy call each
+    # (benchmarks/README.md), and a fixed block size keeps the stream (hence the output)
+    # independent of how it is consumed.
     while True:
         yield from rng.random(_UNIFORM_BLOCK).tolist()
 

@@ -31,6 +31,21 @@ def snakefile_path(directory: Path) -> Path:
     return local if local.exists() else REPO_SNAKEFILE
 
 
+def prepare_head(config_json: str | Path, config: dict) -> None:
+    """What the head of a real run sets up before its jobs start (the workflow calls it once it has
+    validated the config): the config snapshot every job reads, so `--config` overrides on the
+    command line reach the jobs too, rewritten only when it changed; and a PATH on which jobs
+    find the `fedhpc` installed beside this Snakemake, its virtual environment activated or not."""
+    from fedhpc.core.files import write_json
+
+    path = Path(config_json)
+    snapshot = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    if not path.exists() or path.read_text() != snapshot:
+        write_json(path, config)
+    if shutil.which("fedhpc") is None:
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 def acquire_head_lock(directory: Path) -> int:
     """Take the head-process lock or exit naming the live process that holds it."""
     meta = directory / ".snakemake"

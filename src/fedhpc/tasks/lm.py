@@ -20,8 +20,8 @@ from fedhpc.core.scores import summary_of
 from fedhpc.tasks.base import EvalContext, LocalResult, RoundContext, Task
 from fedhpc.training.sites import BatchShape, batch_shape, site_ranks
 
-# Planning and config checks load the task but never train: torch (1.3 s to import) is
-# imported by the methods that need it, so they stay light.
+# Planning and config checks load the task but never train: torch (seconds to import, see
+# benchmarks/README.md) is imported by the methods that need it, so they stay light.
 if TYPE_CHECKING:
     import torch
 
