@@ -194,9 +194,10 @@ class TensorWriter:
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.pwrite(fd, self.head, 0)
-            # Blocks reserved up front make each later pwrite cheaper (benchmarks/README.md has
-            # the figure). Not posix_fallocate: where the filesystem cannot, glibc's
-            # emulation would write the whole file once more; there a sparse file will do.
+            # Blocks reserved up front, for the threads and ranks that fill their ranges of the
+            # file (benchmarks/README.md: what that saves, where measured). Not posix_fallocate:
+            # where the filesystem cannot, glibc's emulation would write the whole file once
+            # more; there a sparse file will do.
             if _FALLOCATE is None or _FALLOCATE(fd, 0, 0, self.size) != 0:
                 os.ftruncate(fd, self.size)
         finally:
