@@ -203,14 +203,7 @@ def aggregate(
             u = UpdateFile(i.path)
             stack.callback(u.close)
             ups.append(u)
-        for u in ups:
-            # Verification checked this; the engine is also a library, so it refuses to guess.
-            want = expected_specs(specs, u.codec)
-            f32 = {n: TensorSpec("F32", s.shape) for n, s in specs.items()} if u.codec.scheme == "none" else want
-            if combine.secure is not None:
-                want = f32 = {n: TensorSpec("I64", s.shape) for n, s in specs.items()}
-            if u.reader.specs not in (want, f32, specs):
-                raise ValueError(f"{u.reader.path}: tensors do not match the base model under codec {u.codec.scheme!r}")
+        _check_update_specs(ups, specs, secure=combine.secure is not None)
         ctrls = [stack.enter_context(TensorReader(i.control)) for i in inputs if i.control is not None]
         if keys == ("control",) and len(ctrls) != len(inputs):
             raise ValueError("scaffold needs a control-variate delta from every site")
@@ -220,42 +213,13 @@ def aggregate(
         items = [(name, a, b) for name in mine for a, b in _chunks(numel[name], chunk)]
 
         # Pass 1 (only for rules that need it): per-site, per-tensor squared norms and Gram matrices.
-        stats: dict[str, tuple[list[float], list[list[float]] | None]] = {}
-        if combine.needs_stats and ups:
-            want_gram = combine.rule in ("krum", "multikrum")
-
-            def chunk_stats(item: tuple[str, int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-                name, a, b = item
-                xs = torch.stack([u.read(name, numel[name], a, b).to(torch.float64) for u in ups])
-                return (xs * xs).sum(dim=1), (xs @ xs.T if want_gram else None)
-
-            sums: dict[str, list] = {}
-            # Partial sums are added in chunk order whatever thread computed them: reproducible.
-            for (name, _, _), (sq, gram) in zip(items, _map(chunk_stats, items, workers)):
-                acc = sums.setdefault(name, [torch.zeros(len(ups), dtype=torch.float64), None])
-                acc[0] += sq
-                if gram is not None:
-                    acc[1] = gram if acc[1] is None else acc[1] + gram
-            stats = {n: (v[0].tolist(), v[1].tolist() if v[1] is not None else None) for n, v in sums.items()}
-            if comm is not None:
-                merged: dict = {}
-                for part in comm.allgather(stats):
-                    merged.update(part)
-                stats = merged
-
+        stats = _norm_stats(ups, items, numel, combine, workers, comm) if combine.needs_stats and ups else {}
         scale, res.norms, res.scales = _site_scales(inputs, specs, stats, combine)
         chosen, coef = _choose(inputs, stats, scale, combine)
         res.selected = [inputs[i].site for i in chosen]
         res.coefficients = {inputs[i].site: c for i, c in coef.items()}
         if combine.noise_multiplier > 0 and ups:
-            if combine.clip is None:
-                raise ValueError("differential privacy needs a clip norm (the sensitivity is unbounded otherwise)")
-            if not combine.noise_key:
-                # The seeds are the tensor names and offsets: without a secret anyone could redraw the noise.
-                raise ValueError(
-                    "differential privacy needs a secret noise_key (unkeyed noise can be redrawn and subtracted)"
-                )
-            res.noise_std = combine.noise_multiplier * combine.clip * max(coef.values())
+            res.noise_std = _noise_std(combine, coef)
 
         out = TensorWriter(out_model, specs, metadata)
         state_specs = {f"{n}@{k}": TensorSpec("F32", specs[n].shape) for n in specs for k in keys}
@@ -317,6 +281,60 @@ def aggregate(
         res.bytes_read = sum(u.reader.path.stat().st_size for u in ups) + base.stat().st_size
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _check_update_specs(ups: list[UpdateFile], specs: dict[str, TensorSpec], secure: bool) -> None:
+    """Every update holds the base model's tensors under its codec (masked: as int64)."""
+    for u in ups:
+        # Verification checked this; the engine is also a library, so it refuses to guess.
+        want = expected_specs(specs, u.codec)
+        f32 = {n: TensorSpec("F32", s.shape) for n, s in specs.items()} if u.codec.scheme == "none" else want
+        if secure:
+            want = f32 = {n: TensorSpec("I64", s.shape) for n, s in specs.items()}
+        if u.reader.specs not in (want, f32, specs):
+            raise ValueError(f"{u.reader.path}: tensors do not match the base model under codec {u.codec.scheme!r}")
+
+
+def _norm_stats(
+    ups: list[UpdateFile],
+    items: list[tuple[str, int, int]],
+    numel: dict[str, int],
+    combine: Combine,
+    workers: int,
+    comm,
+) -> dict[str, tuple[list[float], list[list[float]] | None]]:
+    """Per tensor, each site's squared norm and (Krum) the sites' Gram matrix, over every rank's tensors."""
+    want_gram = combine.rule in ("krum", "multikrum")
+
+    def chunk_stats(item: tuple[str, int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        name, a, b = item
+        xs = torch.stack([u.read(name, numel[name], a, b).to(torch.float64) for u in ups])
+        return (xs * xs).sum(dim=1), (xs @ xs.T if want_gram else None)
+
+    sums: dict[str, list] = {}
+    # Partial sums are added in chunk order whatever thread computed them: reproducible.
+    for (name, _, _), (sq, gram) in zip(items, _map(chunk_stats, items, workers)):
+        acc = sums.setdefault(name, [torch.zeros(len(ups), dtype=torch.float64), None])
+        acc[0] += sq
+        if gram is not None:
+            acc[1] = gram if acc[1] is None else acc[1] + gram
+    stats = {n: (v[0].tolist(), v[1].tolist() if v[1] is not None else None) for n, v in sums.items()}
+    if comm is not None:
+        merged: dict = {}
+        for part in comm.allgather(stats):
+            merged.update(part)
+        stats = merged
+    return stats
+
+
+def _noise_std(combine: Combine, coef: dict[int, float]) -> float:
+    """Differential privacy's noise std on the combined update: multiplier x clip x the largest weight."""
+    if combine.clip is None:
+        raise ValueError("differential privacy needs a clip norm (the sensitivity is unbounded otherwise)")
+    if not combine.noise_key:
+        # The seeds are the tensor names and offsets: without a secret anyone could redraw the noise.
+        raise ValueError("differential privacy needs a secret noise_key (unkeyed noise can be redrawn and subtracted)")
+    return combine.noise_multiplier * combine.clip * max(coef.values())
 
 
 def _site_scales(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from fedhpc.aggregation import strategies as st
 from fedhpc.aggregation.privacy import PrivacyLedger
@@ -93,66 +96,14 @@ def aggregate_round(
     (+ server state when the server optimiser keeps any)."""
     s = cfg.strategy
     verdicts = read_json(layout.verdicts(r))
-    accepted = sorted(verdicts["accepted"])
-    secure = None
-    if s.secure_aggregation.enabled:
-        # Only the survivors the recovery unmasks are summed (all accepted, or none when too few).
-        from fedhpc.aggregation.secure import secure_sum
-        from fedhpc.core.tensorfile import read_specs
-
-        if trust is None:
-            raise AggregationError("secure aggregation needs the trust store to check the recovery's signature")
-        secure = secure_sum(layout, trust, r, read_specs(layout.global_model(r)))
-        accepted = [site for site in accepted if site in secure.survivors]
-    for site in accepted:
-        # The file must still be the one that was verified: nothing may swap it in between.
-        if sha256_file(layout.update(r, site)) != verdicts["update_sha256"][site]:
-            raise AggregationError(
-                f"{layout.update(r, site)} changed after verification; refusing to aggregate round {r}"
-            )
-    if accepted and (why := st.tolerance_problem(s.rule, len(accepted), s.faulty_sites, s.multikrum_select)):
-        raise AggregationError(
-            f"round {r}: {len(accepted)} accepted updates ({', '.join(accepted)}) are too few for strategy.rule "
-            f"{s.rule!r} with strategy.faulty_sites = {s.faulty_sites}: {why}"
-        )
-    receipts = {
-        site: _verified_receipt(layout.receipt(r, site), verdicts.get("receipt_sha256", {}).get(site), r)
-        for site in accepted
-    }
-    # Late updates of earlier rounds join with their own receipts (base_round < r: decayed weight).
-    late = verdicts.get("late_accepted", {})
-    for label, item in sorted(late.items()):
-        path = layout.update(item["round"], item["site"])
-        if sha256_file(path) != item["update_sha256"]:
-            raise AggregationError(f"{path} changed after verification; refusing to aggregate round {r}")
-        receipts[label] = _verified_receipt(layout.receipt(item["round"], item["site"]), item.get("receipt_sha256"), r)
-    paths = {site: layout.update(r, site) for site in accepted}
-    paths.update({label: layout.update(item["round"], item["site"]) for label, item in late.items()})
+    got = _contributions(cfg, layout, trust, r, verdicts)
+    receipts, paths = got.receipts, got.paths
     contributors = sorted(receipts)
     mix = None
     if s.domain_cap is not None and receipts:
         mix = domain_mix(receipts, load_data(layout, trust, sorted({rec["site"] for rec in receipts.values()})))
     weights, coef, why = round_weights(s, r, receipts, mix)
-
-    dp = s.privacy
-    clip = s.clip_norm
-    if dp.noise_multiplier > 0:
-        clip = dp.clip_norm if clip is None else min(clip, dp.clip_norm)
-    noise_key = b""
-    if dp.noise_multiplier > 0:
-        if trust is None:
-            raise AggregationError("differential privacy needs the coordinator's key to seed its noise")
-        noise_key = hashlib.blake2b(trust.private_key(COORDINATOR).private_bytes_raw(), person=b"fedhpc-dp").digest()
-    combine = Combine(
-        rule=s.rule,
-        faulty=s.faulty_sites,
-        select=s.multikrum_select,
-        clip=clip,
-        layerwise=s.layerwise_norm,
-        noise_multiplier=dp.noise_multiplier,
-        noise_key=noise_key,
-        secure=secure if contributors else None,
-    )
+    combine = _combine(s, trust, got.secure if contributors else None)
     opt = server_opt(s)
     keeps_state = bool(st.SERVER_STATE[s.name])
     inputs = [
@@ -187,20 +138,7 @@ def aggregate_round(
     )
     if comm is not None and comm.Get_rank() != 0:
         return {}
-
-    prev_meta = read_json(layout.server_meta(r)) if layout.server_meta(r).exists() else {}
-    ledger = PrivacyLedger.from_json(prev_meta["privacy"]) if prev_meta.get("privacy") else PrivacyLedger(steps=[])
-    epsilon = None
-    if dp.noise_multiplier > 0 and contributors:
-        # Every configured site takes part in every round: no amplification by sampling (q = 1).
-        ledger.record(dp.noise_multiplier, 1.0)
-    if ledger.steps:
-        epsilon = ledger.epsilon(dp.delta)[0]
-    write_json(
-        layout.candidate_meta(r),
-        {"optimizer": s.name, "rounds": prev_meta.get("rounds", 0) + 1, "privacy": ledger.to_json()},
-    )
-    update_bytes = {site: paths[site].stat().st_size for site in contributors}
+    ledger, epsilon = _account_privacy(layout, r, s, noised=s.privacy.noise_multiplier > 0 and bool(contributors))
     record = {
         "round": r,
         "strategy": s.name,
@@ -214,10 +152,10 @@ def aggregate_round(
         "norms": res.norms,
         "clip_factors": res.scales,
         "noise_std": res.noise_std,
-        "privacy": {"epsilon": epsilon, "delta": dp.delta, "rounds_noised": len(ledger.steps)}
+        "privacy": {"epsilon": epsilon, "delta": s.privacy.delta, "rounds_noised": len(ledger.steps)}
         if ledger.steps
         else None,
-        "update_bytes": update_bytes,
+        "update_bytes": {site: paths[site].stat().st_size for site in contributors},
         "excluded": verdicts["rejected"],
         "missing": read_json(layout.arrivals(r))["missing"],
         "base_sha256": base["sha256"],
@@ -226,9 +164,9 @@ def aggregate_round(
         "seconds": res.seconds,
         "ranks": comm.Get_size() if comm is not None else 1,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "late": sorted(late),
-        "secure_aggregation": {"survivors": list(secure.survivors), "pairs_unmasked": len(secure.corrections)}
-        if secure is not None
+        "late": sorted(got.late),
+        "secure_aggregation": {"survivors": list(got.secure.survivors), "pairs_unmasked": len(got.secure.corrections)}
+        if got.secure is not None
         else None,
         "note": None if contributors else "no accepted updates: the candidate equals the base model",
     }
@@ -245,6 +183,99 @@ def aggregate_round(
         epsilon=epsilon,
     )
     return record
+
+
+@dataclass
+class Contributions:
+    """What a round aggregates: each contributor's receipt and update file (late ones under
+    their labels), which late updates joined, and secure aggregation's unmasking."""
+
+    receipts: dict[str, dict]
+    paths: dict[str, Path]
+    late: dict[str, dict]
+    secure: Any = None
+
+
+def _contributions(cfg: Config, layout: RunLayout, trust: TrustStore | None, r: int, verdicts: dict) -> Contributions:
+    """The accepted updates (with secure aggregation: the survivors the recovery unmasks), each
+    still the file that was verified, enough for the combine rule, plus accepted late updates."""
+    s = cfg.strategy
+    accepted = sorted(verdicts["accepted"])
+    secure = None
+    if s.secure_aggregation.enabled:
+        # Only the survivors the recovery unmasks are summed (all accepted, or none when too few).
+        from fedhpc.aggregation.secure import secure_sum
+        from fedhpc.core.tensorfile import read_specs
+
+        if trust is None:
+            raise AggregationError("secure aggregation needs the trust store to check the recovery's signature")
+        secure = secure_sum(layout, trust, r, read_specs(layout.global_model(r)))
+        accepted = [site for site in accepted if site in secure.survivors]
+    for site in accepted:
+        _still_verified(layout.update(r, site), verdicts["update_sha256"][site], r)
+    if accepted and (why := st.tolerance_problem(s.rule, len(accepted), s.faulty_sites, s.multikrum_select)):
+        raise AggregationError(
+            f"round {r}: {len(accepted)} accepted updates ({', '.join(accepted)}) are too few for strategy.rule "
+            f"{s.rule!r} with strategy.faulty_sites = {s.faulty_sites}: {why}"
+        )
+    receipts = {
+        site: _verified_receipt(layout.receipt(r, site), verdicts.get("receipt_sha256", {}).get(site), r)
+        for site in accepted
+    }
+    # Late updates of earlier rounds join with their own receipts (base_round < r: decayed weight).
+    late = verdicts.get("late_accepted", {})
+    for label, item in sorted(late.items()):
+        _still_verified(layout.update(item["round"], item["site"]), item["update_sha256"], r)
+        receipts[label] = _verified_receipt(layout.receipt(item["round"], item["site"]), item.get("receipt_sha256"), r)
+    paths = {site: layout.update(r, site) for site in accepted}
+    paths.update({label: layout.update(item["round"], item["site"]) for label, item in late.items()})
+    return Contributions(receipts, paths, late, secure)
+
+
+def _still_verified(path: Path, sha256: str, r: int) -> None:
+    """The update file must still be the one that was verified: nothing may swap it in between."""
+    if sha256_file(path) != sha256:
+        raise AggregationError(f"{path} changed after verification; refusing to aggregate round {r}")
+
+
+def _combine(s: StrategyConfig, trust: TrustStore | None, secure) -> Combine:
+    """The combine rule with its clipping, and differential privacy's noise seeded from the
+    coordinator's key."""
+    dp = s.privacy
+    clip = s.clip_norm
+    if dp.noise_multiplier > 0:
+        clip = dp.clip_norm if clip is None else min(clip, dp.clip_norm)
+    noise_key = b""
+    if dp.noise_multiplier > 0:
+        if trust is None:
+            raise AggregationError("differential privacy needs the coordinator's key to seed its noise")
+        noise_key = hashlib.blake2b(trust.private_key(COORDINATOR).private_bytes_raw(), person=b"fedhpc-dp").digest()
+    return Combine(
+        rule=s.rule,
+        faulty=s.faulty_sites,
+        select=s.multikrum_select,
+        clip=clip,
+        layerwise=s.layerwise_norm,
+        noise_multiplier=dp.noise_multiplier,
+        noise_key=noise_key,
+        secure=secure,
+    )
+
+
+def _account_privacy(layout: RunLayout, r: int, s: StrategyConfig, noised: bool) -> tuple[PrivacyLedger, float | None]:
+    """The privacy ledger carried to the candidate's server meta (one more noised step when this
+    round added noise) and the (epsilon at delta) it spends so far."""
+    prev_meta = read_json(layout.server_meta(r)) if layout.server_meta(r).exists() else {}
+    ledger = PrivacyLedger.from_json(prev_meta["privacy"]) if prev_meta.get("privacy") else PrivacyLedger(steps=[])
+    if noised:
+        # Every configured site takes part in every round: no amplification by sampling (q = 1).
+        ledger.record(s.privacy.noise_multiplier, 1.0)
+    epsilon = ledger.epsilon(s.privacy.delta)[0] if ledger.steps else None
+    write_json(
+        layout.candidate_meta(r),
+        {"optimizer": s.name, "rounds": prev_meta.get("rounds", 0) + 1, "privacy": ledger.to_json()},
+    )
+    return ledger, epsilon
 
 
 def _workers(threads: int, comm) -> int:

@@ -6,7 +6,9 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -118,15 +120,10 @@ def _single_process_group_for_deepspeed(world: World, device: torch.device | Non
 def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: str, threads: int) -> dict:
     """Run site `site`'s local round `r` on every rank; rank 0 publishes and returns the status."""
     world = distributed.detect()
-    for key, value in accelerator_env(cfg.sites[site].accelerator, world).items():
-        os.environ.setdefault(key, value)
-        Path(value).mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.training.device, site, cfg.sites[site].accelerator, world)
-    distributed.init(world, device)
+    device = _join_ranks(cfg, site, world)
     status = distributed.broadcast(_precheck(cfg, layout, trust, r, site) if world.is_main else None, world)
     if status is not None:
         return status
-    site_cfg = cfg.sites[site]
     entry = load_plan(layout, trust, r)["sites"][site]
     base = load_global_meta(layout, trust, r, check_hash=world.is_main)
     torch.set_num_threads(threads)
@@ -139,11 +136,45 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
             site=site,
             shards=entry["shards"],
             ranks=world.size,
-            engine=site_cfg.engine,
+            engine=cfg.sites[site].engine,
             slurm_job_id=os.environ.get("SLURM_JOB_ID"),
             slurm_cluster=os.environ.get("SLURM_CLUSTER_NAME"),
         )
+    global_state = load_state(layout.global_model(r))
+    started = time.time()
+    result = _local_round(cfg, layout, trust, r, site, threads, world, device, entry, base, global_state)
+    distributed.barrier(world)
+    if not world.is_main:
+        return {"state": "published", "rank": world.rank}
+    trained = Trained(result, world, device, threads, started)
+    return publish_update(cfg, layout, trust, r, site, entry, base, global_state, trained, audit)
 
+
+def _join_ranks(cfg: Config, site: str, world: World) -> torch.device:
+    """This rank's caches, device and process group."""
+    for key, value in accelerator_env(cfg.sites[site].accelerator, world).items():
+        os.environ.setdefault(key, value)
+        Path(value).mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.training.device, site, cfg.sites[site].accelerator, world)
+    distributed.init(world, device)
+    return device
+
+
+def _local_round(
+    cfg: Config,
+    layout: RunLayout,
+    trust: TrustStore,
+    r: int,
+    site: str,
+    threads: int,
+    world: World,
+    device: torch.device,
+    entry: dict,
+    base: dict,
+    global_state: dict,
+):
+    """The task's local round on the shards the plan gave this site, logging each step's metrics."""
+    site_cfg = cfg.sites[site]
     data = load_data(layout, trust, [site])
     _check_catalogue_unchanged(layout, load_plan(layout, trust, r), site)
     shards = {s["id"]: s for s in data["shards"]}
@@ -160,9 +191,7 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
             append_jsonl(metrics_path, {"round": r, "site": site, "time": time.time(), **rec, **probe.sample()})
             print(train_line(r, site, rec), flush=True)  # stdout is the job's train.log: a person reads it
 
-    global_state = load_state(layout.global_model(r))
-    started = time.time()
-    result = task.train_round(
+    return task.train_round(
         RoundContext(
             cfg=cfg,
             layout=layout,
@@ -184,11 +213,33 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
             progress=lambda f: (r + f) / cfg.rounds.count,
         )
     )
-    local = result.state
-    correction = result.correction
-    distributed.barrier(world)
-    if not world.is_main:
-        return {"state": "published", "rank": world.rank}
+
+
+@dataclass
+class Trained:
+    """A finished local round and where it ran, as rank 0 publishes it."""
+
+    result: Any  # tasks.LocalResult
+    world: World
+    device: torch.device
+    threads: int
+    started: float
+
+
+def publish_update(
+    cfg: Config,
+    layout: RunLayout,
+    trust: TrustStore,
+    r: int,
+    site: str,
+    entry: dict,
+    base: dict,
+    global_state: dict,
+    trained: Trained,
+    audit: AuditLog,
+) -> dict:
+    """Rank 0 publishes the update (local - global, encoded or masked), SCAFFOLD's control
+    variate and, last, the signed receipt; unless another job of this site-round already did."""
     with exclusive_lock(layout.publish_lock(r, site)) as locked:
         if not locked:
             print(f"warning: no flock on {layout.publish_lock(r, site).parent}; publishing unlocked", file=sys.stderr)
@@ -199,7 +250,8 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         if (done := existing_receipt(layout, trust, r, site, base["sha256"])) is not None:
             audit.append("update.duplicate_dropped", round=r, site=site, kept_sha256=done["update_sha256"])
             return {"state": "published", "reused": True, "update_sha256": done["update_sha256"]}
-
+        result = trained.result
+        local = result.state
         update = {k: local[k] - global_state[k].float() for k in local}
         codec = site_codec(cfg, site)
         meta = {"run": cfg.run, "round": str(r), "site": site, "base_sha256": base["sha256"], **codec_metadata(codec)}
@@ -216,51 +268,16 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
             tensors = encode_update(cfg, layout, site, r, update, codec)
         save_state(layout.update(r, site), tensors, meta)
         control = {}
-        if correction is not None and correction.scaffold:
-            c_new, c_delta = correction.control_update()
+        if result.correction is not None and result.correction.scaffold:
+            c_new, c_delta = result.correction.control_update()
             save_state(layout.control_update(r, site), c_delta, meta)
             site_state.save_tensors(layout, site, "control", r, c_new)
             control = {
                 "control_sha256": sha256_file(layout.control_update(r, site)),
                 "control_bytes": layout.control_update(r, site).stat().st_size,
             }
-        receipt = {
-            "run": cfg.run,
-            "round": r,
-            "site": site,
-            "base_round": r,
-            "base_sha256": base["sha256"],
-            "update_sha256": sha256_file(layout.update(r, site)),
-            "update_bytes": layout.update(r, site).stat().st_size,
-            "compression": codec.scheme,
-            **control,
-            "shards": entry["shards"],
-            "task": cfg.task.name,
-            "tokens": result.tokens,
-            "sequences": result.samples,
-            "steps": result.steps,
-            "ranks": world.size,
-            "launcher": world.launcher,
-            **result.receipt,
-            "lr_first": result.lr_first,
-            "lr_last": result.lr_last,
-            "lr_sum": result.lr_sum,
-            "loss_before": finite_or_none(result.loss_before),
-            "loss_after": finite_or_none(result.loss_after),
-            "train_loss_last": finite_or_none(result.train_loss_last),
-            "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
-            "train_seconds": result.seconds,
-            "started_at": started,
-            "finished_at": time.time(),
-            "device": str(device),
-            "threads": threads,
-            "accelerator_declared": site_cfg.accelerator,
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME"),
-            "host": socket.gethostname(),
-            **outgoing,
-        }
-        receipt = outgoing_receipt(cfg.trust.scrub, metrics_path, receipt)  # no user, host or path leaves the site
+        receipt = receipt_of(cfg, layout, r, site, entry, base, codec, trained, control, outgoing)
+        receipt = outgoing_receipt(cfg.trust.scrub, layout.metrics(r, site), receipt)  # no user, host or path leaves
         receipt = sign_document(receipt, site, trust.private_key(site))
         write_json(layout.receipt(r, site), receipt)  # last: its presence means "update published"
         site_state.prune(layout, site, keep_from=r)
@@ -272,12 +289,70 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
             update_sha256=receipt["update_sha256"],
             tokens=result.tokens,
             steps=result.steps,
-            ranks=world.size,
+            ranks=trained.world.size,
             engine=result.receipt.get("engine"),
             loss_before=receipt["loss_before"],
             loss_after=receipt["loss_after"],
         )
-        return {"state": "published", "reused": False, "update_sha256": receipt["update_sha256"], "ranks": world.size}
+        return {
+            "state": "published",
+            "reused": False,
+            "update_sha256": receipt["update_sha256"],
+            "ranks": trained.world.size,
+        }
+
+
+def receipt_of(
+    cfg: Config,
+    layout: RunLayout,
+    r: int,
+    site: str,
+    entry: dict,
+    base: dict,
+    codec: Codec,
+    trained: Trained,
+    control: dict,
+    outgoing: dict,
+) -> dict:
+    """The receipt of a published update, before scrubbing and signing: what was trained on
+    what, how, where and how fast, with the update's hash."""
+    result, world = trained.result, trained.world
+    return {
+        "run": cfg.run,
+        "round": r,
+        "site": site,
+        "base_round": r,
+        "base_sha256": base["sha256"],
+        "update_sha256": sha256_file(layout.update(r, site)),
+        "update_bytes": layout.update(r, site).stat().st_size,
+        "compression": codec.scheme,
+        **control,
+        "shards": entry["shards"],
+        "task": cfg.task.name,
+        "tokens": result.tokens,
+        "sequences": result.samples,
+        "steps": result.steps,
+        "ranks": world.size,
+        "launcher": world.launcher,
+        **result.receipt,
+        "lr_first": result.lr_first,
+        "lr_last": result.lr_last,
+        "lr_sum": result.lr_sum,
+        "loss_before": finite_or_none(result.loss_before),
+        "loss_after": finite_or_none(result.loss_after),
+        "train_loss_last": finite_or_none(result.train_loss_last),
+        "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
+        "train_seconds": result.seconds,
+        "started_at": trained.started,
+        "finished_at": time.time(),
+        "device": str(trained.device),
+        "threads": trained.threads,
+        "accelerator_declared": cfg.sites[site].accelerator,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME"),
+        "host": socket.gethostname(),
+        **outgoing,
+    }
 
 
 def site_codec(cfg: Config, site: str) -> Codec:
