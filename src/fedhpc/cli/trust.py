@@ -6,15 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedhpc.config.federation import Config
 from fedhpc.core.errors import FedhpcError
-from fedhpc.core.files import write_bytes
-from fedhpc.trust.signing import COORDINATOR
+from fedhpc.core.files import read_json, write_bytes
+from fedhpc.core.layout import RunLayout
+from fedhpc.stages.context import context, trust_store
+from fedhpc.tasks.validation import load
+from fedhpc.trust.signing import COORDINATOR, TrustStore, load_private_key, public_b64
 
 
 def cmd_keys(a: argparse.Namespace) -> int:
     from fedhpc.trust.envelope import create_data_key, key_path
     from fedhpc.trust.identity import create_keypair
-    from fedhpc.trust.signing import load_private_key, public_b64
 
     if a.action == "init":
         name = COORDINATOR if a.coordinator else a.site
@@ -33,7 +36,6 @@ def cmd_keys(a: argparse.Namespace) -> int:
         print("add this line to trust.public_keys in every party's config.yaml:")
         print(f"    {name}: {public_b64(load_private_key(path).public_key())}")
         return 0
-    from fedhpc.stages.context import context
 
     ctx = context(a.config)
     cfg, trust = ctx.cfg, ctx.trust
@@ -76,23 +78,23 @@ def _ensure_data_keys(cfg, trust, names: list[str], create) -> None:
             print(f"created data key {create(key_path(enc.key_file, trust.keys_dir, name))} for {name!r}")
 
 
-def run_trust(run_dir: Path, config: str | None):
-    """The trust store of a run directory: from `--config`, else the run's config snapshot, else `<run>/keys`."""
-    from fedhpc.tasks.validation import load
-    from fedhpc.trust.signing import TrustStore
-
+def run_config(run_dir: Path, config: str | None) -> Config | None:
+    """The config of a run directory: `--config`, else the run's config snapshot, else None."""
     snapshot = Path(config) if config else run_dir / "config.json"
-    if not snapshot.exists():
-        return TrustStore(run_dir / "keys")
-    t = load(snapshot).trust
-    return TrustStore(t.keys_dir or run_dir / "keys", t.public_keys, t.encryption)
+    return load(snapshot) if snapshot.exists() else None
+
+
+def run_trust(run_dir: Path, cfg: Config | None) -> TrustStore:
+    """The trust store of a run directory: its config's trust settings, else `<run>/keys`."""
+    layout = RunLayout.of(run_dir)
+    return trust_store(cfg, layout) if cfg is not None else TrustStore(layout.keys_dir)
 
 
 def cmd_audit(a: argparse.Namespace) -> int:
     from fedhpc.trust.ledger import verify_run
 
     run_dir = Path(a.run_dir)
-    check = verify_run(run_dir, run_trust(run_dir, a.config))
+    check = verify_run(run_dir, run_trust(run_dir, run_config(run_dir, a.config)))
     if check.ok:
         heads = f"{check.heads} signed heads" if check.heads else "no signed heads (the tail rests on the chain alone)"
         print(f"{run_dir}/audit.jsonl: intact, {check.lines} events, {heads}")
@@ -104,7 +106,6 @@ def cmd_audit(a: argparse.Namespace) -> int:
 
 def cmd_secagg(a: argparse.Namespace) -> int:
     from fedhpc.aggregation.secure import recover
-    from fedhpc.stages.context import context
 
     ctx = context(a.config)
     if not ctx.cfg.strategy.secure_aggregation.enabled:
@@ -119,14 +120,11 @@ def cmd_secagg(a: argparse.Namespace) -> int:
 
 def cmd_provenance(a: argparse.Namespace) -> int:
     from fedhpc.ops.provenance import locate, write_provenance
-    from fedhpc.tasks.validation import load
 
     root, g = locate(a.model)
-    trust = run_trust(root, a.config)
-    snapshot = Path(a.config) if a.config else root / "config.json"
-    cfg = load(snapshot) if snapshot.exists() else None
+    cfg = run_config(root, a.config)
+    trust = run_trust(root, cfg)
     record, card = write_provenance(root, g, trust, cfg, Path(a.out) if a.out else None)
-    from fedhpc.core.files import read_json
 
     rec = read_json(record)
     d = rec["data"]
