@@ -124,7 +124,8 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
     status = distributed.broadcast(_precheck(cfg, layout, trust, r, site) if world.is_main else None, world)
     if status is not None:
         return status
-    entry = load_plan(layout, trust, r)["sites"][site]
+    plan = load_plan(layout, trust, r)
+    entry = plan["sites"][site]
     base = load_global_meta(layout, trust, r, check_hash=world.is_main)
     torch.set_num_threads(threads)
     torch.manual_seed(stable_seed(cfg.seed, "train", r, site))
@@ -142,12 +143,12 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
         )
     global_state = load_state(layout.global_model(r))
     started = time.time()
-    result = _local_round(cfg, layout, trust, r, site, threads, world, device, entry, base, global_state)
+    result = _local_round(cfg, layout, trust, r, site, threads, world, device, plan, base, global_state)
     distributed.barrier(world)
     if not world.is_main:
         return {"state": "published", "rank": world.rank}
     trained = Trained(result, world, device, threads, started)
-    return publish_update(cfg, layout, trust, r, site, entry, base, global_state, trained, audit)
+    return publish_update(cfg, layout, trust, r, site, plan, base, global_state, trained, audit)
 
 
 def _join_ranks(cfg: Config, site: str, world: World) -> torch.device:
@@ -169,14 +170,15 @@ def _local_round(
     threads: int,
     world: World,
     device: torch.device,
-    entry: dict,
+    plan: dict,
     base: dict,
     global_state: dict,
 ):
     """The task's local round on the shards the plan gave this site, logging each step's metrics."""
     site_cfg = cfg.sites[site]
     data = load_data(layout, trust, [site])
-    _check_catalogue_unchanged(layout, load_plan(layout, trust, r), site)
+    _check_catalogue_unchanged(layout, plan, site)
+    entry = plan["sites"][site]
     shards = {s["id"]: s for s in data["shards"]}
     task = load_task(cfg)
     if site_cfg.engine == "deepspeed":
@@ -232,7 +234,7 @@ def publish_update(
     trust: TrustStore,
     r: int,
     site: str,
-    entry: dict,
+    plan: dict,
     base: dict,
     global_state: dict,
     trained: Trained,
@@ -259,7 +261,6 @@ def publish_update(
         if cfg.strategy.secure_aggregation.enabled:
             from fedhpc.aggregation.secure import masked_update
 
-            plan = load_plan(layout, trust, r)
             tensors, masked_meta, outgoing = masked_update(
                 cfg, trust, plan, site, update, result.tokens, result.samples
             )
@@ -276,7 +277,7 @@ def publish_update(
                 "control_sha256": sha256_file(layout.control_update(r, site)),
                 "control_bytes": layout.control_update(r, site).stat().st_size,
             }
-        receipt = receipt_of(cfg, layout, r, site, entry, base, codec, trained, control, outgoing)
+        receipt = receipt_of(cfg, layout, r, site, plan["sites"][site], base, codec, trained, control, outgoing)
         receipt = outgoing_receipt(cfg.trust.scrub, layout.metrics(r, site), receipt)  # no user, host or path leaves
         receipt = sign_document(receipt, site, trust.private_key(site))
         write_json(layout.receipt(r, site), receipt)  # last: its presence means "update published"
