@@ -26,7 +26,8 @@ from pathlib import Path
 from fedhpc.core.documents import DocumentError, check_document
 from fedhpc.core.errors import FedhpcError
 from fedhpc.core.files import atomic_path, fsync_dir, read_json, sha256_file, write_json
-from fedhpc.trust.signing import SignatureError, TrustStore, sign_document, verify_document
+from fedhpc.trust.audit import AuditLog
+from fedhpc.trust.signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
 
 INDEX = "bundle.json"
 STAGING = ".exchange-staging"
@@ -369,7 +370,6 @@ STOPPED = "stopped.json"  # at the hub's root: the coordinator stopped the feder
 def announce_stop(exchange, layout, trust: TrustStore, r: int, reason: str) -> None:
     """Tell the sites, through the hub, that the federation stopped in round r, so they stop
     waiting for a round that will not come (instead of waiting `exchange.wait_minutes`)."""
-    from fedhpc.trust.signing import COORDINATOR
 
     doc = sign_document(
         {"round": r, "reason": reason, "time": time.time()}, COORDINATOR, trust.private_key(COORDINATOR)
@@ -390,7 +390,6 @@ def withdraw_stop(exchange, layout) -> None:
 
 def stop_notice(transport: Transport, stage: Path, trust: TrustStore, before: int) -> str | None:
     """The coordinator's reason, if it announced a stop in a round before `before`."""
-    from fedhpc.trust.signing import COORDINATOR
 
     path = stage / STOPPED
     path.unlink(missing_ok=True)
@@ -408,7 +407,6 @@ def stop_notice(transport: Transport, stage: Path, trust: TrustStore, before: in
 
 def audit_rejects(layout, rel: str) -> Callable[[str, int], None]:
     """An `on_reject` that records each rejected file in the run's audit log."""
-    from fedhpc.trust.audit import AuditLog
 
     parts = rel.split("/")
     r = int(parts[1][1:]) if len(parts) > 1 and parts[0] == "rounds" else None
@@ -457,3 +455,21 @@ def wait_pull(
             last = time.monotonic()
         time.sleep(poll_seconds)
     return doc
+
+
+def eval_fetcher(exchange, layout, trust: TrustStore, r: int, which: str) -> Callable[[str], None] | None:
+    """For the coordinator of an object-store hub: a function pulling a site's published scores
+    of round r's `which` model into this run directory (None where sites publish in place)."""
+    if exchange.kind != "s3" or exchange.role != "coordinator":
+        return None
+    transport = transport_for(exchange)
+
+    def fetch(site: str) -> None:
+        d = layout.eval_part(r, which, site).parent
+        rel = d.relative_to(layout.root).as_posix()
+        try:
+            pull(transport, rel, d, trust, site, on_reject=audit_rejects(layout, rel))
+        except TransferError as exc:
+            print(f"round {r}: {site}'s held-out scores are not usable yet: {exc}", flush=True)
+
+    return fetch

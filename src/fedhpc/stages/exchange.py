@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedhpc.config.federation import Config
+from fedhpc.core.files import read_json
 from fedhpc.core.layout import RunLayout
 from fedhpc.exchange import hub as ex
 from fedhpc.stages.context import Ctx
+from fedhpc.trust.scrub import Scrubber
 from fedhpc.trust.signing import COORDINATOR, TrustStore
 
 OFFERS = {"outbox", "outbox-data", "outbox-candidate"}
@@ -27,7 +29,6 @@ EVAL_FILES = ("eval.json",)
 
 def shared_shard_files(layout: RunLayout) -> list[str]:
     """Every file of the manifest's (shared) shards, relative to `data/`: shared data may travel."""
-    from fedhpc.core.files import read_json
 
     names = []
     for entry in read_json(layout.manifest)["shards"]:
@@ -74,8 +75,6 @@ def exchange_action(cfg: Config, layout: RunLayout, trust: TrustStore, action: s
     rel = d.relative_to(layout.root).as_posix()
     if action in PUBLISHES:
         if action == "publish" and layout.train_log(r, site).exists():  # the job's log travels too, scrubbed
-            from fedhpc.trust.scrub import Scrubber
-
             Scrubber(cfg.trust.scrub).file(layout.train_log(r, site), d / "train.log")
         names = ex.present(d, names)
         ex.publish(transport, d, names, rel, site, trust.private_key(site))
@@ -93,25 +92,6 @@ def exchange_action(cfg: Config, layout: RunLayout, trust: TrustStore, action: s
         round_={"pull": r, "pull-candidate": r + 1}.get(action),
     )
     return f"pulled {len(doc['files'])} files from {transport.describe()}/{rel}, hashes verified"
-
-
-def eval_fetcher(ctx, r: int, which: str):
-    """For the coordinator of an object-store hub: a function pulling a site's published scores
-    of round r's `which` model into this run directory (None where sites publish in place)."""
-    cfg, layout, trust = ctx.cfg, ctx.layout, ctx.trust
-    if cfg.exchange.kind != "s3" or cfg.exchange.role != "coordinator":
-        return None
-    transport = ex.transport_for(cfg.exchange)
-
-    def fetch(site: str) -> None:
-        d = layout.eval_part(r, which, site).parent
-        rel = d.relative_to(layout.root).as_posix()
-        try:
-            ex.pull(transport, rel, d, trust, site, on_reject=ex.audit_rejects(layout, rel))
-        except ex.TransferError as exc:
-            print(f"round {r}: {site}'s held-out scores are not usable yet: {exc}", flush=True)
-
-    return fetch
 
 
 def run(ctx: Ctx, action: str, r: int, which: str) -> str:
