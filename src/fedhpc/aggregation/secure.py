@@ -27,6 +27,7 @@ from fedhpc.core.layout import RunLayout
 from fedhpc.core.tensorfile import TensorSpec
 from fedhpc.trust.agreement import agreement_key, pair_seed, peer_public, seed_commitment
 from fedhpc.trust.audit import AuditLog
+from fedhpc.trust.checkpoints import load_plan
 from fedhpc.trust.signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
 
 SCHEME = "pairwise-masks-v1"
@@ -135,7 +136,6 @@ def _request(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dict:
 def reveal_seeds(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: str) -> dict:
     """Site `site`'s answer to the coordinator's request: the seeds it shared with the dropped sites,
     after checking the request could not unmask anyone but them."""
-    from fedhpc.trust.checkpoints import load_plan
 
     req = _request(cfg, layout, trust, r)
     committed = sorted(load_plan(layout, trust, r)["participants"])
@@ -198,7 +198,6 @@ def recover(cfg: Config, layout: RunLayout, trust: TrustStore, r: int) -> dict:
     With the sites on this machine or cluster (exchange.kind 'local'), each survivor's reveal is
     made here with that survivor's own key, as its own signed document.
     """
-    from fedhpc.trust.checkpoints import load_plan
 
     sa = cfg.strategy.secure_aggregation
     committed = sorted(load_plan(layout, trust, r)["participants"])

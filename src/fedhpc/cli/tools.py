@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 from fedhpc.core.layout import RunLayout
+from fedhpc.stages.context import context
 
 
 def cmd_export(a: argparse.Namespace) -> int:
     from fedhpc.ops.export import export_model
-    from fedhpc.stages.context import context
 
     ctx = context(a.config)
     rec = export_model(ctx.cfg, ctx.layout, ctx.trust, Path(a.model), Path(a.out))

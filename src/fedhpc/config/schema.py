@@ -17,6 +17,7 @@ import jsonschema
 import yaml
 
 from fedhpc.config.federation import Config
+from fedhpc.config.tolerance import tolerance_problem
 from fedhpc.core.errors import FedhpcError
 from fedhpc.core.files import parse_json
 
@@ -219,7 +220,6 @@ def _exchange_problems(cfg: Config) -> list[str]:
 
 
 def _strategy_problems(cfg: Config, task: Any = None) -> list[str]:
-    from fedhpc.config.tolerance import tolerance_problem
 
     st, problems = cfg.strategy, []
     if st.name in ("fedprox", "scaffold") and task is not None and not task.corrects_gradients:

@@ -90,8 +90,13 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """`obj` as write_json writes it: indented, keys sorted, no NaN."""
+    return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+    write_bytes(path, json_bytes(obj))
 
 
 def _no_constants(name: str) -> None:

@@ -9,6 +9,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from fedhpc.core.layout import RunLayout
 from fedhpc.ops.doctor_checks import Check, Setup, first_line, run_command
 
 
@@ -38,7 +39,6 @@ def write_problem(directory: Path) -> str:
 
 def model_bytes(setup: Setup) -> tuple[int | None, str]:
     """(bytes of one fp32 copy of the model, how that was found); None when it cannot be told."""
-    from fedhpc.core.layout import RunLayout
 
     cfg = setup.cfg
     existing = RunLayout.of(run_dir(setup)).global_model(0)

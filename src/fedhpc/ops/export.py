@@ -13,6 +13,8 @@ from fedhpc.core.files import read_json, sha256_file, write_bytes
 from fedhpc.core.layout import RunLayout
 from fedhpc.core.tensorfile import load_state
 from fedhpc.data.shards import load_manifest
+from fedhpc.tasks import load_task
+from fedhpc.tasks.evaluators import flat_metrics
 from fedhpc.tasks.gpt_export import ExportError
 from fedhpc.trust.audit import AuditLog
 from fedhpc.trust.signing import COORDINATOR, TrustStore, verify_document
@@ -20,7 +22,6 @@ from fedhpc.trust.signing import COORDINATOR, TrustStore, verify_document
 
 def export_model(cfg: Config, layout: RunLayout, trust: TrustStore, model_file: Path, out: Path) -> dict:
     """Export the global model `model_file` (its coordinator-signed model.json beside it) to `out`."""
-    from fedhpc.tasks import load_task
 
     meta_path = Path(model_file).with_name("model.json")
     if not meta_path.is_file():
@@ -44,7 +45,6 @@ def export_model(cfg: Config, layout: RunLayout, trust: TrustStore, model_file: 
 
 def model_card(cfg: Config, meta: dict, evaluation: dict | None, written: dict) -> str:
     """README.md of an export: provenance, training set-up and the evaluation of this checkpoint."""
-    from fedhpc.tasks.evaluators import flat_metrics
 
     lines = [
         "---",

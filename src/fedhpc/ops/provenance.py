@@ -17,11 +17,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from fedhpc.core.errors import FedhpcError
-from fedhpc.core.files import read_json, sha256_file, write_json
+from fedhpc.core.files import read_json, sha256_file, write_bytes, write_json
 from fedhpc.core.layout import RunLayout, round_index
 from fedhpc.data.catalogue import catalogue_sites, load_data
 from fedhpc.trust.checkpoints import load_global_meta
 from fedhpc.trust.ledger import verify_run
+from fedhpc.trust.modelcard import model_card
 from fedhpc.trust.signing import COORDINATOR, SignatureError, TrustStore, sign_document, verify_document
 
 _LATE = re.compile(r"^(?P<site>.+)@r(?P<round>\d{4})$")
@@ -203,7 +204,6 @@ def data_summary(rounds: list[dict], shards: dict) -> dict:
 
 def write_provenance(root: Path, g: int, trust: TrustStore, cfg, out: Path | None = None) -> tuple[Path, Path]:
     """provenance.json (coordinator-signed when its key is here) and MODEL_CARD.md beside the model."""
-    from fedhpc.trust.modelcard import model_card
 
     record = trace(root, g, trust)
     out = out or RunLayout.of(root).global_model(g).parent
@@ -212,7 +212,6 @@ def write_provenance(root: Path, g: int, trust: TrustStore, cfg, out: Path | Non
     write_json(out / "provenance.json", record)
     card = out / "MODEL_CARD.md"
     card.parent.mkdir(parents=True, exist_ok=True)
-    from fedhpc.core.files import write_bytes
 
     write_bytes(card, model_card(record, cfg).encode())
     return out / "provenance.json", card

@@ -23,6 +23,12 @@ import threading
 import time
 from pathlib import Path
 
+from fedhpc.config.schema import ConfigError
+from fedhpc.core.files import json_bytes, write_bytes
+from fedhpc.core.layout import RunLayout
+from fedhpc.stages.context import run_dir
+from fedhpc.tasks.validation import load
+
 REPO_SNAKEFILE = Path(__file__).resolve().parents[3] / "workflow" / "Snakefile"
 
 
@@ -36,12 +42,9 @@ def prepare_head(config_json: str | Path, config: dict) -> None:
     validated the config): the config snapshot every job reads, so `--config` overrides on the
     command line reach the jobs too, rewritten only when it changed; and a PATH on which jobs
     find the `fedhpc` installed beside this Snakemake, its virtual environment activated or not."""
-    from fedhpc.core.files import write_json
-
-    path = Path(config_json)
-    snapshot = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    if not path.exists() or path.read_text() != snapshot:
-        write_json(path, config)
+    path, snapshot = Path(config_json), json_bytes(config)
+    if not path.exists() or path.read_bytes() != snapshot:
+        write_bytes(path, snapshot)
     if shutil.which("fedhpc") is None:
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
@@ -156,10 +159,6 @@ def run(
 
 def _run_layout(workdir: Path, configfile: str | None):
     """The run directory's layout, or None while the config cannot be read."""
-    from fedhpc.config.schema import ConfigError
-    from fedhpc.core.layout import RunLayout
-    from fedhpc.stages.context import run_dir
-    from fedhpc.tasks.validation import load
 
     try:
         cfg = load(Path(configfile).resolve() if configfile else workdir / "config.yaml")

@@ -6,6 +6,7 @@ from fedhpc.config.federation import Config
 from fedhpc.core.layout import RunLayout
 from fedhpc.data.shards import load_manifest
 from fedhpc.stages.context import Ctx
+from fedhpc.tasks import load_task
 from fedhpc.trust.audit import AuditLog
 from fedhpc.trust.checkpoints import publish_global
 from fedhpc.trust.signing import TrustStore
@@ -15,7 +16,6 @@ def init_global(cfg: Config, layout: RunLayout, trust: TrustStore, manifest: dic
     """Round 0's global model: the task's initial exchanged tensors (random init, a pretrained
     checkpoint, fresh adapters…), coordinator-signed like every later one."""
     from fedhpc.core.tensorfile import save_state  # torch: only where a model is made
-    from fedhpc.tasks import load_task
 
     task = load_task(cfg)
     state, described = task.init_model(manifest)

@@ -327,7 +327,6 @@ def _verify_late(
 ) -> tuple[dict, dict]:
     """Each late update on its own (base: the global model of its own round); no outlier screen,
     since it is not comparable with this round's updates."""
-    from fedhpc.trust.checkpoints import load_global_meta
 
     accepted, rejected = {}, {}
     audit = AuditLog(layout.audit)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import jsonschema
 
 from fedhpc.config.federation import Config, SiteConfig
+from fedhpc.config.schema import ConfigError, dataclass_schema, describe_errors, from_mapping
 from fedhpc.core.errors import FedhpcError
 from fedhpc.core.layout import RunLayout
 
@@ -153,7 +154,6 @@ class Task(abc.ABC):
 
 def options_from(cls: type, raw: dict[str, Any], where: str = "task.options") -> Any:
     """Build an options dataclass from a mapping, strictly: unknown keys and wrong types are errors."""
-    from fedhpc.config.schema import ConfigError, dataclass_schema, describe_errors, from_mapping
 
     errors = sorted(
         jsonschema.Draft202012Validator(dataclass_schema(cls)).iter_errors(raw or {}),

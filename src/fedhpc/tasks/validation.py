@@ -8,12 +8,12 @@ from typing import Any
 from fedhpc.config.federation import Config
 from fedhpc.config.schema import ConfigError, check_config, config_markdown, parse_config_file
 from fedhpc.core.errors import FedhpcError
+from fedhpc.tasks import load_task
+from fedhpc.tasks.evaluators import load_evaluators
 
 
 def task_problems(cfg: Config) -> tuple[Any, list[str]]:
     """The task (loaded, options checked) and its own problems; evaluators are resolved too."""
-    from fedhpc.tasks import load_task
-    from fedhpc.tasks.evaluators import load_evaluators
 
     problems = []
     try:
@@ -46,7 +46,7 @@ def load(path: str | Path, with_task: bool = True) -> Config:
 def markdown_docs() -> str:
     """docs/configuration.md: the config's dataclasses, then the built-in tasks' and evaluators'
     `options` (checked when the config is validated)."""
-    from fedhpc.tasks.embedding import EmbeddingOptions
+    from fedhpc.tasks.embedding import EmbeddingOptions  # torch: only when the docs are generated
     from fedhpc.tasks.evaluators import PerplexityOptions
     from fedhpc.tasks.hf_lm import HFCausalLMOptions
 
