@@ -151,3 +151,7 @@ class SlurmCluster:
                 except subprocess.TimeoutExpired:
                     p.kill()
         self.procs.clear()
+        # A config naming a controller that no longer runs makes every later Snakemake start wait
+        # 9 s: the Slurm executor plugin asks `scontrol show config` even for local runs.
+        if self.conf.exists() and MARKER in self.conf.read_text():
+            self.conf.unlink()
