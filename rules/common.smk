@@ -175,6 +175,18 @@ def report_inputs(wildcards=None):
     return [f"{last}/global/model.json", f"{last}/global/eval.json", *tracked]
 
 
+def retain_inputs(wildcards):
+    """Round r's promotion, and the retention of the round before (so each deletes only its own part)."""
+    r = int(wildcards.r)
+    earlier = [f"{rdir(r - 1)}/retention.json"] if r > 0 else []
+    return [f"{rdir(r + 1)}/global/model.json", *earlier]
+
+
+def retention_targets():
+    on = CFG.retention.keep_rounds or CFG.retention.globals_every
+    return [f"{rdir(r)}/retention.json" for r in ROUNDS] if on else []
+
+
 def train_nodes(wildcards):
     return CFG.sites[wildcards.site].nodes
 
@@ -270,7 +282,7 @@ def all_targets():
             *(f"{rdir(r)}/sites/{site}/bundle.json" for r in ROUNDS),
             *(scores if holds_data(site) else []),
         ]
-    done = [f"{RUN}/summary.json", f"{RUN}/report/index.html"]
+    done = [f"{RUN}/summary.json", f"{RUN}/report/index.html", *retention_targets()]
     if ROLE == "coordinator":
         # Every round's offer and the last global model by name, so that raising
         # rounds.count schedules the new rounds (a finished report alone would not).

@@ -76,3 +76,20 @@ rule promote:
         prev=previous_round,
     shell:
         "fedhpc promote --config {params.cfg} --round {params.prev} > {log} 2>&1"
+
+
+# `retention:` deletes what it no longer keeps once a round is promoted, one round after another.
+rule retain:
+    input:
+        retain_inputs,
+    output:
+        f"{RUN}/rounds/r{{r}}/retention.json",
+    log:
+        f"{RUN}/logs/retain/r{{r}}.log",
+    localrule: True
+    conda:
+        "../envs/fedhpc.yaml"
+    params:
+        cfg=CONFIG_JSON,
+    shell:
+        "fedhpc retain --config {params.cfg} --round {wildcards.r} > {log} 2>&1"

@@ -25,7 +25,7 @@ SITE_KEYS = (
     "nodes, ranks_per_node, throughput, zero_stage"
 )
 TOP_KEYS = (
-    "container, data, evaluation, exchange, model, output_dir, rounds, run, seed, sites, strategy, task, tracking, training, trust, "
+    "container, data, evaluation, exchange, model, output_dir, retention, rounds, run, seed, sites, strategy, task, tracking, training, trust, "
     "verification"
 )
 

@@ -123,6 +123,8 @@ def run_stages(config: Path, rounds: int, sites: list[str], synth: bool = False,
             stage(verb, "--round", str(r))
         evaluate(r, "candidate")
         stage("promote", "--round", str(r))
+        if cfg.retention.keep_rounds or cfg.retention.globals_every:
+            stage("retain", "--round", str(r))
         if track:
             stage("track", "--round", str(r))
     stage("report")

@@ -157,6 +157,14 @@ def cmd_promote(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retain(a: argparse.Namespace) -> int:
+    from fedhpc.stages import retain
+
+    rec = retain.run(context(a.config, with_task=False), a.round)
+    print(f"round {a.round}: {len(rec['pruned'])} files past retention, {rec['bytes_freed']} bytes freed")
+    return 0
+
+
 def cmd_track(a: argparse.Namespace) -> int:
     from fedhpc.stages import track
 
@@ -229,6 +237,7 @@ def parser() -> argparse.ArgumentParser:
     me = verb("merge-eval", cmd_merge_eval, "wait for every holder's held-out scores and merge them", round=True)
     me.add_argument("--which", choices=["global", "candidate"], required=True)
     verb("promote", cmd_promote, "gate the candidate: next global model, or roll back", round=True)
+    verb("retain", cmd_retain, "delete the models and updates `retention:` no longer keeps", round=True)
     verb("track", cmd_track, "log a finished round to MLflow", round=True)
     verb("report", cmd_report, "write summary.json and report/index.html")
     x = verb("exchange", cmd_exchange, "offer (coordinator), pull or publish (site) a round's signed bundle")

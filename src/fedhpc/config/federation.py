@@ -322,6 +322,24 @@ class EvaluatorConfig:
 
 
 @dataclass(kw_only=True)
+class RetentionConfig:
+    """What a long federation keeps on disk. The audit trail and every signed record are always kept."""
+
+    keep_rounds: int | None = opt(
+        None,
+        "Keep the site updates and candidate models of the last this many rounds; older ones are deleted after "
+        "each promotion (null: keep all). With `rounds.late_updates: fold` at least `rounds.max_staleness`.",
+        minimum=1,
+    )
+    globals_every: int | None = opt(
+        None,
+        "Keep the global model (and its server-optimiser state) of every this-many-th round, the last one and "
+        "those late updates are still verified against; delete the others once their round is done (null: keep all).",
+        minimum=1,
+    )
+
+
+@dataclass(kw_only=True)
 class TrackingConfig:
     """Experiment tracking."""
 
@@ -371,5 +389,6 @@ class Config:
     verification: VerificationConfig = opt(VerificationConfig, "Verification.")
     evaluation: EvaluationConfig = opt(EvaluationConfig, "Evaluation.")
     tracking: TrackingConfig = opt(TrackingConfig, "Tracking.")
+    retention: RetentionConfig = opt(RetentionConfig, "Retention of models and updates on disk.")
     trust: TrustConfig = opt(TrustConfig, "Trust.")
     exchange: ExchangeConfig = opt(ExchangeConfig, "Multi-site exchange.")

@@ -199,7 +199,23 @@ def _semantic_problems(cfg: Config, task_check: TaskCheck | None) -> list[str]:
         + _exchange_problems(cfg)
         + _trust_problems(cfg)
         + _secagg_problems(cfg)
+        + _retention_problems(cfg)
     )
+
+
+def _retention_problems(cfg: Config) -> list[str]:
+    keep, staleness = cfg.retention.keep_rounds, cfg.rounds.max_staleness
+    if (keep or cfg.retention.globals_every) and cfg.exchange.role != "all":
+        return [
+            f"retention: not for exchange.role {cfg.exchange.role!r} yet; a site that falls behind still pulls old "
+            "rounds' models from the hub, so the coordinator cannot tell which it may delete"
+        ]
+    if keep is not None and cfg.rounds.late_updates == "fold" and keep < staleness:
+        return [
+            f"retention.keep_rounds: {keep} is less than rounds.max_staleness ({staleness}); a late update is "
+            f"folded up to {staleness} rounds after its own, so its round's updates must still be on disk"
+        ]
+    return []
 
 
 def _exchange_problems(cfg: Config) -> list[str]:

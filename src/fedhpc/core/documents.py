@@ -156,6 +156,13 @@ SCHEMAS: dict[str, dict] = {
         {"round": ROUND, "sha256": SHA},
         {"parent_sha256": _nullable(SHA), "vocab_size": {"type": "integer", "minimum": 1}, "from_round": ROUND},
     ),
+    "retention": _obj(
+        {
+            "run": LABEL,
+            "round": ROUND,
+            "pruned": {"type": "object", "additionalProperties": _obj({"sha256": _nullable(SHA)})},
+        }
+    ),
     "ledger_head": _obj({"run": LABEL, "round": ROUND, "lines": COUNT, "hash": SHA, "time": NUM}),
 }
 

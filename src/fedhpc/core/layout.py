@@ -188,6 +188,10 @@ class RunLayout:
     def aggregate_record(self, r: int) -> Path:
         return self.round_dir(r) / "aggregate.json"
 
+    def retention(self, r: int) -> Path:
+        """What retention deleted once round r was promoted (coordinator-signed)."""
+        return self.round_dir(r) / "retention.json"
+
     def tracked(self, r: int) -> Path:
         return self.round_dir(r) / "tracked.json"
 

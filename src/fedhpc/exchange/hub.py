@@ -91,8 +91,22 @@ class Rsync:
     def _rsync(self, src: str, dest: str) -> subprocess.CompletedProcess:
         # --partial keeps an interrupted file so the next attempt sends only what is missing;
         # rsync writes the receiving side under a temporary name and renames it when complete.
+        # --copy-links: a promoted global is a symlink to its candidate (stages/promote.py), and
+        # rsync would skip a symlink as "non-regular" rather than send the model.
         ssh = self.ssh_command()
-        argv = ["rsync", "-s", "--partial", "--timeout", str(self.timeout), "--mkpath", "-e", ssh, src, dest]
+        argv = [
+            "rsync",
+            "-s",
+            "--copy-links",
+            "--partial",
+            "--timeout",
+            str(self.timeout),
+            "--mkpath",
+            "-e",
+            ssh,
+            src,
+            dest,
+        ]
         return subprocess.run(argv, capture_output=True, text=True)
 
     def fetch(self, rel: str, dest: Path) -> bool:

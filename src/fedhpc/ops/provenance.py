@@ -11,11 +11,13 @@ file, because a provenance record one cannot trust is worse than none.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections import defaultdict
 from pathlib import Path
 
+from fedhpc.core.documents import check_document
 from fedhpc.core.errors import FedhpcError
 from fedhpc.core.files import read_json, sha256_file, write_bytes, write_json
 from fedhpc.core.layout import RunLayout, round_index
@@ -34,7 +36,8 @@ class ProvenanceError(FedhpcError, ValueError):
 
 def locate(path: str | Path) -> tuple[Path, int]:
     """(run directory, round) of a global model file, its `global/` directory or its round directory."""
-    p = Path(path).resolve()
+    # Not resolve(): a promoted global is a symlink to its candidate, whose path names no global.
+    p = Path(os.path.abspath(path))
     parts = p.parts
     for i in range(len(parts) - 1, 0, -1):
         if parts[i - 1] == "rounds" and re.fullmatch(r"r\d{4}", parts[i]):
@@ -58,11 +61,43 @@ def _signed(path: Path, trust: TrustStore, signer: str) -> dict:
     return doc
 
 
-def _contributions(layout: RunLayout, trust: TrustStore, k: int, shards: dict) -> dict:
+def pruned_files(layout: RunLayout, trust: TrustStore) -> dict[str, str | None]:
+    """Every file retention deleted (path in the run → the sha256 its signed record gave), from the
+    coordinator-signed retention records of the rounds."""
+    out: dict[str, str | None] = {}
+    for r in layout.rounds_present():
+        if layout.retention(r).exists():
+            record = _signed(layout.retention(r), trust, COORDINATOR)
+            check_document("retention", record, str(layout.retention(r)))
+            out.update({path: item["sha256"] for path, item in record["pruned"].items()})
+    return out
+
+
+def _stored_as(layout: RunLayout, pruned: dict, path: Path, sha: str) -> bool | None:
+    """True if `path` holds the file with `sha`, None if retention deleted that file (its signed record
+    says so, with that hash), False otherwise (missing without a record, or other bytes)."""
+    if path.exists():
+        return True if sha256_file(path) == sha else False
+    return None if pruned.get(str(path.relative_to(layout.root))) == sha else False
+
+
+def _global(layout: RunLayout, trust: TrustStore, pruned: dict, g: int) -> tuple[dict, bool]:
+    """Global g's signed metadata, its model's hash checked when the model is still on disk; and whether it is."""
+    model = layout.global_model(g)
+    try:
+        meta = load_global_meta(layout, trust, g, check_hash=model.exists())
+    except (FedhpcError, ValueError, FileNotFoundError) as exc:
+        raise ProvenanceError(str(exc)) from None
+    if not model.exists() and _stored_as(layout, pruned, model, meta["sha256"]) is False:
+        raise ProvenanceError(f"{model}: missing, and no retention record says it was deleted")
+    return meta, model.exists()
+
+
+def _contributions(layout: RunLayout, trust: TrustStore, k: int, shards: dict, pruned: dict) -> dict:
     """What round k's aggregate was made of, every document checked."""
     record = read_json(layout.aggregate_record(k))
     verdicts = read_json(layout.verdicts(k))
-    if sha256_file(layout.candidate(k)) != record["output_sha256"]:
+    if _stored_as(layout, pruned, layout.candidate(k), record["output_sha256"]) is False:
         raise ProvenanceError(f"{layout.candidate(k)}: not the model {layout.aggregate_record(k)} records")
     sites = {}
     for label, weight in sorted(record["weights"].items()):
@@ -73,9 +108,8 @@ def _contributions(layout: RunLayout, trust: TrustStore, k: int, shards: dict) -
         if not verdict.get("accepted"):
             raise ProvenanceError(f"{verdict_path}: {label} was summed in round {k} but its verdict rejects it")
         receipt = _signed(layout.receipt(r, site), trust, site)
-        if sha256_file(layout.update(r, site)) != receipt["update_sha256"] or (
-            verdict.get("update_sha256") not in (None, receipt["update_sha256"])
-        ):
+        stored = _stored_as(layout, pruned, layout.update(r, site), receipt["update_sha256"])
+        if stored is False or (verdict.get("update_sha256") not in (None, receipt["update_sha256"])):
             raise ProvenanceError(f"{layout.update(r, site)}: not the update its receipt and verdict name")
         entries = [shards.get(sid) for sid in receipt["shards"]]
         if None in entries:
@@ -90,6 +124,7 @@ def _contributions(layout: RunLayout, trust: TrustStore, k: int, shards: dict) -
             "steps": receipt["steps"],
             "shards": receipt["shards"],
             "update_sha256": receipt["update_sha256"],
+            "update_stored": stored is True,
             "loss_before": receipt.get("loss_before"),
             "loss_after": receipt.get("loss_after"),
             "flags": verdict.get("flags", []),
@@ -112,8 +147,9 @@ def _contributions(layout: RunLayout, trust: TrustStore, k: int, shards: dict) -
 def trace(root: str | Path, g: int, trust: TrustStore) -> dict:
     """The provenance record of global model g of the run in `root`."""
     layout = RunLayout.of(root)
+    pruned = pruned_files(layout, trust)
+    meta, stored = _global(layout, trust, pruned, g)
     try:
-        meta = load_global_meta(layout, trust, g)
         # The shared shards of the manifest and each site's own, from its signed catalogue.
         manifest = load_data(layout, trust, catalogue_sites(layout))
     except (FedhpcError, ValueError, FileNotFoundError) as exc:
@@ -121,16 +157,24 @@ def trace(root: str | Path, g: int, trust: TrustStore) -> dict:
     shards = {s["id"]: s for s in manifest["shards"]}
     lineage, rounds, k, cur = [], [], g, meta
     while True:
-        lineage.append({"global": k, "sha256": cur["sha256"], "source": cur.get("source"), "reason": cur.get("reason")})
+        lineage.append(
+            {
+                "global": k,
+                "sha256": cur["sha256"],
+                "source": cur.get("source"),
+                "reason": cur.get("reason"),
+                "stored": stored,
+            }
+        )
         if cur.get("source") == "init" or k == 0:
             break
-        prev = load_global_meta(layout, trust, k - 1)
+        prev, stored = _global(layout, trust, pruned, k - 1)
         if cur.get("parent_sha256") != prev["sha256"]:
             raise ProvenanceError(
                 f"{layout.global_meta(k)}: its parent is not global {k - 1} ({layout.global_meta(k - 1)})"
             )
         if cur.get("source") == "aggregate":
-            c = _contributions(layout, trust, k - 1, shards)
+            c = _contributions(layout, trust, k - 1, shards, pruned)
             if c["output_sha256"] != cur["sha256"] or c["base_sha256"] != prev["sha256"]:
                 raise ProvenanceError(f"{layout.aggregate_record(k - 1)}: does not link global {k - 1} to global {k}")
             rounds.append(c)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 from fedhpc.config.federation import Config
-from fedhpc.core.files import atomic_path, read_json, write_json
+from fedhpc.core.files import link_atomic, read_json, write_json
 from fedhpc.core.layout import RunLayout
 from fedhpc.stages.context import Ctx
 from fedhpc.stages.evaluate import comparable
@@ -36,10 +35,11 @@ def gate(
 
 
 def _place(src: Path, dst: Path) -> None:
-    """Copy, not hard-link: a link shares the source's mtime, and Snakemake's mtime
-    trigger would then see the new global as older than its inputs and redo the round."""
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
+    """A symlink to the file, not a second copy of a model that may be 128 GB. Not a hard link:
+    it would share the candidate's mtime, and Snakemake, which touches every output when a job
+    ends, would make the candidate newer than its own evaluations and redo the round. A
+    symlink's own mtime is what Snakemake reads and touches for an output."""
+    link_atomic(src, dst)
 
 
 def _carry_server_state(layout: RunLayout, r: int, accepted: bool) -> None:

@@ -167,7 +167,7 @@ def _register(client, name: str, parent: str, layout: RunLayout, g: int):
         client.delete_model_version(name, mv.version)  # left by an interrupted attempt
     return client.create_model_version(
         name,
-        source=Path(layout.global_model(g)).resolve().as_uri(),
+        source=Path(os.path.abspath(layout.global_model(g))).as_uri(),  # the global's name, not its link target
         run_id=parent,
         tags={"fedhpc.round": str(g), "sha256": meta["sha256"], "source": meta["source"]},
     )
