@@ -31,6 +31,8 @@ SITES = [CFG.exchange.site] if ROLE == "site" else sorted(CFG.sites)
 ROUNDS = list(range(CFG.rounds.count))
 # Every round hangs off the one before, and Snakemake builds the DAG recursively, about 40
 # frames a round: at Python's default limit (1000) a federation of 27 rounds failed to plan.
+# `rule all` asks for the rounds in order (all_targets), so a plain run stays a few rounds
+# deep; a target of the last round (the report, `--until`) still recurses through them all.
 sys.setrecursionlimit(max(sys.getrecursionlimit(), 1000 + 200 * CFG.rounds.count))
 KEYS = CFG.trust.keys_dir or f"{RUN}/keys"
 # Language-model tasks tokenise `data:` and keep the run's tokenizer beside the manifest;
@@ -137,14 +139,11 @@ def merge_inputs(wildcards):
     return [f"{rdir(r)}/candidate/evals/coordinator/eval.json", *offer]
 
 
-def eval_targets():
-    """Every held-out score a site computes in this invocation (so they are scheduled)."""
-    parts = [f"{rdir(0)}/global/evals/{s}/eval.json" for s in eval_holders()]
-    return parts + [
-        f"{rdir(r)}/candidate/evals/{s}/eval.json"
-        for r in ROUNDS
-        for s in eval_holders()
-    ]
+def eval_targets(r, holders):
+    """The held-out scores `holders` compute in round r (so they are scheduled): of the
+    round's candidate and, in round 0, of the initial model."""
+    models = ["global", "candidate"] if r == 0 else ["candidate"]
+    return [f"{rdir(r)}/{m}/evals/{s}/eval.json" for m in models for s in holders]
 
 
 def promote_inputs(wildcards):
@@ -271,6 +270,12 @@ def gather_inputs(wildcards):
 
 
 def all_targets():
+    """What a plain run makes, round by round and the run's summary last. Snakemake builds the
+    DAG depth-first from these in this order, so each round's targets reach back only to the
+    round before (already planned). With the summary first, its walk ran through every round
+    in one chain, and Snakemake copies the chain's visited set at each step (DAG.update): time
+    and memory quadratic in rounds (issue 21: 1000 rounds x 16 sites, 39 s and 1.5 GB).
+    tests/test_plan_scaling.py holds the walk's depth."""
     if ROLE == "site":
         site = CFG.exchange.site
         scores = [
@@ -288,12 +293,12 @@ def all_targets():
         # rounds.count schedules the new rounds (a finished report alone would not).
         offers = [f"{rdir(r)}/bundle.json" for r in ROUNDS]
         last = f"{rdir(CFG.rounds.count)}/global/model.json"
-        return [*done, f"{RUN}/data/bundle.json", *offers, last]
-    return [
-        *done,
-        *(f"{rdir(r)}/sites/{s}/status.json" for r in ROUNDS for s in SITES),
-        *eval_targets(),
-    ]
+        return [f"{RUN}/data/bundle.json", *offers, last, *done]
+    holders, targets = eval_holders(), []
+    for r in ROUNDS:
+        targets += [f"{rdir(r)}/sites/{s}/status.json" for s in SITES]
+        targets += eval_targets(r, holders)
+    return [*targets, *done]
 
 
 # Failure records of training jobs (fedhpc.stages.failures): the head process names this invocation,
