@@ -181,9 +181,10 @@ def retain_inputs(wildcards):
     return [f"{rdir(r + 1)}/global/model.json", *earlier]
 
 
-def retention_targets():
+def retention_target(r):
+    """Round r's retention record, with `retention:` (each depends on the one before)."""
     on = CFG.retention.keep_rounds or CFG.retention.globals_every
-    return [f"{rdir(r)}/retention.json" for r in ROUNDS] if on else []
+    return [f"{rdir(r)}/retention.json"] if on else []
 
 
 def train_nodes(wildcards):
@@ -287,7 +288,7 @@ def all_targets():
             *(f"{rdir(r)}/sites/{site}/bundle.json" for r in ROUNDS),
             *(scores if holds_data(site) else []),
         ]
-    done = [f"{RUN}/summary.json", f"{RUN}/report/index.html", *retention_targets()]
+    done = [f"{RUN}/summary.json", f"{RUN}/report/index.html"]
     if ROLE == "coordinator":
         # Every round's offer and the last global model by name, so that raising
         # rounds.count schedules the new rounds (a finished report alone would not).
@@ -298,6 +299,7 @@ def all_targets():
     for r in ROUNDS:
         targets += [f"{rdir(r)}/sites/{s}/status.json" for s in SITES]
         targets += eval_targets(r, holders)
+        targets += retention_target(r)
     return [*targets, *done]
 
 

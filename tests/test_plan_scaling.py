@@ -47,7 +47,9 @@ def plan_walk(tmp, rounds: int, role: str) -> dict:
     d = tmp / f"{role}-{rounds}"
     d.mkdir()
     cfg = tiny_config(d, rounds=rounds)
-    if role != "all":
+    if role == "retention":  # each round's retention hangs off the one before: a chain of its own
+        cfg["retention"] = {"keep_rounds": 1, "globals_every": 2}
+    elif role != "all":
         cfg["exchange"] = {"kind": "shared", "hub": str(tmp / "hub"), "role": role}
     write_config(d, cfg)
     cmd = [sys.executable, "-c", PROBE, "--snakefile", str(REPO / "workflow" / "Snakefile")]
@@ -59,7 +61,7 @@ def plan_walk(tmp, rounds: int, role: str) -> dict:
     return json.loads(line.removeprefix("PLAN "))
 
 
-@pytest.mark.parametrize("role", ["all", "coordinator"])
+@pytest.mark.parametrize("role", ["all", "coordinator", "retention"])
 def test_the_dag_walk_does_not_deepen_with_rounds(tmp_path, role):
     few, many = plan_walk(tmp_path, 3, role), plan_walk(tmp_path, 12, role)
     # The probe sees the whole plan: four times the rounds, about four times the jobs.
