@@ -96,9 +96,11 @@ def shard_outputs():
 
 
 def shard_part_inputs(wildcards=None):
-    """The gather's inputs: every part job's tokens (none when one job does all)."""
-    parts = range(SHARD_JOBS) if SHARD_JOBS > 1 else []
-    return [f"{RUN}/data/parts/{part}" for part in parts]
+    """The gather's inputs: the tokenizer and every part job's tokens (none when one job does all)."""
+    if SHARD_JOBS == 1:
+        return []
+    parts = [f"{RUN}/data/parts/{part}" for part in range(SHARD_JOBS)]
+    return [f"{RUN}/data/tokenizer.json", *parts]
 
 
 def corpus_inputs(wildcards):
