@@ -38,6 +38,8 @@ KEYS = CFG.trust.keys_dir or f"{RUN}/keys"
 # Language-model tasks tokenise `data:` and keep the run's tokenizer beside the manifest;
 # tasks with their own data format write only shards and the manifest.
 USES_TOKENS = load_task(CFG).uses_tokens
+# Part jobs that tokenise the shared sources side by side before `shard` packs (only for token data).
+SHARD_JOBS = CFG.data.shard_jobs if USES_TOKENS else 1
 # Every job reads the validated config from this snapshot. Only the head of a real run writes
 # it (and puts `fedhpc` on the jobs' PATH): a dry run, perhaps with other --config overrides
 # while a federation runs, and the jobs' own Snakemakes only read what the head wrote.
@@ -86,6 +88,21 @@ def data_files():
         ["tokenizer.json"] if USES_TOKENS else []
     )
     return [f"{RUN}/data/{name}" for name in names]
+
+
+def shard_outputs():
+    """What `shard` writes: with part jobs, the tokenizer is written before them (`shard_tokenizer`)."""
+    return [
+        f for f in data_files() if SHARD_JOBS == 1 or not f.endswith("tokenizer.json")
+    ]
+
+
+def shard_part_inputs(wildcards=None):
+    """The gather's inputs: the tokenizer and every part job's tokens (none when one job does all)."""
+    if SHARD_JOBS == 1:
+        return []
+    parts = [f"{RUN}/data/parts/{part}" for part in range(SHARD_JOBS)]
+    return [f"{RUN}/data/tokenizer.json", *parts]
 
 
 def corpus_inputs(wildcards):

@@ -57,6 +57,24 @@ def cmd_shard(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shard_tokenizer(a: argparse.Namespace) -> int:
+    from fedhpc.stages import shard
+
+    ctx = context(a.config)
+    tok = shard.run_tokenizer(ctx)
+    print(f"tokenizer {ctx.layout.tokenizer}: {tok.kind}, {tok.vocab_size} ids")
+    return 0
+
+
+def cmd_shard_part(a: argparse.Namespace) -> int:
+    from fedhpc.stages import shard
+
+    rec = shard.run_part(context(a.config), a.part, a.workers)
+    docs, tokens = sum(f["docs"] for f in rec["files"]), sum(f["tokens"] for f in rec["files"])
+    print(f"part {a.part} of {rec['jobs']}: {len(rec['files'])} files, {docs} documents, {tokens} tokens")
+    return 0
+
+
 def cmd_init(a: argparse.Namespace) -> int:
     from fedhpc.stages import init
 
@@ -215,6 +233,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output directory (default: <run>/data/corpus, or data/sites/<site>/corpus)")
     sh = verb("shard", cmd_shard, "pack the shared sources (manifest), or a site's own (--site: its catalogue)")
     sh.add_argument("--site", help="pack the sources pinned to this site and sign its catalogue")
+    verb("shard-tokenizer", cmd_shard_tokenizer, "write the run's tokenizer before the part jobs (data.shard_jobs > 1)")
+    sp = verb("shard-part", cmd_shard_part, "tokenise one file group of the shared sources for `shard` to pack")
+    sp.add_argument("--part", type=int, required=True, help="which group: 0 .. data.shard_jobs - 1")
+    sp.add_argument("--workers", type=int, default=1, help="worker processes, each tokenising one file at a time")
     verb("init", cmd_init, "create the initial global model")
     verb("plan", cmd_plan, "assign shards to sites for a round", round=True)
     t = verb("train", cmd_train, "run one site's local round", round=True)

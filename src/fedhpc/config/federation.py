@@ -141,6 +141,14 @@ class DataConfig:
     heldout_fraction: float = opt(
         0.05, "Fraction of each domain's documents kept apart for held-out evaluation.", exclusiveMinimum=0, maximum=0.5
     )
+    shard_jobs: int = opt(
+        1,
+        "Jobs that tokenise the shared sources side by side, each a group of whole files of about equal size "
+        "(Snakemake rule `shard_part`; its threads are worker processes); the `shard` job then packs and signs. "
+        "The manifest is the same for every value; 1: one `shard` job does all.",
+        minimum=1,
+        maximum=4096,
+    )
 
 
 @dataclass(kw_only=True)

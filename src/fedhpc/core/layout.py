@@ -83,6 +83,10 @@ class RunLayout:
     def heldout(self, domain: str) -> Path:
         return self.data / "heldout" / f"{domain}.zarr"
 
+    def shard_part(self, part: int) -> Path:
+        """What part job `part` of a parallel build tokenised, until the gather packs it."""
+        return self.data / "parts" / str(part)
+
     # a site's own data: built and kept where the site runs, described by its signed catalogue
     def site_data(self, site: str) -> Path:
         return self.data / "sites" / site

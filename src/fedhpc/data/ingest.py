@@ -204,16 +204,23 @@ def _read_hdf5(source: SourceConfig, path: Path) -> Iterator[Document]:
 _READERS = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet, "hdf5": _read_hdf5}
 
 
-def iter_source(source: SourceConfig) -> Iterator[Document]:
-    """Documents of `source` with their origin, file by file in sorted order; empty documents skipped."""
+def iter_file(source: SourceConfig, path: Path) -> Iterator[Document]:
+    """Documents of one file of `source` with their origin; empty documents skipped."""
     reader = _READERS.get(source.format)
     if reader is None:
         raise DataError(f"{_where(source)}: unknown format {source.format!r} (expected {', '.join(_READERS)})")
+    try:
+        yield from reader(source, path)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def iter_source(source: SourceConfig) -> Iterator[Document]:
+    """Documents of `source` with their origin, file by file in sorted order; empty documents skipped."""
+    if source.format not in _READERS:
+        raise DataError(f"{_where(source)}: unknown format {source.format!r} (expected {', '.join(_READERS)})")
     for path in source_files(source):
-        try:
-            yield from reader(source, path)
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        yield from iter_file(source, path)
 
 
 def iter_documents(source: SourceConfig) -> Iterator[str | np.ndarray]:
@@ -235,4 +242,13 @@ def is_pretokenised(source: SourceConfig) -> bool:
     return source.format == "hdf5"
 
 
-__all__ = ["DataError", "Document", "iter_documents", "iter_source", "iter_texts", "is_pretokenised", "source_files"]
+__all__ = [
+    "DataError",
+    "Document",
+    "iter_documents",
+    "iter_file",
+    "iter_source",
+    "iter_texts",
+    "is_pretokenised",
+    "source_files",
+]

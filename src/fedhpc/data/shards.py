@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -22,7 +22,7 @@ from fedhpc.core.documents import check_document
 from fedhpc.core.errors import FedhpcError
 from fedhpc.core.files import fsync_dir, parse_json, sha256_file, sha256_tree, write_bytes
 from fedhpc.core.layout import RunLayout
-from fedhpc.data.ingest import DataError, iter_source
+from fedhpc.data.ingest import DataError, Document, iter_source
 from fedhpc.data.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 from fedhpc.trust.envelope import DataKey, EnvelopeError, is_sealed, opened_store, sealed_store
 from fedhpc.trust.signing import COORDINATOR, SignatureError, TrustStore, sign_bytes, verify_bytes
@@ -232,8 +232,15 @@ class _Domain:
     sites: set[str | None] = field(default_factory=set)
 
 
-def _tokenised(source: SourceConfig, tok: Tokenizer) -> Iterator[tuple[np.ndarray, int | None]]:
-    """(ids, UTF-8 bytes of the text or None if pre-tokenised) per document, in source order."""
+# What packing consumes of one source: (ids, UTF-8 bytes of the text or None if pre-tokenised)
+# per document, in source order. One process tokenises as it goes (`tokenised`); the gather of
+# a parallel build reads what its part jobs tokenised (data/parts.py).
+Tokenised = Iterator[tuple[np.ndarray, int | None]]
+DocumentStream = Callable[[SourceConfig], Tokenised]
+
+
+def tokenised(docs: Iterable[Document], tok: Tokenizer) -> Tokenised:
+    """(ids, UTF-8 bytes of the text or None if pre-tokenised) per document of `docs`, in order."""
     texts: list[str] = []
     chars = 0
 
@@ -241,7 +248,7 @@ def _tokenised(source: SourceConfig, tok: Tokenizer) -> Iterator[tuple[np.ndarra
         for text, ids in zip(texts, tok.encode_batch(texts)):
             yield ids, len(text.encode("utf-8"))
 
-    for doc in iter_source(source):
+    for doc in docs:
         if isinstance(doc.data, str):
             texts.append(doc.data)
             chars += len(doc.data)
@@ -287,16 +294,21 @@ def build_shards(
     signer_key: Ed25519PrivateKey,
     domain_entropy: dict[str, float | None],
     sealing: Sealing = None,
+    documents: DocumentStream | None = None,
 ) -> dict[str, Any]:
     """Tokenise, split and pack `sources` into `data/`; write the tokenizer and the coordinator's signed manifest.
 
-    With `sealing`, every array is encrypted for the readers it names (trust/envelope.py)."""
+    With `sealing`, every array is encrypted for the readers it names (trust/envelope.py). With
+    `documents` (the gather of a parallel build), the sources were tokenised already, with the
+    tokenizer file that is in place: it is kept, not written again."""
     # No valid manifest may point at shards while they are being rewritten.
     layout.manifest_sig.unlink(missing_ok=True)
     layout.manifest.unlink(missing_ok=True)
-    save_tokenizer(tokenizer, layout.tokenizer)
+    if documents is None:
+        save_tokenizer(tokenizer, layout.tokenizer)
     tok_sha = sha256_file(layout.tokenizer)
-    shards, heldout = pack_sources(sources, data, tokenizer, DataDirs.shared(layout), seed, domain_entropy, sealing)
+    dirs = DataDirs.shared(layout)
+    shards, heldout = pack_sources(sources, data, tokenizer, dirs, seed, domain_entropy, sealing, documents)
     manifest: dict[str, Any] = {
         "version": MANIFEST_VERSION,
         "tokenizer": {
@@ -325,9 +337,11 @@ def pack_sources(
     seed: int,
     domain_entropy: dict[str, float | None],
     sealing: Sealing = None,
+    documents: DocumentStream | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Tokenise, split and pack every source into `dirs`: (shard entries, held-out entries).
 
+    `documents` gives each source's tokenised documents (default: read and tokenised here).
     Arrays of an earlier build that the new listing does not have are removed from `dirs`
     (and nothing outside it), so several parties can pack into one run directory.
     """
@@ -353,7 +367,8 @@ def pack_sources(
             # The newest training document waits here, so it can still become held-out if none was drawn.
             pending: tuple[np.ndarray, int | None] | None = None
             docs = 0
-            for ids, nbytes in _tokenised(source, tokenizer):
+            stream = documents(source) if documents else tokenised(iter_source(source), tokenizer)
+            for ids, nbytes in stream:
                 docs += 1
                 item = (_with_eos(ids, eos), nbytes)
                 if rng.random() < frac:

@@ -2,7 +2,8 @@
 
 Data pinned to a site (`site:` on a source or a generated domain) is read, tokenised and
 packed only by that site, which publishes a signed catalogue of it; the coordinator packs
-the unpinned (shared) sources, trains the tokenizer on them if asked, and signs the manifest.
+the unpinned (shared) sources, trains the tokenizer on them if asked, and signs the manifest,
+in one job or (`data.shard_jobs`) tokenizer, part jobs side by side, then the packing gather.
 A task with its own data format (not `data:` token shards) generates all of it at the
 coordinator (`Task.prepare_data`); its sites then publish empty catalogues.
 """
@@ -18,10 +19,19 @@ from fedhpc.core.files import read_json
 from fedhpc.core.layout import RunLayout
 from fedhpc.data.catalogue import write_catalogue
 from fedhpc.data.ingest import DataError, iter_texts
-from fedhpc.data.shards import DataDirs, Sealing, build_shards, load_manifest, load_run_tokenizer, pack_sources
+from fedhpc.data.parts import part_documents, tokenise_part
+from fedhpc.data.shards import (
+    DataDirs,
+    Sealing,
+    build_shards,
+    load_manifest,
+    load_run_tokenizer,
+    pack_sources,
+    token_dtype,
+)
 from fedhpc.data.synth import domain_sources, generate_corpus
 from fedhpc.data.taskdata import DataWriter
-from fedhpc.data.tokenizer import build_tokenizer
+from fedhpc.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer, save_tokenizer
 from fedhpc.stages.context import Ctx
 from fedhpc.tasks import Task, load_task
 from fedhpc.trust.audit import AuditLog
@@ -61,21 +71,31 @@ def party_sources(cfg: Config, layout: RunLayout, site: str | None) -> tuple[lis
     return sources, entropy
 
 
-def prepare_data(cfg: Config, layout: RunLayout, trust: TrustStore) -> dict:
-    """The coordinator's part: tokenizer, shared shards and held-out splits, signed manifest."""
-    task = load_task(cfg)
-    if not task.uses_tokens:
-        return prepare_task_data(cfg, layout, trust, task)
-    sources, entropy = party_sources(cfg, layout, None)
+def shared_tokenizer(cfg: Config, sources: list[SourceConfig]) -> Tokenizer:
+    """The run's tokenizer; a BPE is trained on the shared sources."""
     if cfg.data.tokenizer.kind == "bpe" and not sources:
         raise DataError(
             "data.tokenizer.kind bpe is trained on the shared sources (those without `site`), and there are none: "
             "pinned data never leaves its site. Train a tokenizer elsewhere and use kind: pretrained, or kind: byte"
         )
-    tok = build_tokenizer(cfg.data.tokenizer, iter_texts(sources))
-    manifest = build_shards(
-        sources, cfg.data, tok, layout, cfg.seed, trust.private_key(COORDINATOR), entropy, sealing(cfg, trust)
-    )
+    return build_tokenizer(cfg.data.tokenizer, iter_texts(sources))
+
+
+def prepare_data(cfg: Config, layout: RunLayout, trust: TrustStore) -> dict:
+    """The coordinator's part: tokenizer, shared shards and held-out splits, signed manifest.
+    With `data.shard_jobs` > 1 this is the gather: the tokenizer and the parts' tokens are in place."""
+    task = load_task(cfg)
+    if not task.uses_tokens:
+        return prepare_task_data(cfg, layout, trust, task)
+    sources, entropy = party_sources(cfg, layout, None)
+    documents = None
+    if cfg.data.shard_jobs > 1:
+        tok = load_tokenizer(layout.tokenizer)
+        documents = part_documents(layout, sources, cfg.data.shard_jobs, token_dtype(tok.vocab_size))
+    else:
+        tok = shared_tokenizer(cfg, sources)
+    key = trust.private_key(COORDINATOR)
+    manifest = build_shards(sources, cfg.data, tok, layout, cfg.seed, key, entropy, sealing(cfg, trust), documents)
     AuditLog(layout.audit).append(
         "data.sharded",
         holder=COORDINATOR,
@@ -133,6 +153,24 @@ def prepare_site_data(cfg: Config, layout: RunLayout, trust: TrustStore, site: s
         heldout=[h["domain"] for h in heldout],
     )
     return doc
+
+
+def run_tokenizer(ctx: Ctx) -> Tokenizer:
+    """Before the part jobs of a parallel build: the run's tokenizer, written once for all of them.
+    A manifest signed over an earlier tokenizer is withdrawn first (its hash would no longer match)."""
+    layout = ctx.layout
+    layout.manifest_sig.unlink(missing_ok=True)
+    layout.manifest.unlink(missing_ok=True)
+    tok = shared_tokenizer(ctx.cfg, party_sources(ctx.cfg, layout, None)[0])
+    save_tokenizer(tok, layout.tokenizer)
+    return tok
+
+
+def run_part(ctx: Ctx, part: int, workers: int = 1) -> dict:
+    """Part job `part` of a parallel build: its group of the shared sources' files tokenised with
+    `workers` processes, for the gather (`run`) to pack; returns the part's record."""
+    sources, _ = party_sources(ctx.cfg, ctx.layout, None)
+    return tokenise_part(ctx.layout, sources, ctx.cfg.data.shard_jobs, part, workers)
 
 
 def run(ctx: Ctx, site: str | None = None) -> dict:
