@@ -139,6 +139,10 @@ def test_thirty_rounds_keep_two_rounds_and_every_tenth_global_and_provenance_ver
     final = read_json(layout.global_model(30).parent / "provenance.json")
     assert [x["global"] for x in final["lineage"] if x["stored"]] == [30, 29, 20, 10, 0]
 
+    # A deleted global cannot be exported; the error names the record that deleted it.
+    assert main(["export", str(layout.global_model(15)), str(tmp_path / "hf"), "--config", str(path)]) == 1
+    assert "deleted by `retention:`" in (err := capsys.readouterr().err) and "r0016/retention.json" in err
+
     # A retention record edited after the fact, or a file gone without one, breaks the provenance.
     record = read_json(layout.retention(15))
     record["pruned"].pop("rounds/r0013/candidate/model.safetensors")

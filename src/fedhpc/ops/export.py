@@ -6,6 +6,7 @@ this module checks the model's signature and the run's signed manifest, and writ
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fedhpc.config.federation import Config
@@ -28,6 +29,12 @@ def export_model(cfg: Config, layout: RunLayout, trust: TrustStore, model_file: 
         raise ExportError(f"{model_file}: no model.json beside it; export a global model (rounds/rNNNN/global/)")
     meta = read_json(meta_path)
     verify_document(meta, trust, COORDINATOR, str(meta_path))
+    if not Path(model_file).exists():
+        rel = str(Path(os.path.abspath(model_file)).relative_to(os.path.abspath(layout.root)))
+        records = [layout.retention(r) for r in layout.rounds_present() if layout.retention(r).exists()]
+        by = next((p for p in records if rel in read_json(p).get("pruned", {})), None)
+        why = f"deleted by `retention:` ({by})" if by else "missing"
+        raise ExportError(f"{model_file}: {why}; globals kept: every retention.globals_every-th and the last")
     if sha256_file(model_file) != meta["sha256"]:
         raise ExportError(f"{model_file}: content does not match the sha256 in {meta_path}")
     load_manifest(layout, trust)  # the tokenizer an export ships must be the run's signed one

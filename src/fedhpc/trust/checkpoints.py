@@ -40,6 +40,10 @@ def load_global_meta(layout: RunLayout, trust: TrustStore, r: int, check_hash: b
     check_document("global_meta", meta, str(path))
     if meta.get("round") != r:
         raise CheckpointError(f"{path}: says round {meta.get('round')}, expected {r}")
+    if check_hash and not layout.global_model(r).exists():
+        raise CheckpointError(
+            f"{layout.global_model(r)}: not on disk; `retention:` deletes globals once later rounds are promoted"
+        )
     if check_hash and sha256_file(layout.global_model(r)) != meta["sha256"]:
         raise CheckpointError(f"{layout.global_model(r)}: content does not match the sha256 in {path}")
     return meta
