@@ -218,6 +218,14 @@ VALID = {
     },
     "bundle_index": {"files": {"update.safetensors": {"sha256": "f" * 64, "bytes": 3}}, "created": 1.0},
     "global_meta": {"round": 1, "sha256": "0" * 64, "parent_sha256": None},
+    "retention": {
+        "run": "t",
+        "round": 3,
+        "pruned": {
+            "rounds/r0001/candidate/model.safetensors": {"sha256": "0" * 64},
+            "rounds/r0001/candidate/server_state.safetensors": {"sha256": None},
+        },
+    },
     "ledger_head": {"run": "t", "round": 0, "lines": 3, "hash": "1" * 64, "time": 2.0},
 }
 

@@ -153,7 +153,7 @@ def test_thirty_rounds_keep_two_rounds_and_every_tenth_global_and_provenance_ver
 
 @pytest.mark.e2e
 def test_a_killed_federation_with_retention_resumes_and_keeps_exactly_the_policy(tmp_path):
-    cfg = _small(tmp_path, 3)
+    cfg = _small(tmp_path, 2)
     cfg["rounds"]["tokens_per_round"] = 8000
     cfg["retention"] = {"keep_rounds": 1, "globals_every": 2}
     cfg["rounds"]["late_updates"] = "drop"
@@ -165,24 +165,26 @@ def test_a_killed_federation_with_retention_resumes_and_keeps_exactly_the_policy
         snakemake_cmd(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True
     )
     deadline = time.time() + 300
-    try:  # killed once round 1's retention deleted round 0's candidate, while round 2 runs
-        while not layout.retention(1).exists():
+    try:  # killed once round 0's retention ran, while round 1 runs; round 1's then deletes round 0's files
+        while not layout.retention(0).exists():
             assert proc.poll() is None, "the run finished before the kill point"
             assert time.time() < deadline, "kill point never reached"
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert not layout.retention(1).exists()
     run_workflow(tmp_path)
 
     published = Counter((e["round"], e["site"]) for e in events(run) if e["event"] == "update.published")
     assert set(published.values()) == {1}, f"a finished site-round was trained again: {published}"
-    assert {r for r, _ in published} == {0, 1, 2}
-    files, kept = _expected(layout, Policy(1, 2, 0), 2, [])
+    assert {r for r, _ in published} == {0, 1}
+    files, kept = _expected(layout, Policy(1, 2, 0), 1, [])
     updates = {str(p.relative_to(run)) for p in run.rglob("update.safetensors")}
-    assert {u.split("/")[1] for u in updates} == {"r0002"}
+    assert {u.split("/")[1] for u in updates} == {"r0001"}
     assert _regular_models(run) - updates == files | {"rounds/r0000/global/model.safetensors"}
-    assert {g for g in range(4) if os.path.lexists(layout.global_model(g))} == {0, 2, 3} == kept
+    assert {g for g in range(3) if os.path.lexists(layout.global_model(g))} == {0, 2} == kept
     # Deleted files are not missing outputs: Snakemake has nothing left to do.
-    assert "Nothing to be done" in run_workflow(tmp_path, "-n").stdout + run_workflow(tmp_path, "-n").stderr
-    assert main(["provenance", str(layout.global_model(3)), "--config", str(tmp_path / "config.yaml")]) == 0
+    dry = run_workflow(tmp_path, "-n")
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    assert main(["provenance", str(layout.global_model(2)), "--config", str(tmp_path / "config.yaml")]) == 0

@@ -160,7 +160,11 @@ SCHEMAS: dict[str, dict] = {
         {
             "run": LABEL,
             "round": ROUND,
-            "pruned": {"type": "object", "additionalProperties": _obj({"sha256": _nullable(SHA)})},
+            "pruned": {
+                "type": "object",
+                "propertyNames": REL_PATH,
+                "additionalProperties": _obj({"sha256": _nullable(SHA)}),
+            },
         }
     ),
     "ledger_head": _obj({"run": LABEL, "round": ROUND, "lines": COUNT, "hash": SHA, "time": NUM}),
