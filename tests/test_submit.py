@@ -75,6 +75,22 @@ def unfinished_outputs(log_text: str) -> set[str]:
     return {path for jobid, paths in outputs.items() if jobid not in finished for path in paths}
 
 
+def first_start(log: Path) -> str | None:
+    """Snakemake's output of the head's first start: in its log (sbatch) or the stderr beside it (submitit)."""
+    text = "".join(f.read_text() for f in (log, log.with_suffix(".err")) if f.exists())
+    parts = re.split(r"^SNAKEMAKE\n=+\n", text, flags=re.M)
+    return parts[1] if len(parts) > 1 else None
+
+
+def training_noted(run: Path, log: Path) -> bool:
+    """Whether the head's Snakemake has seen round 0's train jobs finish. Gather reads the
+    blackboard, so the round can reach aggregation before the head's next Slurm status check
+    notes a finished train job; a head stopped in between rightly trains that site again."""
+    text = first_start(log)
+    statuses = {str(run / "rounds" / "r0000" / "sites" / site / "status.json") for site in ("lumi", "laptop")}
+    return text is not None and all(s in text for s in statuses) and not statuses & unfinished_outputs(text)
+
+
 def settled(run: Path, log: Path) -> dict[str, float]:
     """Files of the run directory the head's first start finished, with their mtimes, taken once
     that start has exited. Not the outputs of jobs its Snakemake did not see finish (those rerun,
@@ -82,10 +98,7 @@ def settled(run: Path, log: Path) -> dict[str, float]:
     every start: checked to keep its first lines instead). Taken before the second start and not
     at the warning, since Snakemake touches a job's outputs when it notes the job finished, which
     may be seconds after the job wrote them."""
-    # Snakemake's output: in the head's log (sbatch) or its stderr beside it (submitit).
-    text = "".join(f.read_text() for f in (log, log.with_suffix(".err")) if f.exists())
-    first_start = re.split(r"^SNAKEMAKE\n=+\n", text, flags=re.M)[1]
-    redo = unfinished_outputs(first_start)
+    redo = unfinished_outputs(first_start(log) or "")
     return {
         str(p): p.stat().st_mtime
         for p in run.rglob("*")
@@ -141,8 +154,8 @@ def bring_time_limit_near(job: str) -> None:
 
 
 def watch_requeues(heads: dict[str, tuple[Path, Path, Path]]) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-    """Once each head's first start has trained and waits at the aggregation gate, bring its time
-    limit near; wait until every head was warned (then open its gate) and requeued itself; give
+    """Once each head's first start has trained (its Snakemake saw it) and waits at the aggregation
+    gate, bring its time limit near; wait until every head was warned (then open its gate) and requeued itself; give
     each second start time to finish. Returns, per head, the files its first start had finished
     (taken once it exited, before the second start) and its audit log when warned."""
     before: dict[str, dict[str, float]] = {}
@@ -155,7 +168,7 @@ def watch_requeues(heads: dict[str, tuple[Path, Path, Path]]) -> tuple[dict[str,
             gate = calls.parent
             if job not in audit:
                 assert job_state(job) in ACTIVE, f"head {job} ended, never warned of its time limit: {tail(log)}"
-                if job not in near and (gate / "at-gate").exists():
+                if job not in near and (gate / "at-gate").exists() and training_noted(run, log):
                     bring_time_limit_near(job)
                     near.add(job)
                 elif "time limit near" in (log.read_text() if log.exists() else ""):
