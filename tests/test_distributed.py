@@ -109,8 +109,10 @@ import json, os, torch
 from fedhpc.training import distributed
 world = distributed.detect()
 distributed.init(world, torch.device("cpu"))
-print(json.dumps({"launcher": world.launcher, "master": os.environ["MASTER_ADDR"],
-                  "sum": distributed.all_sum([1.0], world)}))
+out = {"launcher": world.launcher, "master": os.environ["MASTER_ADDR"], "sum": distributed.all_sum([1.0], world)}
+distributed.barrier(world)
+distributed.shutdown()  # a process group left to interpreter exit can abort it ("terminate called ...")
+print(json.dumps(out))
 """
 
 
@@ -144,6 +146,7 @@ distributed.init(world, torch.device("cuda", world.local_rank))
 total = distributed.all_sum([1.0, float(world.rank)], world)
 decision = distributed.broadcast({"decided_by": world.rank}, world)
 distributed.barrier(world)
+distributed.shutdown()
 print(json.dumps({"events": events, "sum": total, "decision": decision}))
 """
 
@@ -186,6 +189,8 @@ for name, model in models.items():
         "units": sorted(n for n, m in model.named_modules() if isinstance(m, FSDPModule)),
         "whole_model_on_rank_0": None if state is None else sorted(state) == names,
     }
+distributed.barrier(world)
+distributed.shutdown()  # a process group left to interpreter exit can abort it ("terminate called ...")
 print(json.dumps(out))
 """
 

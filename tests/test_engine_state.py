@@ -48,6 +48,8 @@ for stage in (2, 3):
                 torch.equal(p.detach(), state[n].bfloat16()) for n, p in model.named_parameters()
             ) if stage == 2 else None,
         }
+distributed.barrier(world)
+distributed.shutdown()  # a process group left to interpreter exit can abort it ("terminate called ...")
 print(json.dumps(out))
 """
 
