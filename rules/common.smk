@@ -200,8 +200,7 @@ def retain_inputs(wildcards):
 
 def retention_target(r):
     """Round r's retention record, with `retention:` (each depends on the one before)."""
-    on = CFG.retention.keep_rounds or CFG.retention.globals_every
-    return [f"{rdir(r)}/retention.json"] if on else []
+    return [f"{rdir(r)}/retention.json"] if CFG.retention.enabled else []
 
 
 def train_nodes(wildcards):

@@ -123,7 +123,7 @@ def run_stages(config: Path, rounds: int, sites: list[str], synth: bool = False,
             stage(verb, "--round", str(r))
         evaluate(r, "candidate")
         stage("promote", "--round", str(r))
-        if cfg.retention.keep_rounds or cfg.retention.globals_every:
+        if cfg.retention.enabled:
             stage("retain", "--round", str(r))
         if track:
             stage("track", "--round", str(r))

@@ -346,6 +346,11 @@ class RetentionConfig:
         minimum=1,
     )
 
+    @property
+    def enabled(self) -> bool:
+        """Whether the run deletes anything: either key set."""
+        return self.keep_rounds is not None or self.globals_every is not None
+
 
 @dataclass(kw_only=True)
 class TrackingConfig:

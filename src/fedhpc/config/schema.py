@@ -205,7 +205,7 @@ def _semantic_problems(cfg: Config, task_check: TaskCheck | None) -> list[str]:
 
 def _retention_problems(cfg: Config) -> list[str]:
     keep, staleness = cfg.retention.keep_rounds, cfg.rounds.max_staleness
-    if (keep or cfg.retention.globals_every) and cfg.exchange.role != "all":
+    if cfg.retention.enabled and cfg.exchange.role != "all":
         return [
             f"retention: not for exchange.role {cfg.exchange.role!r} yet; a site that falls behind still pulls old "
             "rounds' models from the hub, so the coordinator cannot tell which it may delete"

@@ -52,9 +52,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def link_atomic(target: str | os.PathLike, path: str | os.PathLike) -> Path:
+def link_atomic(target: str | os.PathLike, path: str | os.PathLike) -> None:
     """Make `path` a relative symlink to the file `target` finally names (links followed), replacing
-    what was there in one rename. Returns the file linked to. Relative, so the run directory can
+    what was there in one rename. Relative, so the run directory can
     move or be bound into a container at another path."""
     path, real = Path(path), Path(os.path.realpath(target))
     if not real.is_file():
@@ -65,7 +65,6 @@ def link_atomic(target: str | os.PathLike, path: str | os.PathLike) -> Path:
     os.symlink(os.path.relpath(real, os.path.realpath(path.parent)), tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
-    return real
 
 
 def clear_stale_parts(directory: str | os.PathLike) -> list[Path]:

@@ -14,6 +14,7 @@ from fedhpc.core.files import read_json, sha256_file, write_bytes
 from fedhpc.core.layout import RunLayout
 from fedhpc.core.tensorfile import load_state
 from fedhpc.data.shards import load_manifest
+from fedhpc.ops.provenance import pruned_files
 from fedhpc.tasks import load_task
 from fedhpc.tasks.evaluators import flat_metrics
 from fedhpc.tasks.gpt_export import ExportError
@@ -31,9 +32,8 @@ def export_model(cfg: Config, layout: RunLayout, trust: TrustStore, model_file: 
     verify_document(meta, trust, COORDINATOR, str(meta_path))
     if not Path(model_file).exists():
         rel = str(Path(os.path.abspath(model_file)).relative_to(os.path.abspath(layout.root)))
-        records = [layout.retention(r) for r in layout.rounds_present() if layout.retention(r).exists()]
-        by = next((p for p in records if rel in read_json(p).get("pruned", {})), None)
-        why = f"deleted by `retention:` ({by})" if by else "missing"
+        by = pruned_files(layout, trust).get(rel)
+        why = f"deleted by `retention:` ({by.record})" if by else "missing"
         raise ExportError(f"{model_file}: {why}; globals kept: every retention.globals_every-th and the last")
     if sha256_file(model_file) != meta["sha256"]:
         raise ExportError(f"{model_file}: content does not match the sha256 in {meta_path}")

@@ -16,6 +16,7 @@ import re
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 from fedhpc.core.documents import check_document
 from fedhpc.core.errors import FedhpcError
@@ -61,15 +62,22 @@ def _signed(path: Path, trust: TrustStore, signer: str) -> dict:
     return doc
 
 
-def pruned_files(layout: RunLayout, trust: TrustStore) -> dict[str, str | None]:
-    """Every file retention deleted (path in the run → the sha256 its signed record gave), from the
-    coordinator-signed retention records of the rounds."""
-    out: dict[str, str | None] = {}
+class Pruned(NamedTuple):
+    """A file retention deleted: the sha256 its signed record gave, and that record."""
+
+    sha256: str | None
+    record: Path
+
+
+def pruned_files(layout: RunLayout, trust: TrustStore) -> dict[str, Pruned]:
+    """Every file retention deleted (path in the run → its hash and record), from the coordinator-signed
+    retention records of the rounds."""
+    out: dict[str, Pruned] = {}
     for r in layout.rounds_present():
         if layout.retention(r).exists():
             record = _signed(layout.retention(r), trust, COORDINATOR)
             check_document("retention", record, str(layout.retention(r)))
-            out.update({path: item["sha256"] for path, item in record["pruned"].items()})
+            out.update({path: Pruned(item["sha256"], layout.retention(r)) for path, item in record["pruned"].items()})
     return out
 
 
@@ -78,7 +86,8 @@ def _stored_as(layout: RunLayout, pruned: dict, path: Path, sha: str) -> bool | 
     says so, with that hash), False otherwise (missing without a record, or other bytes)."""
     if path.exists():
         return True if sha256_file(path) == sha else False
-    return None if pruned.get(str(path.relative_to(layout.root))) == sha else False
+    item = pruned.get(str(path.relative_to(layout.root)))
+    return None if item is not None and item.sha256 == sha else False
 
 
 def _global(layout: RunLayout, trust: TrustStore, pruned: dict, g: int) -> tuple[dict, bool]:

@@ -41,10 +41,6 @@ class Policy:
         fold = cfg.rounds.late_updates == "fold"
         return cls(cfg.retention.keep_rounds, cfg.retention.globals_every, cfg.rounds.max_staleness if fold else 0)
 
-    @property
-    def enabled(self) -> bool:
-        return self.keep_rounds is not None or self.globals_every is not None
-
     def round_pruned(self, j: int, r: int) -> bool:
         """Whether round j's updates and candidate are gone once round r is promoted."""
         return self.keep_rounds is not None and 0 <= j <= r - self.keep_rounds
