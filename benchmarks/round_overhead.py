@@ -1,14 +1,19 @@
-"""What a round costs beyond local training, with one Snakemake job per site and round (issue 21, item 3's baseline).
+"""What a round costs beyond local training: one job per site and round, resident site jobs, and Flower.
 
-Usage: python benchmarks/round_overhead.py [--rounds 20] [--tmp DIR]
+Usage: python benchmarks/round_overhead.py [--rounds 20] [--repeats 1] [--flower-python PATH] [--tmp DIR]
 
 Runs the tests' tiny federation (3 sites, a 1-layer GPT) for `--rounds` rounds with `fedhpc run`
-on the local profile, then reads the run's own records: a round's wall time is the time from one
-promotion to the next in the audit log; its training time, measured in the same run, is the
-longest of the sites' training loops that round (`train_seconds` of the signed receipts); the
-overhead is the difference: job starts, imports, model loads and the coordinator's stages. Also
-prints what each rule's jobs took (Snakemake's benchmark files, where a rule keeps them).
-Medians over the rounds after the first. Prints a JSON object on the last line.
+on the local profile, once with a train job per site and round and once with every site resident
+(`sites.<name>.resident`: one job trains all its rounds), alternating `--repeats` times. It then
+reads each run's own records: a round's wall time is the time from one promotion to the next in
+the audit log; its training time, measured in the same run, is the longest of the sites' training
+loops that round (`train_seconds` of the signed receipts); the overhead is the difference: job
+starts, imports, model loads, waiting and the coordinator's stages. Also prints what each rule's
+jobs took (Snakemake's benchmark files, where a rule keeps them). With `--flower-python` (a venv
+with torch and flwr[simulation]), runs benchmarks/flower_round_overhead.py there for the same
+rounds and sites, a simulation of the same work in one process, measured the same way. Medians
+over the rounds after the first (over repeats: the median of the runs' medians). Prints a JSON
+object on the last line.
 """
 
 from __future__ import annotations
@@ -54,45 +59,85 @@ def rule_seconds(run: Path) -> dict[str, float]:
     return {rule: statistics.median(v) for rule, v in sorted(per.items())}
 
 
+def federation(tmp: Path, rounds: int, resident: bool) -> dict:
+    """One run of the tiny federation; its per-round medians."""
+    cfg = tiny_config(tmp, rounds=rounds)
+    for site in cfg["sites"].values():
+        site["resident"] = resident
+    write_config(tmp, cfg)
+    t0 = time.perf_counter()
+    proc = subprocess.run(snakemake_cmd(tmp), capture_output=True, text=True, env=env())
+    total = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(proc.stderr[-3000:])
+    run = Path(cfg["output_dir"]) / cfg["run"]
+    done = promotions(run)
+    rounds_ = [r for r in range(1, rounds) if r in done and r - 1 in done]
+    walls = [done[r] - done[r - 1] for r in rounds_]
+    trains = [training_seconds(run, r) for r in rounds_]
+    return {
+        "seconds_total": total,
+        "round_seconds_median": statistics.median(walls),
+        "training_seconds_median": statistics.median(trains),
+        "overhead_seconds_median": statistics.median(w - t for w, t in zip(walls, trains)),
+        "rule_seconds_median": rule_seconds(run),
+        "sites": len(cfg["sites"]),
+    }
+
+
+def flower(python: str, rounds: int, clients: int) -> dict:
+    script = REPO / "benchmarks" / "flower_round_overhead.py"
+    cmd = [python, str(script), "--rounds", str(rounds), "--clients", str(clients)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def median_of(runs: list[dict]) -> dict:
+    keys = ("seconds_total", "round_seconds_median", "training_seconds_median", "overhead_seconds_median")
+    return {k: statistics.median(r[k] for r in runs) for k in keys}
+
+
+def line(name: str, m: dict) -> str:
+    return (
+        f"  {name:<22} round {m['round_seconds_median']:.2f} s, training {m['training_seconds_median']:.2f} s, "
+        f"overhead {m['overhead_seconds_median']:.2f} s ({m['seconds_total']:.0f} s in all)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--flower-python", help="python of a venv with torch and flwr[simulation]")
     ap.add_argument("--tmp", default=None)
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
-        d = Path(tmp)
-        cfg = tiny_config(d, rounds=a.rounds)
-        write_config(d, cfg)
-        t0 = time.perf_counter()
-        proc = subprocess.run(snakemake_cmd(d), capture_output=True, text=True, env=env())
-        total = time.perf_counter() - t0
-        if proc.returncode:
-            sys.exit(proc.stderr[-3000:])
-        run = Path(cfg["output_dir"]) / cfg["run"]
-        done = promotions(run)
-        rounds = [r for r in range(1, a.rounds) if r in done and r - 1 in done]
-        walls = [done[r] - done[r - 1] for r in rounds]
-        trains = [training_seconds(run, r) for r in rounds]
-        overheads = [w - t for w, t in zip(walls, trains)]
-        rules = rule_seconds(run)
-    wall, train, over = (statistics.median(x) for x in (walls, trains, overheads))
-    print(f"{a.rounds} rounds x {len(cfg['sites'])} sites, local profile: {total:.1f} s in all")
-    print(f"  a round (median of rounds 1-{a.rounds - 1}): {wall:.2f} s, of which training {train:.2f} s")
-    print(f"  overhead per round: {over:.2f} s, {over / max(train, 1e-9):.1f}x the training it serves")
-    print("  job wall time by rule (median): " + ", ".join(f"{k} {v:.2f} s" for k, v in rules.items()))
+    runs: dict[str, list[dict]] = {"per-round jobs": [], "resident": [], "flower": []}
+    for _ in range(a.repeats):  # alternating, so that a busier minute of the machine hits all alike
+        for name, resident in (("per-round jobs", False), ("resident", True)):
+            with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
+                runs[name].append(federation(Path(tmp), a.rounds, resident))
+        if a.flower_python:
+            runs["flower"].append(flower(a.flower_python, a.rounds, runs["resident"][-1]["sites"]))
+    result = {name: median_of(r) for name, r in runs.items() if r}
+    sites = runs["resident"][-1]["sites"]
     print(
-        json.dumps(
-            {
-                "rounds": a.rounds,
-                "sites": len(cfg["sites"]),
-                "seconds_total": total,
-                "round_seconds_median": wall,
-                "training_seconds_median": train,
-                "overhead_seconds_median": over,
-                "rule_seconds_median": rules,
-            }
-        )
+        f"{a.rounds} rounds x {sites} sites, local profile, medians of rounds 1-{a.rounds - 1}, {a.repeats} run(s) each:"
     )
+    for name, m in result.items():
+        print(line(name, m))
+    per, res = result["per-round jobs"], result["resident"]
+    print(
+        f"  resident overhead / per-round overhead: {res['overhead_seconds_median'] / per['overhead_seconds_median']:.2f}"
+    )
+    if "flower" in result:
+        fl = result["flower"]
+        print(f"  resident overhead / Flower's: {res['overhead_seconds_median'] / fl['overhead_seconds_median']:.1f}")
+    for name in ("per-round jobs", "resident"):
+        rules = runs[name][-1]["rule_seconds_median"]
+        print(f"  job wall time by rule, {name} (median): " + ", ".join(f"{k} {v:.2f} s" for k, v in rules.items()))
+    print(json.dumps({"rounds": a.rounds, "sites": sites, "repeats": a.repeats, **result}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 # Config validation, the run directory, and the input functions every stage uses; the head of
 # a real run also writes the config snapshot (fedhpc.ops.run.prepare_head).
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,8 @@ RUN = f"{CFG.output_dir}/{CFG.run}"
 ROLE = CFG.exchange.role
 # A site's Snakemake trains for that site alone.
 SITES = [CFG.exchange.site] if ROLE == "site" else sorted(CFG.sites)
+# Sites that train in one long job per allocation (rules/resident.smk), not one job a round.
+RESIDENT = [s for s in SITES if CFG.sites[s].resident]
 ROUNDS = list(range(CFG.rounds.count))
 # Every round hangs off the one before, and Snakemake builds the DAG recursively, about 40
 # frames a round: at Python's default limit (1000) a federation of 27 rounds failed to plan.
@@ -313,10 +316,48 @@ def all_targets():
         return [f"{RUN}/data/bundle.json", *offers, last, *done]
     holders, targets = eval_holders(), []
     for r in ROUNDS:
-        targets += [f"{rdir(r)}/sites/{s}/status.json" for s in SITES]
+        targets += [
+            f"{rdir(r)}/sites/{s}/status.json" for s in SITES if s not in RESIDENT
+        ]
         targets += eval_targets(r, holders)
         targets += retention_target(r)
     return [*targets, *done]
+
+
+def resident_chain(site):
+    """The default target's input function for a resident site: its jobs' segment records, each starting
+    where the one before stopped, as far as they have run (Snakemake asks again when one ends).
+    """
+
+    def segments(wildcards):
+        records, r = [], 0
+        while r < CFG.rounds.count:
+            record = checkpoints.resident.get(r=f"{r:04d}", site=site).output[0]
+            records.append(record)
+            r = next_segment(record, r)
+        return records
+
+    return segments
+
+
+def next_segment(record, start):
+    """The round the job after the one of `record` (which started at `start`) starts at."""
+    try:
+        nxt = json.loads(Path(record).read_text())["next_round"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise WorkflowError(f"{record}: not a resident job's record ({exc})") from None
+    if not isinstance(nxt, int) or nxt <= start:
+        raise WorkflowError(
+            f"{record}: next_round {nxt!r} does not move past round {start}"
+        )
+    return nxt
+
+
+def resident_threads(wildcards):
+    """A resident job's cores. On this machine none in Snakemake's count: the job sleeps while the
+    coordinator's jobs run, and holding a core would starve them (a deadlock on a small --cores).
+    """
+    return 0 if runs_jobs_here() else 2
 
 
 # Failure records of training jobs (fedhpc.stages.failures): the head process names this invocation,
@@ -331,6 +372,11 @@ if HEAD:
 def train_attempt(wildcards, attempt):
     """This train job's attempt, counted by Snakemake from 1."""
     return attempt
+
+
+def resident_attempts(wildcards):
+    """Attempts a resident job has, as train_attempts (the same retries apply to both rules)."""
+    return train_attempts(wildcards)
 
 
 def train_attempts(wildcards):

@@ -22,7 +22,7 @@ TRAINING_KEYS = (
 )
 SITE_KEYS = (
     "accelerator, batch_tokens, compression, container, energy_weight, engine, gpu_memory_gb, gpus, memory_gb, "
-    "nodes, ranks_per_node, throughput, zero_stage"
+    "nodes, ranks_per_node, resident, resident_idle_minutes, resident_margin_minutes, throughput, zero_stage"
 )
 TOP_KEYS = (
     "container, data, evaluation, exchange, model, output_dir, retention, rounds, run, seed, sites, strategy, task, tracking, training, trust, "

@@ -62,7 +62,7 @@ def test_a_federation_of_hundreds_of_rounds_plans(tmp_path):
 def test_cheap_steps_run_on_the_head_node_and_heavy_ones_are_jobs():
     rules = {}
     for smk in (REPO / "rules").glob("*.smk"):
-        for name, body in re.findall(r"^rule (\w+):\n((?:    .*\n|\n)*)", smk.read_text(), re.M):
+        for name, body in re.findall(r"^(?:rule|checkpoint) (\w+):\n((?:    .*\n|\n)*)", smk.read_text(), re.M):
             rules[name] = "localrule: True" in body
     assert {r for r, local in rules.items() if local} >= {
         "plan",
@@ -74,7 +74,7 @@ def test_cheap_steps_run_on_the_head_node_and_heavy_ones_are_jobs():
         "track",
         "report",
     }
-    heavy = ("train", "aggregate", "evaluate_shared", "evaluate_site", "shard", "shard_site")
+    heavy = ("train", "resident", "aggregate", "evaluate_shared", "evaluate_site", "shard", "shard_site")
     assert not any(rules[r] for r in heavy)
 
 

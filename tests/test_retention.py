@@ -4,9 +4,6 @@ resumes after SIGKILL, and its provenance still checks out."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +16,7 @@ from fedhpc.core.layout import RunLayout
 from fedhpc.stages.promote import _place
 from fedhpc.stages.retain import Policy, apply, pruned_now
 from fedhpc.tasks.validation import validate
-from tests.workflow_util import env, events, run_stages, run_workflow, snakemake_cmd, tiny_config, write_config
+from tests.workflow_util import events, kill_when, run_stages, run_workflow, tiny_config, write_config
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.json"
 
@@ -161,18 +158,8 @@ def test_a_killed_federation_with_retention_resumes_and_keeps_exactly_the_policy
     run = Path(cfg["output_dir"]) / cfg["run"]
     layout = RunLayout.of(run)
 
-    proc = subprocess.Popen(
-        snakemake_cmd(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True
-    )
-    deadline = time.time() + 300
-    try:  # killed once round 0's retention ran, while round 1 runs; round 1's then deletes round 0's files
-        while not layout.retention(0).exists():
-            assert proc.poll() is None, "the run finished before the kill point"
-            assert time.time() < deadline, "kill point never reached"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # Killed once round 0's retention ran, while round 1 runs; round 1's then deletes round 0's files.
+    kill_when(tmp_path, layout.retention(0))
     assert not layout.retention(1).exists()
     run_workflow(tmp_path)
 

@@ -21,10 +21,12 @@ def job_state(job_id: str) -> str:
 def test_federation_runs_through_slurm_with_ddp_and_deepspeed_sites(slurm, tmp_path):
     cfg = tiny_config(tmp_path, run="slurm", rounds=2)
     cfg["sites"]["a100"].update(ranks_per_node=2, engine="ddp")
-    cfg["sites"]["laptop"].update(engine="deepspeed", zero_stage=1)
+    # The DeepSpeed site is resident: one Slurm job trains its rounds in turn. With a 1-minute limit
+    # and a 45-second margin its first job has no room for round 1 and ends; the workflow submits the next.
+    cfg["sites"]["laptop"].update(engine="deepspeed", zero_stage=1, resident=True, resident_margin_minutes=0.75)
     cfg["sites"]["lumi"].update(ranks_per_node=2, engine="fsdp")
     write_config(tmp_path, cfg)
-    run_workflow(tmp_path, "--profile", str(REPO / "profiles" / "ci-slurm"))
+    run_workflow(tmp_path, "--profile", str(REPO / "profiles" / "ci-slurm"), "--set-resources", "resident:runtime=1")
     run = Path(cfg["output_dir"]) / "slurm"
 
     s = summary(tmp_path, cfg)
@@ -37,7 +39,8 @@ def test_federation_runs_through_slurm_with_ddp_and_deepspeed_sites(slurm, tmp_p
         }
         for site, rec in receipts.items():
             assert rec["slurm_job_id"], f"{r}/{site} did not run as a Slurm job"
-            jobs.append(rec["slurm_job_id"])
+            if site != "laptop":
+                jobs.append(rec["slurm_job_id"])
         # Two ranks started by srun inside the site's job, synchronised by DDP over gloo.
         assert (receipts["a100"]["ranks"], receipts["a100"]["launcher"], receipts["a100"]["engine"]) == (
             2,
@@ -53,7 +56,19 @@ def test_federation_runs_through_slurm_with_ddp_and_deepspeed_sites(slurm, tmp_p
         agg = json.loads((run / "rounds" / r / "aggregate.json").read_text())
         assert agg["slurm_job_id"] and set(agg["weights"]) == set(cfg["sites"])
         jobs.append(agg["slurm_job_id"])
-    assert len(set(jobs)) == len(jobs), "every site-round and aggregation is its own job"
+    # The resident site's jobs each ended on their own before the limit (COMPLETED, not TIMEOUT),
+    # each starting where the one before stopped, and trained each round once.
+    first = json.loads((run / "rounds" / "r0000" / "sites" / "laptop" / "resident.json").read_text())
+    second = json.loads((run / "rounds" / "r0001" / "sites" / "laptop" / "resident.json").read_text())
+    assert (first["reason"], first["next_round"], second["reason"], second["next_round"]) == ("time", 1, "done", 2)
+    resident_jobs = [first["slurm_job_id"], second["slurm_job_id"]]
+    trained_in = [
+        json.loads((run / "rounds" / r / "sites" / "laptop" / "receipt.json").read_text())["slurm_job_id"]
+        for r in ("r0000", "r0001")
+    ]
+    assert trained_in == resident_jobs and len(set(resident_jobs)) == 2
+    jobs += resident_jobs
+    assert len(set(jobs)) == len(jobs), "every other site-round and aggregation is its own job"
     assert {job_state(j) for j in jobs} == {"COMPLETED"}
     # The DeepSpeed config was written from our settings, at the site.
     ds = json.loads((run / "site-state" / "laptop" / "deepspeed-r0001.json").read_text())

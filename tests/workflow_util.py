@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -69,6 +71,22 @@ def snakemake_cmd(tmp: Path, *extra: str) -> list[str]:
 
 def env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def kill_when(tmp: Path, reached: Path, timeout: float = 300) -> None:
+    """Run the federation and SIGKILL it, Snakemake and every job, as soon as `reached` exists."""
+    proc = subprocess.Popen(
+        snakemake_cmd(tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True
+    )
+    deadline = time.time() + timeout
+    try:
+        while not reached.exists():
+            assert proc.poll() is None, f"the run finished before {reached} appeared"
+            assert time.time() < deadline, f"kill point {reached} never reached"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def run_workflow(tmp: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -114,6 +114,26 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resident(a: argparse.Namespace) -> int:
+    from fedhpc.stages import resident
+
+    ctx = context(a.config)
+    spec = ctx.cfg.sites.get(a.site)
+    if spec is None or not spec.resident:
+        raise SystemExit(f"fedhpc resident: {a.site!r} is not a resident site of {a.config} (sites.<name>.resident)")
+    if a.exited is not None:  # the job's shell, after the worker ended with this code
+        rec = resident.record_exited(ctx, a.site, a.round, a.exited, a.attempt, a.attempts)
+        where = f"round {rec['round']}" if rec else "between rounds"
+        print(
+            f"fedhpc resident: attempt {a.attempt} of {a.attempts} ended with code {a.exited} ({where})",
+            file=sys.stderr,
+        )
+        return a.exited
+    rec = resident.run(ctx, a.site, a.round, a.threads, Path(a.record), a.walltime_minutes, a.attempt, a.attempts)
+    print(json.dumps(rec))
+    return 0
+
+
 def cmd_gather(a: argparse.Namespace) -> int:
     from fedhpc.stages import gather
 
@@ -248,6 +268,16 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--exited", type=int, metavar="CODE", help="record that this attempt's training process ended with CODE"
     )
+    rs = verb("resident", cmd_resident, "train a resident site's rounds from --round on in this one job", round=True)
+    rs.add_argument("--site", required=True)
+    rs.add_argument("--threads", type=int, default=1)
+    rs.add_argument("--record", required=True, help="where to write the segment record when the job ends")
+    rs.add_argument(
+        "--walltime-minutes", type=float, default=0.0, help="the job's time limit (0: none, or Slurm's end time)"
+    )
+    rs.add_argument("--attempt", type=int, default=1, help="this job's attempt (Snakemake's retries count on)")
+    rs.add_argument("--attempts", type=int, default=1, help="attempts the workflow allows (its retries + 1)")
+    rs.add_argument("--exited", type=int, metavar="CODE", help="record that the worker ended with CODE")
     verb("gather", cmd_gather, "wait for updates until all arrive or the deadline", round=True)
     verb("verify", cmd_verify, "verify every arrived update", round=True)
     ag = verb("aggregate", cmd_aggregate, "aggregate accepted updates into the candidate model", round=True)

@@ -60,6 +60,24 @@ class SiteConfig:
         None,
         "Apptainer/Singularity image (.sif) the site trains in (`srun … singularity|apptainer exec [--nv] <image> fedhpc train …`, whichever runtime the node has); null: the host.",
     )
+    resident: bool = opt(
+        False,
+        "Train round after round in one long job per allocation (rule `resident`) instead of one job per "
+        "round: no queue wait, start-up or model build between rounds. One rank only (`nodes` and "
+        "`ranks_per_node` 1), and only with `exchange.role: all`.",
+    )
+    resident_margin_minutes: float = opt(
+        5.0,
+        "A resident job starts no round unless its longest round so far plus this much still fits before its "
+        "time limit (the rule's `runtime`, or Slurm's end time); it ends instead, and the next job goes on.",
+        minimum=0,
+    )
+    resident_idle_minutes: float | None = opt(
+        None,
+        "A resident job waiting this long for the next round's plan fails (the coordinator has stopped); "
+        "null: `rounds.deadline_minutes` + 60.",
+        exclusiveMinimum=0,
+    )
 
 
 @dataclass(kw_only=True)

@@ -120,6 +120,10 @@ class RunLayout:
     def update(self, r: int, site: str) -> Path:
         return self.site_dir(r, site) / "update.safetensors"
 
+    def resident(self, r: int, site: str) -> Path:
+        """The record of a resident job of `site` that started at round r (stages/resident.py)."""
+        return self.site_dir(r, site) / "resident.json"
+
     def receipt(self, r: int, site: str) -> Path:
         return self.site_dir(r, site) / "receipt.json"
 

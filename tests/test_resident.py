@@ -1,0 +1,192 @@
+"""Resident site workers (issue 21, item 3): one job trains a site's rounds in turn, ends before its
+time limit and is followed by the next; a killed one resumes without training a site-round twice."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from fedhpc.config.schema import ConfigError
+from fedhpc.core.files import read_json, write_json
+from fedhpc.core.layout import RunLayout
+from fedhpc.stages import resident
+from fedhpc.stages.context import context
+from fedhpc.stages.failures import status_path
+from fedhpc.tasks.validation import validate
+from tests.workflow_util import events, kill_when, run_workflow, tiny_config, write_config
+
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.json"
+
+
+def _config(tmp: Path, rounds: int, **site) -> dict:
+    cfg = tiny_config(tmp, rounds=rounds)
+    cfg["sites"]["lumi"].update(resident=True, **site)
+    cfg["sites"]["laptop"].update(resident=True)
+    return cfg
+
+
+def _chain(layout: RunLayout, site: str, rounds: int) -> list[dict]:
+    """The site's segment records in order, each starting where the one before stopped."""
+    records, r = [], 0
+    while r < rounds:
+        record = read_json(layout.resident(r, site))
+        assert record["start"] == r and record["next_round"] > r
+        records.append(record)
+        r = record["next_round"]
+    return records
+
+
+def _published_once(run: Path, rounds: int, sites: int) -> None:
+    published = Counter((e["round"], e["site"]) for e in events(run) if e["event"] == "update.published")
+    assert set(published.values()) == {1}, f"a site-round was trained twice: {published}"
+    assert len(published) == rounds * sites
+
+
+# The worker's loop, on a blackboard whose rounds appear on cue and whose training is a stand-in.
+
+
+@pytest.fixture
+def board(tmp_path, monkeypatch):
+    cfg = _config(tmp_path, 4, resident_idle_minutes=0.02)
+    path = write_config(tmp_path, cfg)
+    ctx = context(str(path), with_task=False)
+    trained: list[int] = []
+
+    def fake_train(cfg, layout, trust, r, site, threads, status, attempt, attempts):
+        if r in fail_rounds:
+            raise RuntimeError(f"device lost in round {r}")
+        trained.append(r)
+        time.sleep(seconds_per_round)
+        write_json(status, {"state": "published", "round": r, "seconds": seconds_per_round})
+        return {"state": "published"}
+
+    fail_rounds: set[int] = set()
+    seconds_per_round = 0.01
+    monkeypatch.setattr("fedhpc.stages.train.run_train_job", fake_train)
+
+    def publish(*rounds: int) -> None:
+        for r in rounds:
+            ctx.layout.plan(r).parent.mkdir(parents=True, exist_ok=True)
+            write_json(ctx.layout.plan(r), {"round": r})
+            write_json(ctx.layout.global_meta(r), {"round": r})
+
+    return ctx, publish, trained, fail_rounds
+
+
+def test_a_worker_trains_every_round_in_order_and_skips_those_already_done(board, tmp_path):
+    ctx, publish, trained, _ = board
+    publish(0, 1, 2, 3)
+    write_json(status_path(ctx.layout, 1, "lumi"), {"state": "published", "seconds": 1.0})
+    rec = resident.run(ctx, "lumi", 0, 1, tmp_path / "seg.json")
+    assert trained == [0, 2, 3]
+    assert rec["reason"] == "done" and rec["next_round"] == 4
+    assert read_json(tmp_path / "seg.json") == rec
+
+
+def test_a_worker_ends_before_its_time_limit_and_says_where_the_next_starts(board, tmp_path):
+    ctx, publish, trained, _ = board
+    publish(0, 1, 2, 3)
+    # An allocation of 0.3 minutes with a margin of 0.3: round 0, then no room for another.
+    ctx.cfg.sites["lumi"].resident_margin_minutes = 0.3
+    rec = resident.run(ctx, "lumi", 0, 1, tmp_path / "seg.json", walltime_minutes=0.3)
+    assert trained == [0], "the first round always runs, and then there was no room"
+    assert rec["reason"] == "time" and rec["next_round"] == 1
+
+
+def test_a_waiting_worker_ends_for_time_while_the_next_plan_is_late(board, tmp_path):
+    ctx, publish, trained, _ = board
+    publish(0)
+    ctx.cfg.sites["lumi"].resident_margin_minutes = 0.25
+    ctx.cfg.sites["lumi"].resident_idle_minutes = 5
+    t0 = time.monotonic()
+    rec = resident.run(ctx, "lumi", 0, 1, tmp_path / "seg.json", walltime_minutes=0.3)
+    assert trained == [0] and rec["reason"] == "time" and rec["next_round"] == 1
+    assert time.monotonic() - t0 < 10, "it waited past the point where a round could still fit"
+
+
+def test_with_no_plan_coming_a_worker_fails_without_a_record(board, tmp_path):
+    ctx, publish, trained, _ = board
+    publish(0)
+    with pytest.raises(resident.ResidentIdle, match="no plan for round 1"):
+        resident.run(ctx, "lumi", 0, 1, tmp_path / "seg.json")
+    assert trained == [0] and not (tmp_path / "seg.json").exists()
+
+
+def test_a_failed_round_is_retried_by_the_job_and_given_up_on_the_last_attempt(board, tmp_path):
+    ctx, publish, trained, fail_rounds = board
+    publish(0, 1, 2, 3)
+    fail_rounds.add(1)
+    with pytest.raises(RuntimeError, match="device lost"):
+        resident.run(ctx, "lumi", 0, 1, tmp_path / "seg.json", attempt=1, attempts=2)
+    assert trained == [0] and not (tmp_path / "seg.json").exists()
+    # The last attempt: round 1 is lost for this site and the next job starts at round 2.
+    rec = resident.run(ctx, "lumi", 0, 1, tmp_path / "seg.json", attempt=2, attempts=2)
+    assert trained == [0] and rec["reason"] == "failed" and rec["next_round"] == 2
+    assert read_json(status_path(ctx.layout, 1, "lumi"))["state"] == "failed"
+    fail_rounds.clear()
+    rec = resident.run(ctx, "lumi", 2, 1, ctx.layout.resident(2, "lumi"))
+    assert trained == [0, 2, 3] and rec["reason"] == "done"
+
+
+def test_resident_sites_are_checked_against_ranks_and_the_role(tmp_path):
+    cfg = _config(tmp_path, 2, ranks_per_node=2)
+    with pytest.raises(ConfigError, match=r"sites.lumi.resident: one rank only"):
+        validate(cfg, "config.yaml", str(SCHEMA))
+    cfg = _config(tmp_path, 2)
+    cfg["exchange"] = {"role": "site", "site": "lumi", "hub": str(tmp_path / "hub")}
+    with pytest.raises(ConfigError, match=r"sites.lumi.resident: not for exchange.role 'site'"):
+        validate(cfg, "config.yaml", str(SCHEMA))
+
+
+# Whole federations on the local profile.
+
+
+@pytest.mark.e2e
+def test_resident_sites_train_in_jobs_that_end_for_time_and_are_followed(tmp_path):
+    # A 1-minute allocation and a 0.75-minute margin: lumi's jobs end after a round or two and the
+    # workflow starts the next where each stopped. The laptop's one job trains every round.
+    cfg = _config(tmp_path, 3, resident_margin_minutes=0.75)
+    cfg["sites"]["laptop"]["resident_margin_minutes"] = 0
+    write_config(tmp_path, cfg)
+    run_workflow(tmp_path, "--set-resources", "resident:runtime=1")
+    run = Path(cfg["output_dir"]) / cfg["run"]
+    layout = RunLayout.of(run)
+
+    _published_once(run, 3, 3)
+    lumi = _chain(layout, "lumi", 3)
+    assert len(lumi) >= 2 and {r["reason"] for r in lumi[:-1]} == {"time"}
+    assert [x["round"] for r in lumi for x in r["rounds"]] == [0, 1, 2]
+    laptop = _chain(layout, "laptop", 3)
+    assert len(laptop) == 1 and laptop[0]["reason"] == "done"
+    assert [x["round"] for x in laptop[0]["rounds"]] == [0, 1, 2]
+    # Same files as train jobs leave, and no train job ran for a resident site.
+    for r in range(3):
+        for site in ("lumi", "laptop"):
+            assert read_json(status_path(layout, r, site))["state"] == "published"
+            assert layout.receipt(r, site).exists()
+    assert sorted(p.name for p in (run / "logs" / "train").iterdir()) == [f"r000{r}-a100.log" for r in range(3)]
+    assert "OMP_NUM_THREADS" not in (run / "logs" / "resident" / "r0000-laptop.log").read_text()
+    dry = run_workflow(tmp_path, "-n", "--set-resources", "resident:runtime=1")
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+@pytest.mark.e2e
+def test_a_killed_federation_with_resident_sites_resumes_without_training_twice(tmp_path):
+    cfg = _config(tmp_path, 3)
+    write_config(tmp_path, cfg)
+    run = Path(cfg["output_dir"]) / cfg["run"]
+    layout = RunLayout.of(run)
+    # Killed once the resident laptop trained round 1, with its job still running.
+    kill_when(tmp_path, status_path(layout, 1, "laptop"))
+    assert not layout.resident(0, "laptop").exists()
+    run_workflow(tmp_path)
+
+    _published_once(run, 3, 3)
+    for site in ("lumi", "laptop"):
+        (record,) = _chain(layout, site, 3)
+        assert record["reason"] == "done"
+    # The laptop's rerun skipped the rounds its killed job had finished.
+    assert [x["round"] for x in read_json(layout.resident(0, "laptop"))["rounds"]] == [2]
