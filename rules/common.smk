@@ -314,7 +314,8 @@ def all_targets():
         offers = [f"{rdir(r)}/bundle.json" for r in ROUNDS]
         last = f"{rdir(CFG.rounds.count)}/global/model.json"
         return [f"{RUN}/data/bundle.json", *offers, last, *done]
-    holders, targets = eval_holders(), []
+    # A resident site scores the candidates itself, in its job (rules/resident.smk).
+    holders, targets = [h for h in eval_holders() if h not in RESIDENT], []
     for r in ROUNDS:
         targets += [
             f"{rdir(r)}/sites/{s}/status.json" for s in SITES if s not in RESIDENT

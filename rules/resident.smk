@@ -1,6 +1,7 @@
-# Resident sites (sites.<name>.resident): one job trains the site's rounds one after another
-# (fedhpc.stages.resident) and ends with its segment record; where the next job starts is known
-# only then, so the rule is a checkpoint and `rule all` follows the chain (resident_chain).
+# Resident sites (sites.<name>.resident): one job trains the site's rounds one after another and,
+# where the site holds held-out data, scores each candidate (fedhpc.stages.resident). It ends with
+# its segment record; where the next job starts is known only then, so the rule is a checkpoint
+# and `rule all` follows the chain (resident_chain).
 
 
 checkpoint resident:
@@ -28,10 +29,11 @@ checkpoint resident:
         launch=train_launch,
         threads=lambda wildcards, threads: max(1, threads),
         walltime=lambda wildcards, resources: resources.get("runtime", 0),
+        evaluate=lambda wildcards: "--evaluate" if holds_data(wildcards.site) else "",
     # Snakemake exports OMP_NUM_THREADS={threads}, which is 0 here (resident_threads).
     shell:
         "export OMP_NUM_THREADS={params.threads}; {params.launch}fedhpc resident --config {params.cfg} --round {wildcards.r} --site {wildcards.site}"
         " --threads {params.threads} --record {output} --walltime-minutes {params.walltime}"
-        " --attempt {resources.attempt} --attempts {resources.attempts} > {log} 2>&1"
+        " --attempt {resources.attempt} --attempts {resources.attempts} {params.evaluate} > {log} 2>&1"
         " || fedhpc resident --config {params.cfg} --round {wildcards.r} --site {wildcards.site} --record {output}"
         " --attempt {resources.attempt} --attempts {resources.attempts} --exited $? >> {log} 2>&1"

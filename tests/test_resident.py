@@ -131,6 +131,29 @@ def test_a_failed_round_is_retried_by_the_job_and_given_up_on_the_last_attempt(b
     assert trained == [0, 2, 3] and rec["reason"] == "done"
 
 
+def test_a_data_holding_worker_scores_each_candidate_unless_the_merge_went_on_without_it(board, tmp_path, monkeypatch):
+    ctx, publish, trained, _ = board
+    publish(0, 1, 2, 3)
+    scored: list[tuple[int, str]] = []
+    monkeypatch.setattr("fedhpc.stages.evaluate.run", lambda ctx, r, which, site, threads: scored.append((r, which)))
+    for r in (0, 2, 3):  # these rounds' candidates are out; round 1's scores were merged without this site
+        write_json(ctx.layout.aggregate_record(r), {"round": r})
+    write_json(ctx.layout.candidate_eval(1), {"missing": ["lumi"]})
+    rec = resident.run(ctx, "lumi", 0, 1, tmp_path / "seg.json", evaluates=True)
+    assert trained == [0, 1, 2, 3]
+    assert scored == [(0, "global"), (0, "candidate"), (2, "candidate"), (3, "candidate")]
+    assert [(w["round"], w["work"]) for w in rec["work"]] == [
+        (0, "train"),
+        (0, "score initial"),
+        (0, "score candidate"),
+        (1, "train"),
+        (2, "train"),
+        (2, "score candidate"),
+        (3, "train"),
+        (3, "score candidate"),
+    ]
+
+
 def test_resident_sites_are_checked_against_ranks_and_the_role(tmp_path):
     cfg = _config(tmp_path, 2, ranks_per_node=2)
     with pytest.raises(ConfigError, match=r"sites.lumi.resident: one rank only"):
@@ -158,16 +181,24 @@ def test_resident_sites_train_in_jobs_that_end_for_time_and_are_followed(tmp_pat
     _published_once(run, 3, 3)
     lumi = _chain(layout, "lumi", 3)
     assert len(lumi) >= 2 and {r["reason"] for r in lumi[:-1]} == {"time"}
-    assert [x["round"] for r in lumi for x in r["rounds"]] == [0, 1, 2]
+    assert [x for r in lumi for x in r["rounds"]] == [0, 1, 2]
     laptop = _chain(layout, "laptop", 3)
     assert len(laptop) == 1 and laptop[0]["reason"] == "done"
-    assert [x["round"] for x in laptop[0]["rounds"]] == [0, 1, 2]
+    assert laptop[0]["rounds"] == [0, 1, 2]
     # Same files as train jobs leave, and no train job ran for a resident site.
     for r in range(3):
         for site in ("lumi", "laptop"):
             assert read_json(status_path(layout, r, site))["state"] == "published"
             assert layout.receipt(r, site).exists()
     assert sorted(p.name for p in (run / "logs" / "train").iterdir()) == [f"r000{r}-a100.log" for r in range(3)]
+    # lumi holds held-out data: its jobs scored every candidate (and the initial model), no evaluate job did.
+    assert not list((run / "logs" / "evaluate").glob("*-lumi.log"))
+    assert len(list((run / "logs" / "evaluate").glob("*-a100.log"))) == 4
+    for r, which in [(0, "global"), (0, "candidate"), (1, "candidate"), (2, "candidate")]:
+        part = read_json(layout.eval_part(r, which, "lumi"))
+        assert part["holder"] == "lumi" and "law" in part["domains"]
+        merged = read_json(layout.global_eval(0) if which == "global" else layout.candidate_eval(r))
+        assert "law" in merged["domains"] and not merged["missing"]
     assert "OMP_NUM_THREADS" not in (run / "logs" / "resident" / "r0000-laptop.log").read_text()
     dry = run_workflow(tmp_path, "-n", "--set-resources", "resident:runtime=1")
     assert "Nothing to be done" in dry.stdout + dry.stderr
@@ -189,4 +220,4 @@ def test_a_killed_federation_with_resident_sites_resumes_without_training_twice(
         (record,) = _chain(layout, site, 3)
         assert record["reason"] == "done"
     # The laptop's rerun skipped the rounds its killed job had finished.
-    assert [x["round"] for x in read_json(layout.resident(0, "laptop"))["rounds"]] == [2]
+    assert read_json(layout.resident(0, "laptop"))["rounds"] == [2]

@@ -129,7 +129,9 @@ def cmd_resident(a: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return a.exited
-    rec = resident.run(ctx, a.site, a.round, a.threads, Path(a.record), a.walltime_minutes, a.attempt, a.attempts)
+    rec = resident.run(
+        ctx, a.site, a.round, a.threads, Path(a.record), a.walltime_minutes, a.attempt, a.attempts, a.evaluate
+    )
     print(json.dumps(rec))
     return 0
 
@@ -278,6 +280,7 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("--attempt", type=int, default=1, help="this job's attempt (Snakemake's retries count on)")
     rs.add_argument("--attempts", type=int, default=1, help="attempts the workflow allows (its retries + 1)")
     rs.add_argument("--exited", type=int, metavar="CODE", help="record that the worker ended with CODE")
+    rs.add_argument("--evaluate", action="store_true", help="also score each candidate on the site's held-out data")
     verb("gather", cmd_gather, "wait for updates until all arrive or the deadline", round=True)
     verb("verify", cmd_verify, "verify every arrived update", round=True)
     ag = verb("aggregate", cmd_aggregate, "aggregate accepted updates into the candidate model", round=True)

@@ -21,7 +21,7 @@ from fedhpc.data.catalogue import load_catalogue, load_data, tokenizer_sha256
 from fedhpc.data.shards import load_manifest, read_heldout
 from fedhpc.data.taskdata import verified_file
 from fedhpc.exchange.hub import eval_fetcher
-from fedhpc.stages.context import Ctx
+from fedhpc.stages.context import Ctx, blackboard_poll
 from fedhpc.tasks import EvalContext, load_task
 from fedhpc.tasks.evaluators import run_evaluators
 from fedhpc.trust.checkpoints import load_global_meta
@@ -289,6 +289,8 @@ def run_merge(ctx: Ctx, r: int, which: str) -> dict:
     layout = ctx.layout
     out = layout.global_eval(r) if which == "global" else layout.candidate_eval(r)
     fetch = eval_fetcher(ctx.cfg.exchange, layout, ctx.trust, r, which)
-    res = gather_parts(ctx.cfg, layout, ctx.trust, r, which, model_of(layout, r, which), fetch)
+    res = gather_parts(
+        ctx.cfg, layout, ctx.trust, r, which, model_of(layout, r, which), fetch, blackboard_poll(ctx.cfg)
+    )
     write_json(out, res)
     return res

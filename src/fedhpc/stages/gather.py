@@ -18,7 +18,7 @@ from fedhpc.exchange.hub import (
     transport_for,
     withdraw_stop,
 )
-from fedhpc.stages.context import Ctx
+from fedhpc.stages.context import Ctx, blackboard_poll
 from fedhpc.stages.failures import final_failure, record_vanished
 from fedhpc.stages.slurm_jobs import JobWatch
 from fedhpc.trust.audit import AuditLog
@@ -218,7 +218,7 @@ def run(ctx: Ctx, r: int) -> dict:
     if staged:
         withdraw_stop(ctx.cfg.exchange, ctx.layout)
     try:
-        return gather(ctx.cfg, ctx.layout, ctx.trust, r)
+        return gather(ctx.cfg, ctx.layout, ctx.trust, r, blackboard_poll(ctx.cfg))
     except QuorumError as exc:
         if staged:
             announce_stop(ctx.cfg.exchange, ctx.layout, ctx.trust, r, str(exc))

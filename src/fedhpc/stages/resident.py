@@ -1,34 +1,37 @@
-"""A resident site worker: one job that trains a site's rounds one after another, pulling each round's plan.
+"""A resident site worker: one job that does a site's rounds one after another, pulling each round's plan.
 
 Per-round train jobs each wait in the queue, start Python, import torch and build the model again;
 with rounds of minutes that dominates. A resident site (`sites.<name>.resident: true`) has instead
 one job per allocation (rule `resident`, a Snakemake checkpoint) that starts at round `start` and,
 round after round, waits for the round's signed plan and global model on the blackboard, trains
 exactly as the train job would (`train.run_train_job`: the same files, checks, receipts and status
-records) and moves on. It opens no port and pushes nothing but its round's files.
+records) and, when the site holds held-out data, waits for the round's candidate and signs its
+scores of it (`evaluate.run`, as the evaluate_site job would). It opens no port and writes only
+its round's files.
 
 It ends, writing its segment record `rounds/r<start>/sites/<site>/resident.json`:
-- `done`: every round of the federation is trained (next_round = rounds.count);
+- `done`: every round of the federation is done (next_round = rounds.count);
 - `time`: its allocation would end before another round could finish; the workflow starts a
-  new segment at `next_round` (a new Slurm job, resubmitted);
-- `failed`: round r failed on the last attempt the workflow allows; the next segment starts at
-  r + 1 with fresh attempts, as the next round's train job would.
-An earlier attempt's failure, and no plan for `idle` minutes (the coordinator stopped), end the
-job with an error and no record: Snakemake retries it, or reports it, and a rerun resumes it.
-A round whose status record exists was finished by an earlier job and is skipped, so a
-segment killed anywhere and run again trains no site-round twice.
+  new job at `next_round` (under Slurm a new job, queued as any other);
+- `failed`: round r's work failed on the last attempt the workflow allows; the next job starts
+  at r + 1 with fresh attempts, as the next round's train job would.
+An earlier attempt's failure, and nothing to do for `idle` minutes (the coordinator stopped), end
+the job with an error and no record: Snakemake retries it, or reports it, and a rerun resumes it.
+Work already done is skipped (a round with a status record, scores of the same model), so a job
+killed anywhere and run again trains no site-round twice.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedhpc.config.federation import Config
 from fedhpc.core.errors import FedhpcError
-from fedhpc.core.files import read_json, write_json
+from fedhpc.core.files import read_json, sha256_file, write_json
 from fedhpc.core.layout import RunLayout
 from fedhpc.stages.context import Ctx
 from fedhpc.stages.failures import attempt_path, invocation, record_exit, record_start, status_path
@@ -77,19 +80,10 @@ def round_ready(layout: RunLayout, r: int) -> bool:
     return layout.plan(r).exists() and layout.global_meta(r).exists()
 
 
-def wait_for_round(layout: RunLayout, r: int, clock: Clock, idle: float) -> bool:
-    """Wait until round r can be trained: True, or False when the job's time is up first."""
-    since = time.monotonic()
-    while not round_ready(layout, r):
-        if not clock.room_for_a_round():
-            return False
-        if time.monotonic() - since > idle:
-            raise ResidentIdle(
-                f"no plan for round {r} in {layout.plan(r).parent} after {idle / 60:.0f} min; "
-                "the coordinator has stopped (sites.<name>.resident_idle_minutes sets the wait)"
-            )
-        time.sleep(POLL_SECONDS)
-    return True
+def candidate_ready(layout: RunLayout, r: int) -> bool:
+    """Round r's candidate is there to be scored (its record, written after it), or scoring it is
+    no longer wanted: its scores are merged, or the round is promoted or rolled back."""
+    return any(p.exists() for p in (layout.aggregate_record(r), layout.candidate_eval(r), layout.global_meta(r + 1)))
 
 
 def previous_seconds(layout: RunLayout, r: int, site: str) -> float:
@@ -98,6 +92,102 @@ def previous_seconds(layout: RunLayout, r: int, site: str) -> float:
         return float(read_json(status_path(layout, r - 1, site)).get("seconds") or 0.0)
     except (FileNotFoundError, ValueError):
         return 0.0
+
+
+@dataclass
+class Job:
+    """One resident job of one site: what it may do, its clock, and what it has done."""
+
+    ctx: Ctx
+    site: str
+    threads: int
+    clock: Clock
+    idle: float
+    evaluates: bool  # the site holds held-out data and scores each candidate on it
+    attempt: int = 1
+    attempts: int = 1
+    done: list = field(default_factory=list)
+
+    def wait(self, ready, what: str) -> bool:
+        """Wait until `ready()`: True, or False when the job's time is up first. A job's first piece
+        of work never waits for time: a job that ended before it would start over forever."""
+        clock = self.clock if self.done else Clock(None, 0.0)
+        since = time.monotonic()
+        while not ready():
+            if not clock.room_for_a_round():
+                return False
+            if time.monotonic() - since > self.idle:
+                raise ResidentIdle(
+                    f"site {self.site}: no {what} after {self.idle / 60:g} min; the coordinator has "
+                    "stopped (sites.<name>.resident_idle_minutes sets the wait)"
+                )
+            time.sleep(POLL_SECONDS)
+        return True
+
+    def do(self, r: int, work: str, fn) -> bool:
+        """Run one piece of round r's work; False when it failed on the workflow's last attempt
+        (the round is then lost for this site, as a per-round job's would be)."""
+        t0 = time.monotonic()
+        try:
+            state = fn()
+        except Exception as exc:
+            if self.attempt < self.attempts:
+                raise  # Snakemake retries the job; the retry redoes this piece
+            AuditLog(self.ctx.layout.audit).append(
+                "resident.gave_up", site=self.site, round=r, work=work, error=f"{type(exc).__name__}: {exc}"
+            )
+            print(f"fedhpc resident: round {r} {work} failed on the last attempt: {exc}", file=sys.stderr)
+            return False
+        self.done.append({"round": r, "work": work, "state": state, "seconds": round(time.monotonic() - t0, 3)})
+        return True
+
+    def train(self, r: int) -> str:
+        from fedhpc.stages.train import run_train_job  # torch: imported once, after the cheap checks
+
+        layout = self.ctx.layout
+        record_start(layout, r, self.site, self.attempt, self.attempts)  # the witness gather reads if the job dies
+        status = status_path(layout, r, self.site)
+        try:
+            result = run_train_job(
+                self.ctx.cfg, layout, self.ctx.trust, r, self.site, self.threads, status, self.attempt, self.attempts
+            )
+        except Exception:
+            if self.attempt >= self.attempts:
+                write_json(status, {"state": "failed", "round": r, "site": self.site, "attempt": self.attempt})
+            raise
+        return result["state"]
+
+    def score(self, r: int, which: str) -> str:
+        """This site's signed scores of round r's `which` model, unless already there for that model."""
+        from fedhpc.stages import evaluate
+
+        layout = self.ctx.layout
+        part, model = layout.eval_part(r, which, self.site), evaluate.model_of(layout, r, which)
+        if part.exists() and read_json(part).get("model_sha256") == sha256_file(model):
+            return "scored"
+        evaluate.run(self.ctx, r, which, self.site, self.threads)
+        return "scored"
+
+    def round(self, r: int) -> str | None:
+        """Round r's work for this site: None when done, else why the job stops before it is."""
+        layout = self.ctx.layout
+        t0 = time.monotonic()
+        if not status_path(layout, r, self.site).exists():  # else an earlier job trained it
+            if not self.wait(lambda: round_ready(layout, r), f"plan for round {r} in {layout.plan(r).parent}"):
+                return "time"
+            if not self.do(r, "train", lambda: self.train(r)):
+                return "failed"
+        if self.evaluates:
+            initial = r == 0 and not layout.global_eval(0).exists()
+            if initial and not self.do(0, "score initial", lambda: self.score(0, "global")):
+                return "failed"
+            if not self.wait(lambda: candidate_ready(layout, r), f"candidate of round {r}"):
+                return "time"
+            if not layout.candidate_eval(r).exists() and layout.aggregate_record(r).exists():
+                if not self.do(r, "score candidate", lambda: self.score(r, "candidate")):
+                    return "failed"
+        self.clock.longest = max(self.clock.longest, time.monotonic() - t0)
+        return None
 
 
 def run(
@@ -109,43 +199,27 @@ def run(
     walltime_minutes: float = 0.0,
     attempt: int = 1,
     attempts: int = 1,
+    evaluates: bool = False,
 ) -> dict:
-    """Train `site`'s rounds from `start` on until the federation ends or the job's time is up;
+    """Do `site`'s rounds from `start` on until the federation ends or the job's time is up;
     write and return the segment record."""
-    from fedhpc.stages.train import run_train_job  # torch: imported once, after the cheap checks
-
     cfg, layout = ctx.cfg, ctx.layout
     started = time.time()
     margin = 60 * cfg.sites[site].resident_margin_minutes
     clock = Clock(job_deadline(walltime_minutes, started), margin, previous_seconds(layout, start, site))
-    idle = idle_limit(cfg, site)
+    job = Job(ctx, site, threads, clock, idle_limit(cfg, site), evaluates, attempt, attempts)
     audit = AuditLog(layout.audit)
     audit.append("resident.started", site=site, round=start, attempt=attempt, deadline=clock.deadline)
-    r, trained, reason = start, [], "done"
+    r, reason = start, "done"
     while r < cfg.rounds.count:
-        status = status_path(layout, r, site)
-        if status.exists():  # finished by an earlier job of this site
-            r += 1
-            continue
-        # A job's first round always runs: a segment that ended before it would start over forever.
-        if not wait_for_round(layout, r, clock if trained else Clock(None, 0.0), idle):
+        stop = job.round(r)
+        if stop == "time":
             reason = "time"
             break
-        record_start(layout, r, site, attempt, attempts)  # the witness gather reads if the job dies
-        t0 = time.monotonic()
-        try:
-            result = run_train_job(cfg, layout, ctx.trust, r, site, threads, status, attempt, attempts)
-        except Exception:
-            if attempt < attempts:
-                raise  # Snakemake retries the segment; the retry redoes this round
-            # The last attempt: the round is lost for this site, as a train job's would be, and
-            # the next segment gives the next round its own attempts.
-            write_json(status, {"state": "failed", "round": r, "site": site, "attempt": attempt, "resident": True})
-            r, reason = r + 1, "failed"
-            break
-        clock.longest = max(clock.longest, time.monotonic() - t0)
-        trained.append({"round": r, "state": result["state"], "seconds": round(time.monotonic() - t0, 3)})
         r += 1
+        if stop == "failed":  # the next job gives the next round its own attempts
+            reason = "failed"
+            break
         if r < cfg.rounds.count and not clock.room_for_a_round():
             reason = "time"
             break
@@ -154,12 +228,13 @@ def run(
         "start": start,
         "next_round": r,
         "reason": reason,
-        "rounds": trained,
+        "rounds": sorted({d["round"] for d in job.done if d["work"] == "train"}),
+        "work": job.done,
         "attempt": attempt,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "seconds": round(time.time() - started, 3),
     }
-    audit.append("resident.ended", site=site, round=start, next_round=r, reason=reason, trained=len(trained))
+    audit.append("resident.ended", site=site, round=start, next_round=r, reason=reason, pieces=len(job.done))
     write_json(record, doc)
     return doc
 
