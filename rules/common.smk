@@ -29,8 +29,9 @@ RUN = f"{CFG.output_dir}/{CFG.run}"
 ROLE = CFG.exchange.role
 # A site's Snakemake trains for that site alone.
 SITES = [CFG.exchange.site] if ROLE == "site" else sorted(CFG.sites)
-# Sites that train in one long job per allocation (rules/resident.smk), not one job a round.
-RESIDENT = [s for s in SITES if CFG.sites[s].resident]
+# Sites that train in one long job per allocation (rules/resident.smk), not one job a round
+# (the coordinator of a multi-site run trains nowhere).
+RESIDENT = [s for s in SITES if CFG.sites[s].resident and ROLE != "coordinator"]
 ROUNDS = list(range(CFG.rounds.count))
 # Every round hangs off the one before, and Snakemake builds the DAG recursively, about 40
 # frames a round: at Python's default limit (1000) a federation of 27 rounds failed to plan.
@@ -298,6 +299,9 @@ def all_targets():
     tests/test_plan_scaling.py holds the walk's depth."""
     if ROLE == "site":
         site = CFG.exchange.site
+        # A resident site's jobs pull, train, score and publish every round themselves.
+        if site in RESIDENT:
+            return [f"{RUN}/data/sites/{site}/bundle.json"]
         scores = [
             f"{rdir(0)}/global/evals/{site}/bundle.json",
             *(f"{rdir(r)}/candidate/evals/{site}/bundle.json" for r in ROUNDS),
@@ -352,6 +356,18 @@ def next_segment(record, start):
             f"{record}: next_round {nxt!r} does not move past round {start}"
         )
     return nxt
+
+
+def resident_inputs(wildcards):
+    """What a resident job waits for through the DAG: in one run directory round r's plan and
+    model; a site of a multi-site run pulls each round itself, once its catalogue is published.
+    """
+    if ROLE == "site":
+        return [f"{RUN}/data/sites/{wildcards.site}/bundle.json"]
+    return [
+        f"{rdir(wildcards.r)}/plan.json",
+        f"{rdir(wildcards.r)}/global/model.safetensors",
+    ]
 
 
 def resident_threads(wildcards):

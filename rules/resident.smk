@@ -6,8 +6,7 @@
 
 checkpoint resident:
     input:
-        plan=f"{RUN}/rounds/r{{r}}/plan.json",
-        model=f"{RUN}/rounds/r{{r}}/global/model.safetensors",
+        resident_inputs,
     output:
         f"{RUN}/rounds/r{{r}}/sites/{{site}}/resident.json",
     log:

@@ -92,6 +92,16 @@ def wait(proc: subprocess.Popen, side: Path, timeout: float) -> None:
     assert code == 0, f"{side.name} failed ({code}):\n{(side / 'run.log').read_text()[-6000:]}"
 
 
+def run_all(coord: Path, sides: dict[str, Path], site_timeout: float = 900) -> None:
+    """Run the coordinator and every site side by side until each has finished."""
+    with running() as procs:
+        procs["coordinator"] = start(coord, "--role", "coordinator")
+        procs.update({s: start(side, "--site", s) for s, side in sides.items()})
+        for s in sides:
+            wait(procs[s], sides[s], timeout=site_timeout)
+        wait(procs["coordinator"], coord, timeout=300)
+
+
 def wait_for(path: Path, what: str, proc: subprocess.Popen, side: Path, timeout: float = 300, poll: float = 0.2):
     deadline = time.time() + timeout
     while not path.exists():

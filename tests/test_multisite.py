@@ -30,6 +30,7 @@ from .multisite_util import (
     kill,
     own_data_files,
     prepare,
+    run_all,
     running,
     side_config,
     start,
@@ -76,12 +77,7 @@ def test_a_federation_over_an_s3_hub_with_a_site_killed_and_a_site_joining_betwe
     sides["laptop"] = join(tmp_path, coord, "laptop")
     for side in (coord, *sides.values()):
         write_config(side, side_config(cfg, exchange))
-    with running() as procs:
-        procs["coordinator"] = start(coord, "--role", "coordinator")
-        procs.update({s: start(side, "--site", s) for s, side in sides.items()})
-        for s in sides:
-            wait(procs[s], sides[s], timeout=900)
-        wait(procs["coordinator"], coord, timeout=300)
+    run_all(coord, sides)
 
     layout = RunLayout(hub)
     trust = TrustStore(hub / "keys")

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 
 from fedhpc.config.schema import ConfigError
-from fedhpc.core.files import read_json, write_json
+from fedhpc.core.files import read_json, sha256_file, write_json
 from fedhpc.core.layout import RunLayout
 from fedhpc.stages import resident
+from fedhpc.stages import train as train_stage
 from fedhpc.stages.context import context
 from fedhpc.stages.failures import status_path
 from fedhpc.tasks.validation import validate
+from tests.multisite_util import RUN, prepare, run_all, side_config
 from tests.workflow_util import events, kill_when, run_workflow, tiny_config, write_config
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.json"
@@ -133,12 +135,26 @@ def test_a_failed_round_is_retried_by_the_job_and_given_up_on_the_last_attempt(b
 
 def test_a_data_holding_worker_scores_each_candidate_unless_the_merge_went_on_without_it(board, tmp_path, monkeypatch):
     ctx, publish, trained, _ = board
-    publish(0, 1, 2, 3)
-    scored: list[tuple[int, str]] = []
-    monkeypatch.setattr("fedhpc.stages.evaluate.run", lambda ctx, r, which, site, threads: scored.append((r, which)))
-    for r in (0, 2, 3):  # these rounds' candidates are out; round 1's scores were merged without this site
-        write_json(ctx.layout.aggregate_record(r), {"round": r})
-    write_json(ctx.layout.candidate_eval(1), {"missing": ["lumi"]})
+    layout, scored = ctx.layout, []
+    train = train_stage.run_train_job  # the board's stand-in
+
+    def coordinator_after_training(cfg, layout_, trust, r, *rest):
+        state = train(cfg, layout_, trust, r, *rest)
+        if r == 1:  # the merge gave up on this site's scores and the round was promoted without them
+            write_json(layout.candidate_eval(1), {"missing": ["lumi"]})
+            publish(2)
+        else:
+            write_json(layout.aggregate_record(r), {"round": r})  # the candidate is out
+        return state
+
+    def score(ctx, r, which, site, threads):
+        scored.append((r, which))
+        if which == "candidate" and r + 1 < 4:
+            publish(r + 1)  # merged and promoted: the next round is planned
+
+    monkeypatch.setattr("fedhpc.stages.train.run_train_job", coordinator_after_training)
+    monkeypatch.setattr("fedhpc.stages.evaluate.run", score)
+    publish(0)
     rec = resident.run(ctx, "lumi", 0, 1, tmp_path / "seg.json", evaluates=True)
     assert trained == [0, 1, 2, 3]
     assert scored == [(0, "global"), (0, "candidate"), (2, "candidate"), (3, "candidate")]
@@ -154,13 +170,9 @@ def test_a_data_holding_worker_scores_each_candidate_unless_the_merge_went_on_wi
     ]
 
 
-def test_resident_sites_are_checked_against_ranks_and_the_role(tmp_path):
+def test_a_resident_site_of_several_ranks_is_refused_naming_the_site(tmp_path):
     cfg = _config(tmp_path, 2, ranks_per_node=2)
     with pytest.raises(ConfigError, match=r"sites.lumi.resident: one rank only"):
-        validate(cfg, "config.yaml", str(SCHEMA))
-    cfg = _config(tmp_path, 2)
-    cfg["exchange"] = {"role": "site", "site": "lumi", "hub": str(tmp_path / "hub")}
-    with pytest.raises(ConfigError, match=r"sites.lumi.resident: not for exchange.role 'site'"):
         validate(cfg, "config.yaml", str(SCHEMA))
 
 
@@ -221,3 +233,29 @@ def test_a_killed_federation_with_resident_sites_resumes_without_training_twice(
         assert record["reason"] == "done"
     # The laptop's rerun skipped the rounds its killed job had finished.
     assert read_json(layout.resident(0, "laptop"))["rounds"] == [2]
+
+
+@pytest.mark.e2e
+def test_a_resident_site_of_a_multi_site_run_pulls_trains_scores_and_publishes_through_the_hub(tmp_path):
+    cfg = tiny_config(tmp_path, rounds=2)
+    del cfg["sites"]["laptop"]
+    cfg["sites"]["lumi"]["resident"] = True  # a100 keeps one job per round
+    exchange = {"kind": "shared", "hub": str(tmp_path / "coordinator" / RUN), "poll_seconds": 0.5}
+    coord, sides = prepare(tmp_path, side_config(cfg, exchange), ["lumi", "a100"])
+    run_all(coord, sides, site_timeout=600)
+
+    hub, lumi = RunLayout(coord / RUN), RunLayout(sides["lumi"] / RUN)
+    assert read_json(hub.summary)["rounds_completed"] == 2
+    for r in range(2):
+        assert read_json(hub.arrivals(r))["missing"] == []
+        assert sorted(read_json(hub.verdicts(r))["accepted"]) == ["a100", "lumi"]
+        # What arrived is what the resident job wrote, trained from the coordinator's own global model.
+        assert sha256_file(hub.update(r, "lumi")) == sha256_file(lumi.update(r, "lumi"))
+        assert sha256_file(lumi.global_model(r)) == sha256_file(hub.global_model(r))
+        part = read_json(hub.eval_part(r, "candidate", "lumi"))
+        assert part["signature"]["signer"] == "lumi" and part["model_sha256"] == sha256_file(hub.candidate(r))
+        assert not read_json(hub.candidate_eval(r))["missing"]
+    assert read_json(hub.eval_part(0, "global", "lumi"))["signature"]["signer"] == "lumi"
+    (record,) = _chain(lumi, "lumi", 2)
+    assert record["reason"] == "done" and record["rounds"] == [0, 1]
+    assert not list((sides["lumi"] / RUN / "logs").glob("train/*")), "a train job ran for the resident site"

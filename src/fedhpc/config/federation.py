@@ -63,8 +63,9 @@ class SiteConfig:
     resident: bool = opt(
         False,
         "Train round after round in one long job per allocation (rule `resident`) instead of one job per "
-        "round: no queue wait, start-up or model build between rounds. One rank only (`nodes` and "
-        "`ranks_per_node` 1), and only with `exchange.role: all`.",
+        "round: no queue wait, start-up or model build between rounds. Where the site holds held-out data the "
+        "job also scores each candidate; in a multi-site run it pulls and publishes through the hub itself. "
+        "One rank only (`nodes` and `ranks_per_node` 1).",
     )
     resident_margin_minutes: float = opt(
         5.0,
@@ -74,8 +75,8 @@ class SiteConfig:
     )
     resident_idle_minutes: float | None = opt(
         None,
-        "A resident job waiting this long for the next round's plan fails (the coordinator has stopped); "
-        "null: `rounds.deadline_minutes` + 60.",
+        "A resident job waiting this long for the next round's plan (or candidate to score) fails: the "
+        "coordinator has stopped; a rerun resumes it. null: `rounds.deadline_minutes` + 60.",
         exclusiveMinimum=0,
     )
 

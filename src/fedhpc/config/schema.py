@@ -214,11 +214,6 @@ def _resident_problems(cfg: Config) -> list[str]:
                 f"sites.{name}.resident: one rank only for now (the site has {site.nodes} node(s) x "
                 f"{site.ranks_per_node} ranks); a resident job would have to keep its process group across rounds"
             )
-        if cfg.exchange.role != "all":
-            problems.append(
-                f"sites.{name}.resident: not for exchange.role {cfg.exchange.role!r} yet; a site's own Snakemake "
-                "pulls each round from the hub through per-round jobs"
-            )
     return problems
 
 

@@ -94,6 +94,22 @@ def exchange_action(cfg: Config, layout: RunLayout, trust: TrustStore, action: s
     return f"pulled {len(doc['files'])} files from {transport.describe()}/{rel}, hashes verified"
 
 
+def try_pull(cfg: Config, layout: RunLayout, trust: TrustStore, action: str, r: int) -> bool:
+    """One look at the hub for a site's pull (`pull` or `pull-candidate` of round r), for a caller
+    that keeps its own clock (a resident site): True once the bundle is here, every file checked;
+    a TransferError once the coordinator announced it stopped before the round."""
+    d, _ = bundle_dir(layout, action, r, "", cfg.exchange.site)
+    if (d / ex.INDEX).exists():  # installed last: a complete pull
+        return True
+    transport = ex.transport_for(cfg.exchange)
+    rel = d.relative_to(layout.root).as_posix()
+    if ex.pull(transport, rel, d, trust, COORDINATOR, on_reject=ex.audit_rejects(layout, rel)) is not None:
+        return True
+    if why := ex.stop_notice(transport, d / ex.STAGING, trust, r if action == "pull" else r + 1):
+        raise ex.TransferError(f"{transport.describe()}/{rel}: the coordinator stopped the federation ({why})")
+    return False
+
+
 def run(ctx: Ctx, action: str, r: int, which: str) -> str:
     """The exchange stage: one offer, pull or publish through the hub; the line to print."""
     return exchange_action(ctx.cfg, ctx.layout, ctx.trust, action, r, which)

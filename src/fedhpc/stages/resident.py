@@ -34,6 +34,7 @@ from fedhpc.core.errors import FedhpcError
 from fedhpc.core.files import read_json, sha256_file, write_json
 from fedhpc.core.layout import RunLayout
 from fedhpc.stages.context import Ctx
+from fedhpc.stages.exchange import exchange_action, try_pull
 from fedhpc.stages.failures import attempt_path, invocation, record_exit, record_start, status_path
 from fedhpc.trust.audit import AuditLog
 
@@ -80,12 +81,6 @@ def round_ready(layout: RunLayout, r: int) -> bool:
     return layout.plan(r).exists() and layout.global_meta(r).exists()
 
 
-def candidate_ready(layout: RunLayout, r: int) -> bool:
-    """Round r's candidate is there to be scored (its record, written after it), or scoring it is
-    no longer wanted: its scores are merged, or the round is promoted or rolled back."""
-    return any(p.exists() for p in (layout.aggregate_record(r), layout.candidate_eval(r), layout.global_meta(r + 1)))
-
-
 def previous_seconds(layout: RunLayout, r: int, site: str) -> float:
     """How long this site's job of round r - 1 took, from its status record (0 when none)."""
     try:
@@ -108,10 +103,38 @@ class Job:
     attempts: int = 1
     done: list = field(default_factory=list)
 
+    @property
+    def hub(self) -> bool:
+        """A site's own run (multi-site): rounds come from the hub, and what it makes goes there."""
+        return self.ctx.cfg.exchange.role == "site"
+
+    def ready(self, r: int) -> bool:
+        """Round r's plan and global model are here (pulled from the hub, every file checked)."""
+        if self.hub:
+            return try_pull(self.ctx.cfg, self.ctx.layout, self.ctx.trust, "pull", r)
+        return round_ready(self.ctx.layout, r)
+
+    def candidate(self, r: int) -> str | None:
+        """'score' once round r's candidate is here to be scored; 'moved on' when its scores are no
+        longer wanted (merged without this site, or the round promoted); None while neither."""
+        layout, cfg = self.ctx.layout, self.ctx.cfg
+        if self.hub:  # the coordinator's merge is not visible from here; a late part is harmless
+            return "score" if try_pull(cfg, layout, self.ctx.trust, "pull-candidate", r) else None
+        if layout.candidate_eval(r).exists() or layout.global_meta(r + 1).exists():
+            return "moved on"
+        return "score" if layout.aggregate_record(r).exists() else None  # written after the candidate
+
+    def publish(self, action: str, r: int, which: str = "") -> None:
+        """Send what this site made in round r to the hub (multi-site only), as the publish rules do."""
+        if self.hub:
+            print(exchange_action(self.ctx.cfg, self.ctx.layout, self.ctx.trust, action, r, which), flush=True)
+
     def wait(self, ready, what: str) -> bool:
         """Wait until `ready()`: True, or False when the job's time is up first. A job's first piece
         of work never waits for time: a job that ended before it would start over forever."""
         clock = self.clock if self.done else Clock(None, 0.0)
+        # A hub is asked as often as a site's pull rule asks it; a local blackboard is a stat().
+        poll = self.ctx.cfg.exchange.poll_seconds if self.hub else POLL_SECONDS
         since = time.monotonic()
         while not ready():
             if not clock.room_for_a_round():
@@ -121,7 +144,7 @@ class Job:
                     f"site {self.site}: no {what} after {self.idle / 60:g} min; the coordinator has "
                     "stopped (sites.<name>.resident_idle_minutes sets the wait)"
                 )
-            time.sleep(POLL_SECONDS)
+            time.sleep(poll)
         return True
 
     def do(self, r: int, work: str, fn) -> bool:
@@ -155,6 +178,7 @@ class Job:
             if self.attempt >= self.attempts:
                 write_json(status, {"state": "failed", "round": r, "site": self.site, "attempt": self.attempt})
             raise
+        self.publish("publish", r)
         return result["state"]
 
     def score(self, r: int, which: str) -> str:
@@ -163,17 +187,20 @@ class Job:
 
         layout = self.ctx.layout
         part, model = layout.eval_part(r, which, self.site), evaluate.model_of(layout, r, which)
-        if part.exists() and read_json(part).get("model_sha256") == sha256_file(model):
-            return "scored"
-        evaluate.run(self.ctx, r, which, self.site, self.threads)
+        if not (part.exists() and read_json(part).get("model_sha256") == sha256_file(model)):
+            evaluate.run(self.ctx, r, which, self.site, self.threads)
+        self.publish("publish-eval", r, which)
         return "scored"
 
     def round(self, r: int) -> str | None:
         """Round r's work for this site: None when done, else why the job stops before it is."""
         layout = self.ctx.layout
         t0 = time.monotonic()
-        if not status_path(layout, r, self.site).exists():  # else an earlier job trained it
-            if not self.wait(lambda: round_ready(layout, r), f"plan for round {r} in {layout.plan(r).parent}"):
+        if status_path(layout, r, self.site).exists():  # an earlier job trained it
+            if not status_path(layout, r + 1, self.site).exists():
+                self.publish("publish", r)  # the round a killed job may have left half-sent
+        else:
+            if not self.wait(lambda: self.ready(r), f"plan for round {r} in {layout.plan(r).parent}"):
                 return "time"
             if not self.do(r, "train", lambda: self.train(r)):
                 return "failed"
@@ -181,11 +208,10 @@ class Job:
             initial = r == 0 and not layout.global_eval(0).exists()
             if initial and not self.do(0, "score initial", lambda: self.score(0, "global")):
                 return "failed"
-            if not self.wait(lambda: candidate_ready(layout, r), f"candidate of round {r}"):
+            if not self.wait(lambda: self.candidate(r) is not None, f"candidate of round {r}"):
                 return "time"
-            if not layout.candidate_eval(r).exists() and layout.aggregate_record(r).exists():
-                if not self.do(r, "score candidate", lambda: self.score(r, "candidate")):
-                    return "failed"
+            if self.candidate(r) == "score" and not self.do(r, "score candidate", lambda: self.score(r, "candidate")):
+                return "failed"
         self.clock.longest = max(self.clock.longest, time.monotonic() - t0)
         return None
 
