@@ -9,7 +9,7 @@ from snakemake_interface_executor_plugins.settings import ExecMode
 
 from fedhpc.config.schema import ConfigError
 from fedhpc.core.layout import round_name
-from fedhpc.ops.launch_prefix import aggregate_prefix, train_prefix
+from fedhpc.ops.launch_prefix import aggregate_prefix, resident_cores, train_prefix
 from fedhpc.ops.run import prepare_head
 from fedhpc.stages.failures import export_attempts, exported_attempts, new_invocation
 from fedhpc.tasks import load_task
@@ -371,10 +371,7 @@ def resident_inputs(wildcards):
 
 
 def resident_threads(wildcards):
-    """A resident job's cores. On this machine none in Snakemake's count: the job sleeps while the
-    coordinator's jobs run, and holding a core would starve them (a deadlock on a small --cores).
-    """
-    return 0 if runs_jobs_here() else 2
+    return resident_cores(getattr(workflow.executor_plugin, "name", ""))
 
 
 # Failure records of training jobs (fedhpc.stages.failures): the head process names this invocation,

@@ -14,7 +14,7 @@ import pytest
 
 from fedhpc.config.federation import SiteConfig
 from fedhpc.ops.containers import ContainerError
-from fedhpc.ops.launch_prefix import aggregate_prefix, srun_prefix, train_prefix
+from fedhpc.ops.launch_prefix import aggregate_prefix, resident_cores, srun_prefix, train_prefix
 from tests.test_containers import fake_runtimes
 from tests.workflow_util import REPO, run_workflow, tiny_config, write_config
 
@@ -146,3 +146,10 @@ def test_on_slurm_each_rank_runs_in_the_image_under_the_compute_nodes_singularit
         (tmp_path / "results" / "singularity" / "rounds" / "r0000" / "sites" / "lumi" / "receipt.json").read_text()
     )
     assert (receipt["ranks"], receipt["launcher"]) == (2, "slurm") and receipt["slurm_job_id"]
+
+
+def test_a_resident_job_holds_no_local_core_but_keeps_its_cores_inside_its_slurm_job():
+    # Locally the sleeping job must not starve the coordinator's jobs of Snakemake's cores; inside
+    # a Slurm job the job-step executor evaluates `threads` again and must not get 0 (one thread).
+    assert resident_cores("local") == 0
+    assert resident_cores("slurm") == resident_cores("slurm-jobstep") == 2

@@ -93,6 +93,14 @@ def train_prefix(site_name: str, site: SiteConfig, resources: Mapping[str, Any],
     return launch
 
 
+def resident_cores(executor: str) -> int:
+    """The cores a resident site's job asks of Snakemake (its rule's default `threads`). Run by
+    this machine's Snakemake (the local executor) none: the job sleeps while the coordinator's jobs
+    run, and holding a core would starve them, a deadlock on a small --cores. Submitted to Slurm,
+    and inside that job (the job-step executor re-evaluates `threads`), a train job's 2."""
+    return 0 if executor == "local" else 2
+
+
 def aggregate_prefix(ranks: int, resources: Mapping[str, Any], threads: int) -> str:
     """What goes before `fedhpc aggregate`: several MPI ranks split a large checkpoint's tensors,
     started by srun when the job has an `mpi` launcher (a Slurm job), else by mpiexec on this
