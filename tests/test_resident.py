@@ -180,23 +180,25 @@ def test_a_resident_site_of_several_ranks_is_refused_naming_the_site(tmp_path):
 
 
 @pytest.mark.e2e
-def test_resident_sites_train_in_jobs_that_end_for_time_and_are_followed(tmp_path):
-    # A 1-minute allocation and a 0.75-minute margin: lumi's jobs end after a round or two and the
-    # workflow starts the next where each stopped. The laptop's one job trains every round.
+def test_resident_jobs_end_for_time_are_followed_and_a_killed_federation_resumes_without_training_twice(tmp_path):
+    # A 1-minute allocation and a 0.75-minute margin: lumi's jobs end after a round or so and the
+    # workflow starts the next where each stopped. The laptop's one job would train every round;
+    # the whole federation is SIGKILLed once it trained round 1, and rerun.
     cfg = _config(tmp_path, 3, resident_margin_minutes=0.75)
     cfg["sites"]["laptop"]["resident_margin_minutes"] = 0
     write_config(tmp_path, cfg)
-    run_workflow(tmp_path, "--set-resources", "resident:runtime=1")
     run = Path(cfg["output_dir"]) / cfg["run"]
     layout = RunLayout.of(run)
+    limit = ("--set-resources", "resident:runtime=1")
+    kill_when(tmp_path, status_path(layout, 1, "laptop"), *limit)
+    assert not layout.resident(0, "laptop").exists()
+    run_workflow(tmp_path, *limit)
 
     _published_once(run, 3, 3)
     lumi = _chain(layout, "lumi", 3)
-    assert len(lumi) >= 2 and {r["reason"] for r in lumi[:-1]} == {"time"}
-    assert [x for r in lumi for x in r["rounds"]] == [0, 1, 2]
-    laptop = _chain(layout, "laptop", 3)
-    assert len(laptop) == 1 and laptop[0]["reason"] == "done"
-    assert laptop[0]["rounds"] == [0, 1, 2]
+    assert len(lumi) >= 2 and {r["reason"] for r in lumi[:-1]} == {"time"} and lumi[-1]["reason"] == "done"
+    (laptop,) = _chain(layout, "laptop", 3)
+    assert laptop["reason"] == "done" and laptop["rounds"] == [2], "the rerun skipped the rounds already trained"
     # Same files as train jobs leave, and no train job ran for a resident site.
     for r in range(3):
         for site in ("lumi", "laptop"):
@@ -212,27 +214,8 @@ def test_resident_sites_train_in_jobs_that_end_for_time_and_are_followed(tmp_pat
         merged = read_json(layout.global_eval(0) if which == "global" else layout.candidate_eval(r))
         assert "law" in merged["domains"] and not merged["missing"]
     assert "OMP_NUM_THREADS" not in (run / "logs" / "resident" / "r0000-laptop.log").read_text()
-    dry = run_workflow(tmp_path, "-n", "--set-resources", "resident:runtime=1")
+    dry = run_workflow(tmp_path, "-n", *limit)
     assert "Nothing to be done" in dry.stdout + dry.stderr
-
-
-@pytest.mark.e2e
-def test_a_killed_federation_with_resident_sites_resumes_without_training_twice(tmp_path):
-    cfg = _config(tmp_path, 3)
-    write_config(tmp_path, cfg)
-    run = Path(cfg["output_dir"]) / cfg["run"]
-    layout = RunLayout.of(run)
-    # Killed once the resident laptop trained round 1, with its job still running.
-    kill_when(tmp_path, status_path(layout, 1, "laptop"))
-    assert not layout.resident(0, "laptop").exists()
-    run_workflow(tmp_path)
-
-    _published_once(run, 3, 3)
-    for site in ("lumi", "laptop"):
-        (record,) = _chain(layout, site, 3)
-        assert record["reason"] == "done"
-    # The laptop's rerun skipped the rounds its killed job had finished.
-    assert read_json(layout.resident(0, "laptop"))["rounds"] == [2]
 
 
 @pytest.mark.e2e

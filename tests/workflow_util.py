@@ -73,10 +73,14 @@ def env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def kill_when(tmp: Path, reached: Path, timeout: float = 300) -> None:
+def kill_when(tmp: Path, reached: Path, *extra: str, timeout: float = 300) -> None:
     """Run the federation and SIGKILL it, Snakemake and every job, as soon as `reached` exists."""
     proc = subprocess.Popen(
-        snakemake_cmd(tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True
+        snakemake_cmd(tmp, *extra),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env(),
+        start_new_session=True,
     )
     deadline = time.time() + timeout
     try:
