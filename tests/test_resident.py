@@ -109,6 +109,17 @@ def test_a_waiting_worker_ends_for_time_while_the_next_plan_is_late(board, tmp_p
     assert time.monotonic() - t0 < 10, "it waited past the point where a round could still fit"
 
 
+def test_the_deadline_is_slurms_end_time_else_the_runtime_from_the_jobs_start(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_END_TIME", raising=False)
+    monkeypatch.delenv("SLURM_JOB_START_TIME", raising=False)
+    assert resident.job_deadline(0, 1000.0) is None
+    assert resident.job_deadline(2, 1000.0) == 1120.0
+    monkeypatch.setenv("SLURM_JOB_START_TIME", "990")  # the job started before this process
+    assert resident.job_deadline(2, 1000.0) == 1110.0
+    monkeypatch.setenv("SLURM_JOB_END_TIME", "1100")
+    assert resident.job_deadline(2, 1000.0) == resident.job_deadline(0, 1000.0) == 1100.0
+
+
 def test_with_no_plan_coming_a_worker_fails_without_a_record(board, tmp_path):
     ctx, publish, trained, _ = board
     publish(0)

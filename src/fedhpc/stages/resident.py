@@ -44,7 +44,8 @@ POLL_SECONDS = 0.25
 
 
 class ResidentIdle(FedhpcError, RuntimeError):
-    """No plan came for too long: the coordinator has stopped (a retry or a rerun resumes)."""
+    """No plan (or candidate to score) came for too long: the coordinator has stopped (a retry or a
+    rerun resumes)."""
 
 
 @dataclass
@@ -60,12 +61,16 @@ class Clock:
 
 
 def job_deadline(walltime_minutes: float, started: float) -> float | None:
-    """When this job's allocation ends: Slurm's own end time if it says (it follows a changed
-    limit), else the rule's runtime counted from the job's start; None without either."""
-    end = os.environ.get("SLURM_JOB_END_TIME")
-    if end and end.isdigit() and int(end) > 0:
-        return float(end)
-    return started + walltime_minutes * 60 if walltime_minutes > 0 else None
+    """When this job's allocation ends: the end time Slurm gave the job (SLURM_JOB_END_TIME, set by
+    newer Slurm versions), else the rule's runtime counted from the job's start (SLURM_JOB_START_TIME,
+    else this process's, later by the job's start-up, which the margin covers); None without either."""
+    env = os.environ
+    if env.get("SLURM_JOB_END_TIME", "").isdigit() and int(env["SLURM_JOB_END_TIME"]) > 0:
+        return float(env["SLURM_JOB_END_TIME"])
+    if walltime_minutes <= 0:
+        return None
+    start = float(env["SLURM_JOB_START_TIME"]) if env.get("SLURM_JOB_START_TIME", "").isdigit() else started
+    return start + walltime_minutes * 60
 
 
 def idle_limit(cfg: Config, site: str) -> float:
