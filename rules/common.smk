@@ -388,11 +388,6 @@ def train_attempt(wildcards, attempt):
     return attempt
 
 
-def resident_attempts(wildcards):
-    """Attempts a resident job has, as train_attempts (the same retries apply to both rules)."""
-    return train_attempts(wildcards)
-
-
 def train_attempts(wildcards):
     """Attempts a train job has: the workflow's retries + 1 (rule train sets none of its own).
     A Slurm job's own Snakemake runs with --retries 0 and cannot know them: it takes what the

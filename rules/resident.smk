@@ -22,7 +22,8 @@ checkpoint resident:
     resources:
         mpi=in_batch_step,
         attempt=train_attempt,
-        attempts=resident_attempts,
+        # The workflow's retries apply to both training rules alike.
+        attempts=train_attempts,
     params:
         cfg=CONFIG_JSON,
         launch=train_launch,

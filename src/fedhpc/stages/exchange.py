@@ -53,6 +53,12 @@ def bundle_dir(layout: RunLayout, action: str, r: int, which: str, site: str | N
     return layout.eval_part(r, which, site).parent, list(EVAL_FILES)
 
 
+def needed_round(action: str, r: int) -> int | None:
+    """The round a pull waits for: a coordinator's stop before it ends the wait (a candidate's
+    pull needs round r's aggregation, announced with round r + 1)."""
+    return {"pull": r, "pull-candidate": r + 1}.get(action)
+
+
 def exchange_action(cfg: Config, layout: RunLayout, trust: TrustStore, action: str, r: int, which: str) -> str:
     """Run one exchange action; the line to print."""
     site = cfg.exchange.site
@@ -89,7 +95,7 @@ def exchange_action(cfg: Config, layout: RunLayout, trust: TrustStore, action: s
         cfg.exchange.wait_minutes * 60,
         on_reject=ex.audit_rejects(layout, rel),
         # Stop waiting once the coordinator announced it stopped in a round this pull needs.
-        round_={"pull": r, "pull-candidate": r + 1}.get(action),
+        round_=needed_round(action, r),
     )
     return f"pulled {len(doc['files'])} files from {transport.describe()}/{rel}, hashes verified"
 
@@ -105,7 +111,7 @@ def try_pull(cfg: Config, layout: RunLayout, trust: TrustStore, action: str, r: 
     rel = d.relative_to(layout.root).as_posix()
     if ex.pull(transport, rel, d, trust, COORDINATOR, on_reject=ex.audit_rejects(layout, rel)) is not None:
         return True
-    if why := ex.stop_notice(transport, d / ex.STAGING, trust, r if action == "pull" else r + 1):
+    if why := ex.stop_notice(transport, d / ex.STAGING, trust, needed_round(action, r)):
         raise ex.TransferError(f"{transport.describe()}/{rel}: the coordinator stopped the federation ({why})")
     return False
 

@@ -134,23 +134,24 @@ class Job:
         if self.hub:
             print(exchange_action(self.ctx.cfg, self.ctx.layout, self.ctx.trust, action, r, which), flush=True)
 
-    def wait(self, ready, what: str) -> bool:
-        """Wait until `ready()`: True, or False when the job's time is up first. A job's first piece
-        of work never waits for time: a job that ended before it would start over forever."""
+    def wait(self, ready, what: str):
+        """Wait until `ready()` gives something: that, or None when the job's time is up first. A
+        job's first piece of work never waits for time: a job that ended before it would start over
+        forever."""
         clock = self.clock if self.done else Clock(None, 0.0)
         # A hub is asked as often as a site's pull rule asks it; a local blackboard is a stat().
         poll = self.ctx.cfg.exchange.poll_seconds if self.hub else POLL_SECONDS
         since = time.monotonic()
-        while not ready():
+        while not (got := ready()):
             if not clock.room_for_a_round():
-                return False
+                return None
             if time.monotonic() - since > self.idle:
                 raise ResidentIdle(
                     f"site {self.site}: no {what} after {self.idle / 60:g} min; the coordinator has "
                     "stopped (sites.<name>.resident_idle_minutes sets the wait)"
                 )
             time.sleep(poll)
-        return True
+        return got
 
     def do(self, r: int, work: str, fn) -> bool:
         """Run one piece of round r's work; False when it failed on the workflow's last attempt
@@ -213,9 +214,10 @@ class Job:
             initial = r == 0 and not layout.global_eval(0).exists()
             if initial and not self.do(0, "score initial", lambda: self.score(0, "global")):
                 return "failed"
-            if not self.wait(lambda: self.candidate(r) is not None, f"candidate of round {r}"):
+            state = self.wait(lambda: self.candidate(r), f"candidate of round {r}")
+            if not state:
                 return "time"
-            if self.candidate(r) == "score" and not self.do(r, "score candidate", lambda: self.score(r, "candidate")):
+            if state == "score" and not self.do(r, "score candidate", lambda: self.score(r, "candidate")):
                 return "failed"
         self.clock.longest = max(self.clock.longest, time.monotonic() - t0)
         return None
