@@ -360,14 +360,16 @@ def next_segment(record, start):
 
 def resident_inputs(wildcards):
     """What a resident job waits for through the DAG: in one run directory round r's plan and
-    model; a site of a multi-site run pulls each round itself, once its catalogue is published.
+    model, or for a site that scores candidates round r - 1's candidate (the job before may have
+    ended waiting for it, and round r is planned only after its scores are merged); a site of a
+    multi-site run pulls each round itself, once its catalogue is published.
     """
     if ROLE == "site":
         return [f"{RUN}/data/sites/{wildcards.site}/bundle.json"]
-    return [
-        f"{rdir(wildcards.r)}/plan.json",
-        f"{rdir(wildcards.r)}/global/model.safetensors",
-    ]
+    r = int(wildcards.r)
+    if r > 0 and holds_data(wildcards.site):
+        return [f"{rdir(r - 1)}/candidate/model.safetensors"]
+    return [f"{rdir(r)}/plan.json", f"{rdir(r)}/global/model.safetensors"]
 
 
 def resident_threads(wildcards):

@@ -19,8 +19,11 @@ checkpoint resident:
     container:
         None
     threads: resident_threads
+    # A site of several ranks: srun starts them under Slurm, as for rule train.
     resources:
-        mpi=in_batch_step,
+        nodes=train_nodes,
+        tasks_per_node=train_tasks_per_node,
+        mpi=train_mpi,
         attempt=train_attempt,
         # The workflow's retries apply to both training rules alike.
         attempts=train_attempts,

@@ -90,6 +90,15 @@ def test_profiles_name_the_lumi_environment_and_placeholders():
     assert "SINGULARITY_BIND=/pfs,/scratch,/projappl,/project,/flash,/appl" in env
 
 
+@pytest.mark.parametrize("profile", ["lumi", "lumi-dev", "a100"])
+def test_a_resident_sites_job_gets_what_its_train_jobs_would(profile):
+    # A resident site of 8 ranks needs the whole node its train jobs get; an entry of its own
+    # (one GPU) would start 8 ranks on one GCD.
+    cfg = yaml.safe_load((REPO / "profiles" / profile / "config.yaml").read_text())
+    assert cfg["set-resources"]["resident"] == cfg["set-resources"]["train"]
+    assert cfg["set-threads"]["resident"] == cfg["set-threads"]["train"]
+
+
 @pytest.mark.parametrize(("profile", "env"), [("lumi", "lumi.sh"), ("lumi-dev", "lumi.sh"), ("a100", "a100.sh")])
 def test_head_job_of_fedhpc_submit_sources_the_site_environment(profile, env):
     # The sbatch wrappers source envs/<site>.sh (FEDHPC_SITE_ENV); `fedhpc submit` gets it from head.yaml.

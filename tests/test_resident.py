@@ -3,24 +3,22 @@ time limit and is followed by the next; a killed one resumes without training a 
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from fedhpc.config.schema import ConfigError
 from fedhpc.core.files import read_json, sha256_file, write_json
 from fedhpc.core.layout import RunLayout
 from fedhpc.stages import resident
 from fedhpc.stages import train as train_stage
 from fedhpc.stages.context import context
-from fedhpc.stages.failures import status_path
-from fedhpc.tasks.validation import validate
+from fedhpc.stages.failures import read_failure, status_path
 from tests.multisite_util import RUN, prepare, run_all, side_config
 from tests.workflow_util import events, kill_when, run_workflow, tiny_config, write_config
-
-SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.json"
 
 
 def _config(tmp: Path, rounds: int, **site) -> dict:
@@ -57,7 +55,7 @@ def board(tmp_path, monkeypatch):
     ctx = context(str(path), with_task=False)
     trained: list[int] = []
 
-    def fake_train(cfg, layout, trust, r, site, threads, status, attempt, attempts):
+    def fake_train(cfg, layout, trust, r, site, threads, status, attempt, attempts, keep_group=False):
         if r in fail_rounds:
             raise RuntimeError(f"device lost in round {r}")
         trained.append(r)
@@ -149,8 +147,8 @@ def test_a_data_holding_worker_scores_each_candidate_unless_the_merge_went_on_wi
     layout, scored = ctx.layout, []
     train = train_stage.run_train_job  # the board's stand-in
 
-    def coordinator_after_training(cfg, layout_, trust, r, *rest):
-        state = train(cfg, layout_, trust, r, *rest)
+    def coordinator_after_training(cfg, layout_, trust, r, *rest, **kw):
+        state = train(cfg, layout_, trust, r, *rest, **kw)
         if r == 1:  # the merge gave up on this site's scores and the round was promoted without them
             write_json(layout.candidate_eval(1), {"missing": ["lumi"]})
             publish(2)
@@ -181,10 +179,59 @@ def test_a_data_holding_worker_scores_each_candidate_unless_the_merge_went_on_wi
     ]
 
 
-def test_a_resident_site_of_several_ranks_is_refused_naming_the_site(tmp_path):
-    cfg = _config(tmp_path, 2, ranks_per_node=2)
-    with pytest.raises(ConfigError, match=r"sites.lumi.resident: one rank only"):
-        validate(cfg, "config.yaml", str(SCHEMA))
+def test_a_worker_out_of_time_before_its_candidate_came_leaves_the_scoring_to_the_next_job(
+    board, tmp_path, monkeypatch
+):
+    ctx, publish, trained, _ = board
+    layout, scored = ctx.layout, []
+
+    def score(ctx, r, which, site, threads):
+        scored.append((r, which))
+        if which == "candidate":
+            publish(r + 1)  # merged and promoted: the next round is planned
+
+    monkeypatch.setattr("fedhpc.stages.evaluate.run", score)
+    ctx.cfg.sites["lumi"].resident_margin_minutes = 0.25
+    ctx.cfg.sites["lumi"].resident_idle_minutes = 5
+    publish(0)
+    # 18 s with a 15 s margin: the job trains round 0 and scores the initial model, then its time
+    # runs out waiting for the candidate. The next job starts at round 1, not again at 0 (the
+    # workflow's chain needs each job to start after the one before).
+    rec = resident.run(ctx, "lumi", 0, 1, layout.resident(0, "lumi"), walltime_minutes=0.3, evaluates=True)
+    assert (rec["reason"], rec["next_round"], trained, scored) == ("time", 1, [0], [(0, "global")])
+    write_json(layout.global_eval(0), {"missing": []})  # the initial scores were merged
+    write_json(layout.aggregate_record(0), {"round": 0})  # round 0's candidate is out
+    rec = resident.run(ctx, "lumi", 1, 1, layout.resident(1, "lumi"), walltime_minutes=0.3, evaluates=True)
+    assert (rec["reason"], rec["next_round"], trained) == ("time", 2, [0, 1])
+    assert scored == [(0, "global"), (0, "candidate")], "the candidate left over is scored first"
+    assert [(w["round"], w["work"]) for w in rec["work"]] == [(0, "score candidate"), (1, "train")]
+    # The last round's candidate has no next job to be scored by: the job waits for it past the time.
+    publish(3)
+    threading.Timer(6.0, write_json, (layout.aggregate_record(3), {"round": 3})).start()
+    rec = resident.run(ctx, "lumi", 3, 1, layout.resident(3, "lumi"), walltime_minutes=0.3, evaluates=True)
+    assert (rec["reason"], rec["next_round"], scored[-1]) == ("done", 4, (3, "candidate"))
+
+
+def test_a_worker_that_died_leaves_the_failure_record_of_the_round_it_was_on(board, tmp_path, monkeypatch):
+    ctx, publish, trained, _ = board
+    layout, train = ctx.layout, train_stage.run_train_job  # the board's stand-in
+    publish(0, 1)
+
+    def dies_in_round_1(cfg, layout_, trust, r, *rest, **kw):
+        # As a crash or a kill would: none of the worker's own error handling runs.
+        return os._exit(137) if r == 1 else train(cfg, layout_, trust, r, *rest, **kw)
+
+    monkeypatch.setattr("fedhpc.stages.train.run_train_job", dies_in_round_1)
+    assert resident.record_exited(ctx, "lumi", 0, 137, 1, 2) is None, "nothing begun yet: between rounds"
+    pid = os.fork()
+    if pid == 0:
+        resident.run(ctx, "lumi", 0, 1, tmp_path / "seg.json", attempt=1, attempts=2)
+        os._exit(0)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 137
+    rec = resident.record_exited(ctx, "lumi", 0, 137, 1, 2)
+    assert rec is not None and rec["round"] == 1 and rec["exit_code"] == 137 and rec["attempt"] == 1
+    assert read_failure(layout, 1, "lumi") == rec and read_failure(layout, 0, "lumi") is None
+    assert not (tmp_path / "seg.json").exists()
 
 
 # Whole federations on the local profile.
@@ -193,12 +240,14 @@ def test_a_resident_site_of_several_ranks_is_refused_naming_the_site(tmp_path):
 @pytest.mark.e2e
 def test_resident_jobs_end_for_time_are_followed_and_a_killed_federation_resumes_without_training_twice(tmp_path):
     # Every site resident (a mix of modes is tested through Slurm and through a hub). A 1-minute
-    # allocation and a 0.75-minute margin: lumi's jobs end after a round or so and the workflow
+    # allocation and a 0.9-minute margin: lumi's jobs end after a round (each takes over 3 s) and the workflow
     # starts the next where each stopped. The laptop's and a100's one job would train every round;
     # the whole federation is SIGKILLed once the laptop trained round 1, and rerun.
-    cfg = _config(tmp_path, 3, resident_margin_minutes=0.75)
+    # lumi and a100 train as two ranks each (started by torch's launcher here, by srun under
+    # Slurm), in one process group for the whole job.
+    cfg = _config(tmp_path, 3, resident_margin_minutes=0.9, ranks_per_node=2)
     cfg["sites"]["laptop"]["resident_margin_minutes"] = 0
-    cfg["sites"]["a100"].update(resident=True, resident_margin_minutes=0)
+    cfg["sites"]["a100"].update(resident=True, resident_margin_minutes=0, ranks_per_node=2)
     write_config(tmp_path, cfg)
     run = Path(cfg["output_dir"]) / cfg["run"]
     layout = RunLayout.of(run)
@@ -216,7 +265,10 @@ def test_resident_jobs_end_for_time_are_followed_and_a_killed_federation_resumes
     for r in range(3):
         for site in ("lumi", "laptop", "a100"):
             assert read_json(status_path(layout, r, site))["state"] == "published"
-            assert layout.receipt(r, site).exists()
+            assert read_json(layout.receipt(r, site))["ranks"] == (1 if site == "laptop" else 2)
+    # a100's three rounds took two jobs (the killed one and the rerun's): one of them trained two
+    # rounds with the same ranks.
+    assert [e["ranks"] for e in events(run) if e["event"] == "resident.started" and e["site"] == "a100"] == [2, 2]
     assert not (run / "logs" / "train").exists()
     # lumi and a100 hold held-out data: their jobs scored every candidate (and the initial model);
     # only the coordinator's scoring ran as jobs.

@@ -24,15 +24,22 @@ REMOTE_RULES = {"shard", "shard_site", "evaluate_shared", "evaluate_site", "trai
 
 
 def two_site_config(
-    tmp: Path, run: str, gpu_site: str = "lumi", ranks: int = 1, laptop_data: bool = False, aggregator_ranks: int = 1
+    tmp: Path,
+    run: str,
+    gpu_site: str = "lumi",
+    ranks: int = 1,
+    laptop_data: bool = False,
+    aggregator_ranks: int = 1,
+    resident: bool = False,
 ) -> dict:
-    """One round of two sites, `gpu_site` training as `ranks` ranks and `laptop` as one, written
-    to tmp/config.yaml: a federation small enough for a test of its jobs or its head. Only
-    `gpu_site` holds data of its own unless `laptop_data` (a site's own data is scored by jobs
-    of its own: one more per model)."""
+    """One round of two sites, `gpu_site` training as `ranks` ranks (in a resident job if
+    `resident`) and `laptop` as one, written to tmp/config.yaml: a federation small enough for a
+    test of its jobs or its head. Only `gpu_site` holds data of its own unless `laptop_data` (a
+    site's own data is scored by jobs of its own: one more per model)."""
     cfg = tiny_config(tmp, run=run, rounds=1)
     cfg["strategy"] = {"ranks": aggregator_ranks}
-    cfg["sites"] = {gpu_site: {**cfg["sites"]["lumi"], "ranks_per_node": ranks}, "laptop": cfg["sites"]["laptop"]}
+    gpu = {**cfg["sites"]["lumi"], "ranks_per_node": ranks, "resident": resident}
+    cfg["sites"] = {gpu_site: gpu, "laptop": cfg["sites"]["laptop"]}
     law, clinical, _ = cfg["data"]["synth"]["domains"]
     law["site"] = gpu_site
     if laptop_data:
@@ -86,11 +93,11 @@ def sruns(fake: FakeSlurm, job: Job) -> list[list[str]]:
     return [c["argv"] for c in fake.srun_calls() if c["job"] == job.id]
 
 
-def check_every_job(fake: FakeSlurm, account: str) -> dict[str, list[Job]]:
+def check_every_job(fake: FakeSlurm, account: str, rules: set[str] = REMOTE_RULES) -> dict[str, list[Job]]:
     """What every job needs anywhere: the account, a requeue on node failure, the job script
     that runs exactly this job's step, and that it ran to the end."""
     jobs = by_rule(fake)
-    assert set(jobs) == REMOTE_RULES, sorted(jobs)
+    assert set(jobs) == rules, sorted(jobs)
     for job in fake.jobs():
         assert job.option("-A") == account, job.argv
         assert job.option("--requeue") == "" and job.option("--export") == "ALL", job.argv
@@ -106,12 +113,12 @@ def check_single_task(fake: FakeSlurm, job: Job) -> None:
     assert sruns(fake, job) == [], (job.rule, sruns(fake, job))
 
 
-def check_multi_rank_training(fake: FakeSlurm, job: Job, ranks: int, cpus: int, bind: str) -> None:
+def check_multi_rank_training(fake: FakeSlurm, job: Job, ranks: int, cpus: int, bind: str, verb: str = "train") -> None:
     assert (job.option("--nodes"), job.option("--ntasks-per-node")) == ("1", str(ranks)), job.argv
     (srun,) = sruns(fake, job)
     launch = ["--kill-on-bad-exit=1", "--nodes=1", f"--ntasks-per-node={ranks}", f"--cpus-per-task={cpus}"]
     assert srun[: len(launch) + 1] == [*launch, f"--cpu-bind={bind}"], srun
-    assert srun[len(launch) + 1 : len(launch) + 3] == ["fedhpc", "train"], srun
+    assert srun[len(launch) + 1 : len(launch) + 3] == ["fedhpc", verb], srun
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +129,10 @@ def lumi(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lumi_dev(tmp_path_factory):
     # Both sites hold data: three dev-g scoring jobs are ready at once, one more than LUMI takes.
-    # The aggregator runs as two MPI ranks.
-    return federation(tmp_path_factory.mktemp("lumi-dev"), "lumi-dev", "lumi", 2, laptop_data=True, aggregator_ranks=2)
+    # The aggregator runs as two MPI ranks; lumi trains and scores in one resident job of two ranks.
+    return federation(
+        tmp_path_factory.mktemp("lumi-dev"), "lumi-dev", "lumi", 2, laptop_data=True, aggregator_ranks=2, resident=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -163,21 +172,27 @@ def test_lumi_sends_cpu_work_to_lumi_c_and_scoring_to_one_gcd(lumi):
 
 
 def test_lumi_dev_keeps_every_job_within_dev_g_limits(lumi_dev):
-    fake, _, _ = lumi_dev
-    jobs = check_every_job(fake, "project_465000000")
+    fake, cfg, _ = lumi_dev
+    jobs = check_every_job(fake, "project_465000000", REMOTE_RULES | {"resident"})
     dev = [j for j in fake.jobs() if j.option("-p") == "dev-g"]
-    assert {j.rule for j in dev} == {"train", "evaluate_shared", "evaluate_site"}
+    assert {j.rule for j in dev} == {"train", "resident", "evaluate_shared", "evaluate_site"}
     assert all(int(j.option("-t")) <= 180 for j in dev), [(j.rule, j.option("-t")) for j in dev]
     # LUMI takes 2 jobs of a user in dev-g at a time (1 running): never more submitted at once.
     in_flight = max(sum(1 for o in dev if o.submitted <= j.submitted < (o.ended or float("inf"))) for j in dev)
     assert in_flight <= 2, in_flight
     for rule in ("shard", "shard_site", "aggregate"):
         assert {(j.option("-p"), j.option("--gres")) for j in jobs[rule]} == {("small", None)}, rule
-    train = {site_of(j): j for j in jobs["train"]}
-    for job in train.values():
+    (train,), (resident,) = jobs["train"], jobs["resident"]
+    for job in (train, resident):
         assert (job.option("--gres"), job.option("--mem"), job.option("--cpus-per-task")) == ("gpu:8", "480000", "7")
-    check_multi_rank_training(fake, train["lumi"], ranks=2, cpus=7, bind=LUMI_MASKS)
-    check_single_task(fake, train["laptop"])
+    # The resident site's job: a train job's node and ranks, and it scored lumi's held-out data
+    # (so the only evaluate_site jobs are the laptop's).
+    check_multi_rank_training(fake, resident, ranks=2, cpus=7, bind=LUMI_MASKS, verb="resident")
+    assert (site_of(train), site_of(resident)) == ("laptop", "lumi")
+    check_single_task(fake, train)
+    assert {site_of(j) for j in jobs["evaluate_site"]} == {"laptop"}
+    run = Path(cfg["output_dir"]) / "lumi-dev"
+    assert json.loads((run / "rounds" / "r0000" / "sites" / "lumi" / "receipt.json").read_text())["ranks"] == 2
     # strategy.ranks 2: one job of two MPI tasks on LUMI-C, started by srun inside it.
     (agg,) = jobs["aggregate"]
     assert (agg.option("--ntasks"), agg.option("--cpus-per-task")) == ("2", "8"), agg.argv

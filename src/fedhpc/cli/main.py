@@ -130,9 +130,10 @@ def cmd_resident(a: argparse.Namespace) -> int:
         )
         return a.exited
     rec = resident.run(
-        ctx, a.site, a.round, a.threads, Path(a.record), a.walltime_minutes, a.attempt, a.attempts, a.evaluate
+        ctx, a.site, a.round, a.threads, Path(a.record), a.walltime_minutes, a.attempt, a.attempts, a.evaluate, a.config
     )
-    print(json.dumps(rec))
+    if rec is not None:  # rank 0's
+        print(json.dumps(rec))
     return 0
 
 

@@ -65,7 +65,7 @@ class SiteConfig:
         "Train round after round in one long job per allocation (rule `resident`) instead of one job per "
         "round: no queue wait, start-up or model build between rounds. Where the site holds held-out data the "
         "job also scores each candidate; in a multi-site run it pulls and publishes through the hub itself. "
-        "One rank only (`nodes` and `ranks_per_node` 1).",
+        "A site of several ranks keeps its process group from round to round.",
     )
     resident_margin_minutes: float = opt(
         5.0,

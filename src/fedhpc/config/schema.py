@@ -200,21 +200,7 @@ def _semantic_problems(cfg: Config, task_check: TaskCheck | None) -> list[str]:
         + _trust_problems(cfg)
         + _secagg_problems(cfg)
         + _retention_problems(cfg)
-        + _resident_problems(cfg)
     )
-
-
-def _resident_problems(cfg: Config) -> list[str]:
-    problems = []
-    for name, site in sorted(cfg.sites.items()):
-        if not site.resident:
-            continue
-        if site.nodes * site.ranks_per_node > 1:
-            problems.append(
-                f"sites.{name}.resident: one rank only for now (the site has {site.nodes} node(s) x "
-                f"{site.ranks_per_node} ranks); a resident job would have to keep its process group across rounds"
-            )
-    return problems
 
 
 def _retention_problems(cfg: Config) -> list[str]:

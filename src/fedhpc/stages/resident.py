@@ -19,6 +19,12 @@ An earlier attempt's failure, and nothing to do for `idle` minutes (the coordina
 the job with an error and no record: Snakemake retries it, or reports it, and a rerun resumes it.
 Work already done is skipped (a round with a status record, scores of the same model), so a job
 killed anywhere and run again trains no site-round twice.
+
+A site of several ranks runs this loop on every rank, in one process group kept from round to
+round. Rank 0 alone looks at the blackboard, keeps the clock, writes records and scores; each of
+its decisions reaches the other ranks by a broadcast, which they wait in, so all ranks take the
+same path. A rank's failure in training ends the job on every attempt (its launcher stops the
+others), since ranks cannot agree to go on without it.
 """
 
 from __future__ import annotations
@@ -33,9 +39,12 @@ from fedhpc.config.federation import Config
 from fedhpc.core.errors import FedhpcError
 from fedhpc.core.files import read_json, sha256_file, write_json
 from fedhpc.core.layout import RunLayout
+from fedhpc.stages import train as train_stage
 from fedhpc.stages.context import Ctx
 from fedhpc.stages.exchange import exchange_action, try_pull
 from fedhpc.stages.failures import attempt_path, invocation, record_exit, record_start, status_path
+from fedhpc.training import distributed
+from fedhpc.training.distributed import World
 from fedhpc.trust.audit import AuditLog
 
 # How often a waiting worker looks for the next plan: a stat() of two files, so often is cheap,
@@ -56,8 +65,12 @@ class Clock:
     margin: float
     longest: float = 0.0
 
+    def room_for(self, seconds: float) -> bool:
+        """Whether `seconds` of work and the margin still fit before the end."""
+        return self.deadline is None or time.time() + seconds + self.margin < self.deadline
+
     def room_for_a_round(self) -> bool:
-        return self.deadline is None or time.time() + self.longest + self.margin < self.deadline
+        return self.room_for(self.longest)
 
 
 def job_deadline(walltime_minutes: float, started: float) -> float | None:
@@ -106,7 +119,12 @@ class Job:
     evaluates: bool  # the site holds held-out data and scores each candidate on it
     attempt: int = 1
     attempts: int = 1
+    world: World = field(default_factory=World)
     done: list = field(default_factory=list)
+
+    def agree(self, value):
+        """Rank 0's `value`, on every rank."""
+        return distributed.broadcast(value, self.world)
 
     @property
     def hub(self) -> bool:
@@ -131,19 +149,19 @@ class Job:
 
     def publish(self, action: str, r: int, which: str = "") -> None:
         """Send what this site made in round r to the hub (multi-site only), as the publish rules do."""
-        if self.hub:
+        if self.hub and self.world.is_main:
             print(exchange_action(self.ctx.cfg, self.ctx.layout, self.ctx.trust, action, r, which), flush=True)
 
-    def wait(self, ready, what: str):
-        """Wait until `ready()` gives something: that, or None when the job's time is up first. A
-        job's first piece of work never waits for time: a job that ended before it would start over
-        forever."""
-        clock = self.clock if self.done else Clock(None, 0.0)
+    def wait(self, ready, what: str, need: float | None):
+        """Wait until `ready()` gives something: that, or None once `need` seconds of work no longer
+        fit before the job's end with the margin (rank 0 only). `need` None, and a job's first piece
+        of work, never wait for time: a job that ended before its first would start over forever."""
+        need = need if self.done else None
         # A hub is asked as often as a site's pull rule asks it; a local blackboard is a stat().
         poll = self.ctx.cfg.exchange.poll_seconds if self.hub else POLL_SECONDS
         since = time.monotonic()
         while not (got := ready()):
-            if not clock.room_for_a_round():
+            if need is not None and not self.clock.room_for(need):
                 return None
             if time.monotonic() - since > self.idle:
                 raise ResidentIdle(
@@ -160,7 +178,7 @@ class Job:
         try:
             state = fn()
         except Exception as exc:
-            if self.attempt < self.attempts:
+            if self.attempt < self.attempts or self.world.distributed:
                 raise  # Snakemake retries the job; the retry redoes this piece
             AuditLog(self.ctx.layout.audit).append(
                 "resident.gave_up", site=self.site, round=r, work=work, error=f"{type(exc).__name__}: {exc}"
@@ -171,17 +189,25 @@ class Job:
         return True
 
     def train(self, r: int) -> str:
-        from fedhpc.stages.train import run_train_job  # torch: imported once, after the cheap checks
-
-        layout = self.ctx.layout
-        record_start(layout, r, self.site, self.attempt, self.attempts)  # the witness gather reads if the job dies
+        layout, main = self.ctx.layout, self.world.is_main
+        if main:  # the witness gather reads if the job dies
+            record_start(layout, r, self.site, self.attempt, self.attempts)
         status = status_path(layout, r, self.site)
         try:
-            result = run_train_job(
-                self.ctx.cfg, layout, self.ctx.trust, r, self.site, self.threads, status, self.attempt, self.attempts
+            result = train_stage.run_train_job(
+                self.ctx.cfg,
+                layout,
+                self.ctx.trust,
+                r,
+                self.site,
+                self.threads,
+                status,
+                self.attempt,
+                self.attempts,
+                keep_group=self.world.distributed,
             )
         except Exception:
-            if self.attempt >= self.attempts:
+            if main and self.attempt >= self.attempts:
                 write_json(status, {"state": "failed", "round": r, "site": self.site, "attempt": self.attempt})
             raise
         self.publish("publish", r)
@@ -199,27 +225,39 @@ class Job:
         return "scored"
 
     def round(self, r: int) -> str | None:
-        """Round r's work for this site: None when done, else why the job stops before it is."""
-        layout = self.ctx.layout
+        """Round r's work for this site: None when done, else why the job stops before it is:
+        'time' before training, 'failed', or 'scores left' (trained; the time ran out waiting for
+        the candidate, which the next job scores)."""
+        layout, main = self.ctx.layout, self.world.is_main
         t0 = time.monotonic()
-        if status_path(layout, r, self.site).exists():  # an earlier job trained it
+        if self.agree(main and status_path(layout, r, self.site).exists()):  # an earlier job trained it
             if not status_path(layout, r + 1, self.site).exists():
                 self.publish("publish", r)  # the round a killed job may have left half-sent
         else:
-            if not self.wait(lambda: self.ready(r), f"plan for round {r} in {layout.plan(r).parent}"):
+            plan = f"plan for round {r} in {layout.plan(r).parent}"
+            ready = main and bool(self.wait(lambda: self.ready(r), plan, self.clock.longest))
+            if not self.agree(ready):
                 return "time"
             if not self.do(r, "train", lambda: self.train(r)):
                 return "failed"
-        if self.evaluates:
-            initial = r == 0 and not layout.global_eval(0).exists()
-            if initial and not self.do(0, "score initial", lambda: self.score(0, "global")):
-                return "failed"
-            state = self.wait(lambda: self.candidate(r), f"candidate of round {r}")
-            if not state:
-                return "time"
-            if state == "score" and not self.do(r, "score candidate", lambda: self.score(r, "candidate")):
-                return "failed"
+        stop = self.scores(r) if self.evaluates and main else None
         self.clock.longest = max(self.clock.longest, time.monotonic() - t0)
+        return self.agree("scores left" if stop == "time" else stop)
+
+    def scores(self, r: int) -> str | None:
+        """This site's scores of round r's candidate (and in round 0 of the initial model), by rank 0
+        alone: None when done, else why the job stops before they are."""
+        if r == 0 and not self.ctx.layout.global_eval(0).exists():
+            if not self.do(0, "score initial", lambda: self.score(0, "global")):
+                return "failed"
+        # Only the scoring must still fit; the last round's scores have no next job to go to (a job
+        # Slurm stops for time is retried, and the retry scores them).
+        last = r == self.ctx.cfg.rounds.count - 1
+        state = self.wait(lambda: self.candidate(r), f"candidate of round {r}", None if last else 0.0)
+        if not state:
+            return "time"
+        if state == "score" and not self.do(r, "score candidate", lambda: self.score(r, "candidate")):
+            return "failed"
         return None
 
 
@@ -233,16 +271,30 @@ def run(
     attempt: int = 1,
     attempts: int = 1,
     evaluates: bool = False,
-) -> dict:
+    config: str | None = None,
+) -> dict | None:
     """Do `site`'s rounds from `start` on until the federation ends or the job's time is up;
-    write and return the segment record."""
+    write and return the segment record (rank 0; other ranks return None). A site of several
+    ranks that no launcher started is re-executed as its ranks (`fedhpc resident --config config`)."""
     cfg, layout = ctx.cfg, ctx.layout
     started = time.time()
+    if config is not None:
+        argv = ["resident", "--config", config, "--round", str(start), "--site", site, "--record", str(record)]
+        argv += [f"--walltime-minutes={walltime_minutes}", f"--attempt={attempt}", f"--attempts={attempts}"]
+        threads = train_stage.start_ranks(site, cfg.sites[site], argv + ["--evaluate"] * evaluates, threads)
+    world, idle = distributed.detect(), idle_limit(cfg, site)
+    if world.distributed:  # one group for the job: rank 0's waits are the others' broadcasts
+        train_stage.join_ranks(cfg, site, world, timeout=idle + 3600)
     margin = 60 * cfg.sites[site].resident_margin_minutes
     clock = Clock(job_deadline(walltime_minutes, started), margin, previous_seconds(layout, start, site))
-    job = Job(ctx, site, threads, clock, idle_limit(cfg, site), evaluates, attempt, attempts)
+    job = Job(ctx, site, threads, clock, idle, evaluates, attempt, attempts, world)
     audit = AuditLog(layout.audit)
-    audit.append("resident.started", site=site, round=start, attempt=attempt, deadline=clock.deadline)
+    if world.is_main:
+        audit.append(
+            "resident.started", site=site, round=start, attempt=attempt, deadline=clock.deadline, ranks=world.size
+        )
+    if evaluates and 0 < start < cfg.rounds.count:  # the job before may have left its last candidate unscored
+        job.agree(world.is_main and job.scores(start - 1))
     r, reason = start, "done"
     while r < cfg.rounds.count:
         stop = job.round(r)
@@ -250,12 +302,15 @@ def run(
             reason = "time"
             break
         r += 1
-        if stop == "failed":  # the next job gives the next round its own attempts
-            reason = "failed"
+        if stop in ("failed", "scores left"):  # the next job gives the next round its own attempts
+            reason = "failed" if stop == "failed" else "time"
             break
-        if r < cfg.rounds.count and not clock.room_for_a_round():
+        if r < cfg.rounds.count and not job.agree(clock.room_for_a_round()):
             reason = "time"
             break
+    distributed.shutdown()
+    if not world.is_main:
+        return None
     doc = {
         "site": site,
         "start": start,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fedhpc.aggregation.compress import Codec, codec_metadata, encode_with_feedback
-from fedhpc.config.federation import Config
+from fedhpc.config.federation import Config, SiteConfig
 from fedhpc.core.files import append_jsonl, exclusive_lock, finite_or_none, read_json, sha256_file, write_json
 from fedhpc.core.layout import RunLayout
 from fedhpc.core.tensorfile import load_state, save_state
@@ -120,7 +120,7 @@ def _single_process_group_for_deepspeed(world: World, device: torch.device | Non
 def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: str, threads: int) -> dict:
     """Run site `site`'s local round `r` on every rank; rank 0 publishes and returns the status."""
     world = distributed.detect()
-    device = _join_ranks(cfg, site, world)
+    device = join_ranks(cfg, site, world)
     status = distributed.broadcast(_precheck(cfg, layout, trust, r, site) if world.is_main else None, world)
     if status is not None:
         return status
@@ -151,13 +151,13 @@ def train_site(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: 
     return publish_update(cfg, layout, trust, r, site, plan, base, global_state, trained, audit)
 
 
-def _join_ranks(cfg: Config, site: str, world: World) -> torch.device:
-    """This rank's caches, device and process group."""
+def join_ranks(cfg: Config, site: str, world: World, timeout: float | None = None) -> torch.device:
+    """This rank's caches, device and process group (kept when it exists: a resident job's)."""
     for key, value in accelerator_env(cfg.sites[site].accelerator, world).items():
         os.environ.setdefault(key, value)
         Path(value).mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.training.device, site, cfg.sites[site].accelerator, world)
-    distributed.init(world, device)
+    distributed.init(world, device, timeout)
     return device
 
 
@@ -391,10 +391,12 @@ def run_train_job(
     status_path: Path,
     attempt: int = 1,
     attempts: int = 1,
+    keep_group: bool = False,
 ) -> dict:
     """Train and write the job's status. A failure is recorded for the coordinator (stages/failures.py);
     a deterministic one (bad data, config, a round the site cannot train) ends the job with
-    status "failed" and success, so that no retry or requeue repeats it; any other is raised."""
+    status "failed" and success, so that no retry or requeue repeats it; any other is raised.
+    The ranks' process group ends with the job, unless `keep_group` (a resident job's next round)."""
     t0 = time.time()
     main = distributed.detect().is_main
     try:
@@ -411,7 +413,8 @@ def run_train_job(
         if not main:
             status["rank"] = distributed.detect().rank
     finally:
-        distributed.shutdown()
+        if not keep_group:
+            distributed.shutdown()
     if main and status["state"] == "published":
         clear_failure(layout, r, site)  # an earlier attempt's failure is history (the audit log keeps it)
     if status.get("rank", 0) == 0:
@@ -426,20 +429,25 @@ def run(
     """The train stage: `site`'s job in round r. A multi-rank site that no launcher gave ranks
     (one node, no srun) re-executes itself as that many local ranks, each with its share of the
     threads; otherwise this rank trains, and rank 0 returns the job's status."""
-    spec = ctx.cfg.sites[site]
-    world = distributed.detect()
+    argv = ["train", "--config", config, "--round", str(r), "--site", site, "--status", str(status)]
+    threads = start_ranks(site, ctx.cfg.sites[site], [*argv, f"--attempt={attempt}", f"--attempts={attempts}"], threads)
+    result = run_train_job(ctx.cfg, ctx.layout, ctx.trust, r, site, threads, status, attempt, attempts)
+    return result if distributed.detect().is_main else None
+
+
+def start_ranks(site: str, spec: SiteConfig, argv: list[str], threads: int) -> int:
+    """A multi-rank site that no launcher gave ranks (one node, no srun): re-execute the command
+    `fedhpc <argv>` as that many local ranks, each with its share of the threads. Otherwise this
+    process is a rank: the threads it may use (srun's cores per task under Slurm)."""
     ranks = site_ranks(spec)
+    world = distributed.detect()
     if ranks > 1 and not world.distributed:
         if spec.nodes > 1:
             raise SystemExit(
-                f"fedhpc train: site {site!r} spans {spec.nodes} nodes; launch it with srun "
+                f"fedhpc {argv[0]}: site {site!r} spans {spec.nodes} nodes; launch it with srun "
                 "inside a Slurm allocation (see profiles/ and docs/running-on-lumi.md)"
             )
-        argv = ["train", "--config", config, "--round", str(r), "--site", site]
-        argv += ["--threads", str(max(1, threads // ranks)), "--status", str(status)]
-        argv += [f"--attempt={attempt}", f"--attempts={attempts}"]
-        os.execv(sys.executable, local_spawn_argv(argv, ranks))
+        os.execv(sys.executable, local_spawn_argv([*argv, "--threads", str(max(1, threads // ranks))], ranks))
     if world.launcher == "slurm":
-        threads = int(os.environ.get("SLURM_CPUS_PER_TASK", threads))
-    result = run_train_job(ctx.cfg, ctx.layout, ctx.trust, r, site, threads, status, attempt, attempts)
-    return result if world.is_main else None
+        return int(os.environ.get("SLURM_CPUS_PER_TASK", threads))
+    return threads

@@ -12,6 +12,7 @@ import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -127,8 +128,9 @@ def backend(device: torch.device) -> str:
     return "gloo" if device.type == "cpu" else f"cpu:gloo,{device.type}:nccl"
 
 
-def init(world: World, device: torch.device) -> None:
-    """Make `device` this rank's current GPU, then join the site's process group."""
+def init(world: World, device: torch.device, timeout: float | None = None) -> None:
+    """Make `device` this rank's current GPU, then join the site's process group, whose collectives
+    wait `timeout` seconds for the slowest rank (None: torch's default)."""
     if device.type == "cuda":
         # Before the group exists: NCCL binds a rank's communicator to the current device, and
         # without this every rank of a node would take GPU 0.
@@ -145,7 +147,8 @@ def init(world: World, device: torch.device) -> None:
         os.environ.setdefault("RANK", str(world.rank))
         os.environ.setdefault("WORLD_SIZE", str(world.size))
         os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
-    dist.init_process_group(backend=backend(device), rank=world.rank, world_size=world.size)
+    wait = timedelta(seconds=timeout) if timeout else None
+    dist.init_process_group(backend=backend(device), rank=world.rank, world_size=world.size, timeout=wait)
 
 
 def shutdown() -> None:
