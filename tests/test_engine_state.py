@@ -50,7 +50,11 @@ for stage in (2, 3):
         }
 distributed.barrier(world)
 distributed.shutdown()  # a process group left to interpreter exit can abort it ("terminate called ...")
-print(json.dumps(out))
+print(json.dumps(out), flush=True)
+# The answer is out. Two DeepSpeed engines (ZeRO-2, then ZeRO-3) in one process still aborted a rank
+# at interpreter teardown once in about a thousand runs (exit -6, "terminate called without an
+# active exception", after the answer): leave without the teardown, which checks nothing here.
+os._exit(0)
 """
 
 
