@@ -79,11 +79,15 @@ def test_a_staged_update_that_does_not_match_its_signed_index_is_not_an_arrival(
     ]
 
 
-def test_a_coordinator_that_fails_a_round_tells_the_sites_through_the_hub_and_takes_it_back_on_rerun(tmp_path):
+@pytest.mark.parametrize("hub", [True, False], ids=["through-a-hub", "in-one-run-directory"])
+def test_a_coordinator_that_fails_a_round_tells_the_sites_and_takes_it_back_on_rerun(tmp_path, hub):
+    # Through a hub, the sites' pulls stop waiting; in one run directory, resident sites
+    # (fedhpc.stages.resident) stop waiting for the next plan instead of resident_idle_minutes.
     import yaml
 
     from fedhpc.cli.main import main
     from fedhpc.exchange.hub import SITE_FILES, STOPPED, Shared, present, stop_notice, write_index
+    from fedhpc.stages.exchange import stopped_before
 
     b = RoundBuilder(tmp_path, SITES, run="run")  # its run directory is tmp_path/run
     raw = {
@@ -92,12 +96,18 @@ def test_a_coordinator_that_fails_a_round_tells_the_sites_through_the_hub_and_ta
         "sites": {s: {} for s in SITES},
         "data": {"synth": {"domains": [{"name": "web"}]}},
         "rounds": {"quorum": 1.0, "on_no_quorum": "fail"},
-        "exchange": {"kind": "shared", "role": "coordinator", "hub": str(b.layout.root)},
     }
+    if hub:
+        raw["exchange"] = {"kind": "shared", "role": "coordinator", "hub": str(b.layout.root)}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     assert main(["gather", "--config", str(tmp_path / "c.yaml"), "--round", str(b.r)]) == 1  # nobody published
-    why = stop_notice(Shared(b.layout.root), tmp_path / "probe", b.trust, b.r + 1)
-    assert why.startswith(f"round {b.r}: round {b.r}: deadline passed with 0 of 3 planned updates")
+    if hub:
+        why = stop_notice(Shared(b.layout.root), tmp_path / "probe", b.trust, b.r + 1)
+    else:
+        why = stopped_before(b.layout, b.trust, "pull", b.r + 1)
+        assert stopped_before(b.layout, b.trust, "pull-candidate", b.r) == why  # round r's candidate will not come
+        assert stopped_before(b.layout, b.trust, "pull", b.r) is None  # round r itself was planned
+    assert why.startswith(f"round {b.r}: round {b.r}: deadline passed with 0 of 3 planned updates"), why
     for s in SITES:  # the sites publish after all; the operator reruns the coordinator
         b.publish(s)
         d = b.layout.site_dir(b.r, s)

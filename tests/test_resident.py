@@ -13,10 +13,12 @@ import pytest
 
 from fedhpc.core.files import read_json, sha256_file, write_json
 from fedhpc.core.layout import RunLayout
+from fedhpc.exchange.hub import announce_stop
 from fedhpc.stages import resident
 from fedhpc.stages import train as train_stage
 from fedhpc.stages.context import context
 from fedhpc.stages.failures import read_failure, status_path
+from fedhpc.trust.identity import create_keypair
 from tests.multisite_util import RUN, prepare, run_all, side_config
 from tests.workflow_util import events, kill_when, run_workflow, tiny_config, write_config
 
@@ -126,6 +128,22 @@ def test_with_no_plan_coming_a_worker_fails_without_a_record(board, tmp_path):
     assert trained == [0] and not (tmp_path / "seg.json").exists()
 
 
+def test_a_worker_stops_at_once_when_the_coordinator_announces_the_federation_stopped(board, tmp_path):
+    ctx, publish, trained, _ = board
+    create_keypair(ctx.trust.keys_dir, "coordinator")
+    ctx.cfg.sites["lumi"].resident_idle_minutes = 5
+    publish(0)
+    # Round 0 falls short of quorum once lumi trained it: gather's notice at the run's root.
+    threading.Timer(2.0, announce_stop, (ctx.cfg.exchange, ctx.layout, ctx.trust, 0, "quorum not met")).start()
+    t0 = time.monotonic()
+    with pytest.raises(
+        resident.CoordinatorStopped, match=r"site lumi: the coordinator stopped .*round 0: quorum not met"
+    ):
+        resident.run(ctx, "lumi", 0, 1, tmp_path / "seg.json")
+    assert time.monotonic() - t0 < 10, "it waited on instead of stopping"
+    assert trained == [0] and not (tmp_path / "seg.json").exists()
+
+
 def test_a_failed_round_is_retried_by_the_job_and_given_up_on_the_last_attempt(board, tmp_path):
     ctx, publish, trained, fail_rounds = board
     publish(0, 1, 2, 3)
@@ -191,24 +209,24 @@ def test_a_worker_out_of_time_before_its_candidate_came_leaves_the_scoring_to_th
             publish(r + 1)  # merged and promoted: the next round is planned
 
     monkeypatch.setattr("fedhpc.stages.evaluate.run", score)
-    ctx.cfg.sites["lumi"].resident_margin_minutes = 0.25
+    ctx.cfg.sites["lumi"].resident_margin_minutes = 0.08
     ctx.cfg.sites["lumi"].resident_idle_minutes = 5
     publish(0)
-    # 18 s with a 15 s margin: the job trains round 0 and scores the initial model, then its time
+    # 6 s with a 4.8 s margin: the job trains round 0 and scores the initial model, then its time
     # runs out waiting for the candidate. The next job starts at round 1, not again at 0 (the
     # workflow's chain needs each job to start after the one before).
-    rec = resident.run(ctx, "lumi", 0, 1, layout.resident(0, "lumi"), walltime_minutes=0.3, evaluates=True)
+    rec = resident.run(ctx, "lumi", 0, 1, layout.resident(0, "lumi"), walltime_minutes=0.1, evaluates=True)
     assert (rec["reason"], rec["next_round"], trained, scored) == ("time", 1, [0], [(0, "global")])
     write_json(layout.global_eval(0), {"missing": []})  # the initial scores were merged
     write_json(layout.aggregate_record(0), {"round": 0})  # round 0's candidate is out
-    rec = resident.run(ctx, "lumi", 1, 1, layout.resident(1, "lumi"), walltime_minutes=0.3, evaluates=True)
+    rec = resident.run(ctx, "lumi", 1, 1, layout.resident(1, "lumi"), walltime_minutes=0.1, evaluates=True)
     assert (rec["reason"], rec["next_round"], trained) == ("time", 2, [0, 1])
     assert scored == [(0, "global"), (0, "candidate")], "the candidate left over is scored first"
     assert [(w["round"], w["work"]) for w in rec["work"]] == [(0, "score candidate"), (1, "train")]
     # The last round's candidate has no next job to be scored by: the job waits for it past the time.
     publish(3)
-    threading.Timer(6.0, write_json, (layout.aggregate_record(3), {"round": 3})).start()
-    rec = resident.run(ctx, "lumi", 3, 1, layout.resident(3, "lumi"), walltime_minutes=0.3, evaluates=True)
+    threading.Timer(2.5, write_json, (layout.aggregate_record(3), {"round": 3})).start()
+    rec = resident.run(ctx, "lumi", 3, 1, layout.resident(3, "lumi"), walltime_minutes=0.1, evaluates=True)
     assert (rec["reason"], rec["next_round"], scored[-1]) == ("done", 4, (3, "candidate"))
 
 
@@ -243,9 +261,9 @@ def test_resident_jobs_end_for_time_are_followed_and_a_killed_federation_resumes
     # allocation and a 0.9-minute margin: lumi's jobs end after a round (each takes over 3 s) and the workflow
     # starts the next where each stopped. The laptop's and a100's one job would train every round;
     # the whole federation is SIGKILLed once the laptop trained round 1, and rerun.
-    # lumi and a100 train as two ranks each (started by torch's launcher here, by srun under
-    # Slurm), in one process group for the whole job.
-    cfg = _config(tmp_path, 3, resident_margin_minutes=0.9, ranks_per_node=2)
+    # a100 trains as two ranks (started by torch's launcher here, by srun under Slurm), in one
+    # process group for the whole job.
+    cfg = _config(tmp_path, 3, resident_margin_minutes=0.9)
     cfg["sites"]["laptop"]["resident_margin_minutes"] = 0
     cfg["sites"]["a100"].update(resident=True, resident_margin_minutes=0, ranks_per_node=2)
     write_config(tmp_path, cfg)
@@ -265,11 +283,14 @@ def test_resident_jobs_end_for_time_are_followed_and_a_killed_federation_resumes
     for r in range(3):
         for site in ("lumi", "laptop", "a100"):
             assert read_json(status_path(layout, r, site))["state"] == "published"
-            assert read_json(layout.receipt(r, site))["ranks"] == (1 if site == "laptop" else 2)
+            assert read_json(layout.receipt(r, site))["ranks"] == (2 if site == "a100" else 1)
     # a100's three rounds took two jobs (the killed one and the rerun's): one of them trained two
     # rounds with the same ranks.
     assert [e["ranks"] for e in events(run) if e["event"] == "resident.started" and e["site"] == "a100"] == [2, 2]
-    assert not (run / "logs" / "train").exists()
+    assert not (run / "benchmarks" / "train").exists()
+    # Each round's training output also has the round's own log, as a train job's would.
+    for r in range(3):
+        assert f"round {r} laptop: step" in (run / "logs" / "train" / f"r{r:04d}-laptop.log").read_text()
     # lumi and a100 hold held-out data: their jobs scored every candidate (and the initial model);
     # only the coordinator's scoring ran as jobs.
     assert {p.name.rsplit("-", 1)[1] for p in (run / "logs" / "evaluate").glob("*.log")} == {
@@ -309,4 +330,6 @@ def test_a_resident_site_of_a_multi_site_run_pulls_trains_scores_and_publishes_t
     assert read_json(hub.eval_part(0, "global", "lumi"))["signature"]["signer"] == "lumi"
     (record,) = _chain(lumi, "lumi", 2)
     assert record["reason"] == "done" and record["rounds"] == [0, 1]
-    assert not list((sides["lumi"] / RUN / "logs").glob("train/*")), "a train job ran for the resident site"
+    assert not (sides["lumi"] / RUN / "benchmarks" / "train").exists(), "a train job ran for the resident site"
+    for r in range(2):  # each round's log travels with its update, as a train job's does
+        assert f"round {r} lumi: step" in (hub.site_dir(r, "lumi") / "train.log").read_text()

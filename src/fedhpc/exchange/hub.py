@@ -410,12 +410,19 @@ def stop_notice(transport: Transport, stage: Path, trust: TrustStore, before: in
     if not transport.fetch(STOPPED, path):
         return None
     try:
-        doc = read_json(path)
-        verify_document(doc, trust, COORDINATOR, f"{transport.describe()}/{STOPPED}")
-    except (ValueError, SignatureError):
-        return None  # not a notice the coordinator signed: keep waiting
+        return read_stop(path, trust, before, f"{transport.describe()}/{STOPPED}")
     finally:
         path.unlink(missing_ok=True)
+
+
+def read_stop(path: Path, trust: TrustStore, before: int, where: str) -> str | None:
+    """The reason in the stop notice at `path` (found at `where`), if the coordinator signed it
+    and stopped in a round before `before`."""
+    try:
+        doc = read_json(path)
+        verify_document(doc, trust, COORDINATOR, where)
+    except (OSError, ValueError, SignatureError):
+        return None  # none, or not a notice the coordinator signed: keep waiting
     return f"round {doc['round']}: {doc['reason']}" if doc["round"] < before else None
 
 

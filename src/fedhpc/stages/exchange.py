@@ -100,6 +100,13 @@ def exchange_action(cfg: Config, layout: RunLayout, trust: TrustStore, action: s
     return f"pulled {len(doc['files'])} files from {transport.describe()}/{rel}, hashes verified"
 
 
+def stopped_before(layout: RunLayout, trust: TrustStore, action: str, r: int) -> str | None:
+    """In one run directory: why the coordinator stopped the federation, if it did so before the
+    round that `action` of round r waits for (its signed notice at the run's root)."""
+    path = layout.root / ex.STOPPED
+    return ex.read_stop(path, trust, needed_round(action, r), str(path))
+
+
 def try_pull(cfg: Config, layout: RunLayout, trust: TrustStore, action: str, r: int) -> bool:
     """One look at the hub for a site's pull (`pull` or `pull-candidate` of round r), for a caller
     that keeps its own clock (a resident site): True once the bundle is here, every file checked;

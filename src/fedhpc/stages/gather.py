@@ -212,14 +212,12 @@ def gather(
 
 
 def run(ctx: Ctx, r: int) -> dict:
-    """The gather stage: close round r (arrivals.json). Through a hub, a round that cannot reach
-    quorum is announced to the sites (they stop waiting for it) and a rerun withdraws that."""
-    staged = ctx.cfg.exchange.kind != "local"
-    if staged:
-        withdraw_stop(ctx.cfg.exchange, ctx.layout)
+    """The gather stage: close round r (arrivals.json). A round that cannot reach quorum is
+    announced to the sites (on the hub, or at the run's root for resident sites in one run
+    directory), so they stop waiting for the next; a rerun withdraws that."""
+    withdraw_stop(ctx.cfg.exchange, ctx.layout)
     try:
         return gather(ctx.cfg, ctx.layout, ctx.trust, r, blackboard_poll(ctx.cfg))
     except QuorumError as exc:
-        if staged:
-            announce_stop(ctx.cfg.exchange, ctx.layout, ctx.trust, r, str(exc))
+        announce_stop(ctx.cfg.exchange, ctx.layout, ctx.trust, r, str(exc))
         raise

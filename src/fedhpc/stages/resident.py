@@ -29,9 +29,11 @@ others), since ranks cannot agree to go on without it.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from fedhpc.core.files import read_json, sha256_file, write_json
 from fedhpc.core.layout import RunLayout
 from fedhpc.stages import train as train_stage
 from fedhpc.stages.context import Ctx
-from fedhpc.stages.exchange import exchange_action, try_pull
+from fedhpc.stages.exchange import exchange_action, stopped_before, try_pull
 from fedhpc.stages.failures import attempt_path, invocation, record_exit, record_start, status_path
 from fedhpc.training import distributed
 from fedhpc.training.distributed import World
@@ -55,6 +57,11 @@ POLL_SECONDS = 0.25
 class ResidentIdle(FedhpcError, RuntimeError):
     """No plan (or candidate to score) came for too long: the coordinator has stopped (a retry or a
     rerun resumes)."""
+
+
+class CoordinatorStopped(FedhpcError, RuntimeError):
+    """The coordinator announced that the federation stopped before the round the job waits for
+    (a round short of quorum); a rerun resumes."""
 
 
 @dataclass
@@ -71,6 +78,37 @@ class Clock:
 
     def room_for_a_round(self) -> bool:
         return self.room_for(self.longest)
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+@contextmanager
+def tee_output(path: Path | None):
+    """While inside, what Python prints goes to `path` too (None: nowhere else): a round's own
+    train.log, as a train job's would be, which a multi-site run publishes with the update."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as log:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err
 
 
 def job_deadline(walltime_minutes: float, started: float) -> float | None:
@@ -135,7 +173,16 @@ class Job:
         """Round r's plan and global model are here (pulled from the hub, every file checked)."""
         if self.hub:
             return try_pull(self.ctx.cfg, self.ctx.layout, self.ctx.trust, "pull", r)
-        return round_ready(self.ctx.layout, r)
+        return round_ready(self.ctx.layout, r) or self.not_stopped("pull", r)
+
+    def not_stopped(self, action: str, r: int) -> bool:
+        """False, unless the coordinator stopped the federation before the round that `action` of
+        round r needs: then an error, now rather than after `idle` minutes of waiting."""
+        if why := stopped_before(self.ctx.layout, self.ctx.trust, action, r):
+            raise CoordinatorStopped(
+                f"site {self.site}: the coordinator stopped the federation ({why}); run the workflow again to resume"
+            )
+        return False
 
     def candidate(self, r: int) -> str | None:
         """'score' once round r's candidate is here to be scored; 'moved on' when its scores are no
@@ -145,7 +192,9 @@ class Job:
             return "score" if try_pull(cfg, layout, self.ctx.trust, "pull-candidate", r) else None
         if layout.candidate_eval(r).exists() or layout.global_meta(r + 1).exists():
             return "moved on"
-        return "score" if layout.aggregate_record(r).exists() else None  # written after the candidate
+        if layout.aggregate_record(r).exists():  # written after the candidate
+            return "score"
+        return self.not_stopped("pull-candidate", r) or None
 
     def publish(self, action: str, r: int, which: str = "") -> None:
         """Send what this site made in round r to the hub (multi-site only), as the publish rules do."""
@@ -189,23 +238,24 @@ class Job:
         return True
 
     def train(self, r: int) -> str:
-        layout, main = self.ctx.layout, self.world.is_main
+        cfg, layout, main = self.ctx.cfg, self.ctx.layout, self.world.is_main
         if main:  # the witness gather reads if the job dies
             record_start(layout, r, self.site, self.attempt, self.attempts)
         status = status_path(layout, r, self.site)
         try:
-            result = train_stage.run_train_job(
-                self.ctx.cfg,
-                layout,
-                self.ctx.trust,
-                r,
-                self.site,
-                self.threads,
-                status,
-                self.attempt,
-                self.attempts,
-                keep_group=self.world.distributed,
-            )
+            with tee_output(layout.train_log(r, self.site) if main else None):
+                result = train_stage.run_train_job(
+                    cfg,
+                    layout,
+                    self.ctx.trust,
+                    r,
+                    self.site,
+                    self.threads,
+                    status,
+                    self.attempt,
+                    self.attempts,
+                    keep_group=self.world.distributed,
+                )
         except Exception:
             if main and self.attempt >= self.attempts:
                 write_json(status, {"state": "failed", "round": r, "site": self.site, "attempt": self.attempt})
