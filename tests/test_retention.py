@@ -60,7 +60,12 @@ def test_each_round_keeps_exactly_the_policy_through_rollbacks_and_a_killed_job(
     rollbacks = {1, 4, 5, 11, 12, 13, 20}
     for r in range(30):
         _fake_round(layout, r, r in rollbacks)
+        if r == 15:  # a site's update of round 1, long pruned, lands now (its job finished that late)
+            write_json(layout.receipt(1, "c"), {"update_sha256": "c" * 64})
+            layout.update(1, "c").write_bytes(b"late")
         pruned = pruned_now(layout, policy, r)
+        if r == 15:
+            assert pruned[layout.update(1, "c")] == "c" * 64
         if r % 7 == 3:  # a job killed halfway through, then run again: the same deletions, nothing lost
             apply(layout, policy, r, dict(list(pruned.items())[: len(pruned) // 2]))
             assert pruned_now(layout, policy, r) == pruned

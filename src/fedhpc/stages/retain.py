@@ -1,7 +1,8 @@
 """The retention stage: once round r is promoted, delete the models and updates the policy no longer keeps.
 
 What goes, decided from the config and the round number alone (so a killed job redoes the
-same work): the site updates and the candidate of round r - keep_rounds, and the global of
+same work): the site updates and the candidate of round r - keep_rounds (and an update that
+reached an older round after its turn, a leftover a rerun may no longer list), and the global of
 round r - s (s: how far back late updates are still verified, 0 when they are dropped) unless
 its round is a multiple of globals_every. Never touched: the global just promoted, the audit
 trail and any signed record (plans, receipts, verdicts, aggregation records, model metadata,
@@ -58,15 +59,22 @@ def _sha(path: Path, key: str) -> str | None:
 def pruned_now(layout: RunLayout, policy: Policy, r: int) -> dict[Path, str | None]:
     """The files retention deletes after round r's promotion, each with the sha256 its signed record gives."""
     out: dict[Path, str | None] = {}
-    j = r - (policy.keep_rounds or 0)
-    if policy.keep_rounds is not None and j >= 0:
+    last = r - (policy.keep_rounds or 0)
+    # Round `last`'s updates go now; an update that lands in an older round after its turn (a site
+    # whose job finished that late) is past every late-update window, and goes at the next pass.
+    for j in range(last + 1) if policy.keep_rounds is not None else ():
         sites = layout.round_dir(j) / "sites"
         for site in sorted(p.name for p in sites.iterdir()) if sites.is_dir() else []:
             receipt = layout.receipt(j, site)
-            out[layout.update(j, site)] = _sha(receipt, "update_sha256")
-            out[layout.control_update(j, site)] = _sha(receipt, "control_sha256")
-        out[layout.candidate(j)] = _sha(layout.aggregate_record(j), "output_sha256")
-        out[layout.candidate_state(j)] = None
+            for path, key in (
+                (layout.update(j, site), "update_sha256"),
+                (layout.control_update(j, site), "control_sha256"),
+            ):
+                if j == last or os.path.lexists(path):
+                    out[path] = _sha(receipt, key)
+    if policy.keep_rounds is not None and last >= 0:
+        out[layout.candidate(last)] = _sha(layout.aggregate_record(last), "output_sha256")
+        out[layout.candidate_state(last)] = None
     g = r - policy.staleness
     if policy.global_pruned(g, r):
         out[layout.global_model(g)] = _sha(layout.global_meta(g), "sha256")
