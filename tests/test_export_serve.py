@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -96,6 +97,23 @@ def test_export_refuses_a_model_without_a_signed_model_json(finished, tmp_path):
         ]
     )
     assert code == 1
+
+
+def test_export_checks_a_copied_models_content_against_its_signed_hash(finished, tmp_path, capsys):
+    _, _, run = finished
+    copy = tmp_path / "global"
+    copy.mkdir()
+    for name in ("model.safetensors", "model.json"):  # the model is a link to its candidate: copy the bytes
+        shutil.copyfile(run / "rounds/r0002/global" / name, copy / name)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    code = main(["export", "--config", str(run / "config.json"), str(copy / "model.safetensors"), str(tmp_path / "hf")])
+    assert code == 1
+    assert f"{copy / 'model.safetensors'}: content does not match the sha256 in {copy / 'model.json'}" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "hf").exists()
 
 
 def test_fedhpc_serve_answers_a_completion_request(exported):

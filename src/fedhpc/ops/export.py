@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from fedhpc.config.federation import Config
-from fedhpc.core.files import read_json, sha256_file, write_bytes
+from fedhpc.core.files import read_json, write_bytes
 from fedhpc.core.layout import RunLayout
 from fedhpc.core.tensorfile import load_state
 from fedhpc.data.shards import load_manifest
@@ -19,24 +19,24 @@ from fedhpc.tasks import load_task
 from fedhpc.tasks.evaluators import flat_metrics
 from fedhpc.tasks.gpt_export import ExportError
 from fedhpc.trust.audit import AuditLog
-from fedhpc.trust.signing import COORDINATOR, TrustStore, verify_document
+from fedhpc.trust.checkpoints import verified_meta
+from fedhpc.trust.signing import TrustStore
 
 
 def export_model(cfg: Config, layout: RunLayout, trust: TrustStore, model_file: Path, out: Path) -> dict:
     """Export the global model `model_file` (its coordinator-signed model.json beside it) to `out`."""
 
-    meta_path = Path(model_file).with_name("model.json")
+    model_file = Path(model_file)
+    meta_path = model_file.with_name("model.json")
     if not meta_path.is_file():
         raise ExportError(f"{model_file}: no model.json beside it; export a global model (rounds/rNNNN/global/)")
-    meta = read_json(meta_path)
-    verify_document(meta, trust, COORDINATOR, str(meta_path))
-    if not Path(model_file).exists():
+    if not model_file.exists():
+        verified_meta(meta_path, trust)
         rel = str(Path(os.path.abspath(model_file)).relative_to(os.path.abspath(layout.root)))
         by = pruned_files(layout, trust).get(rel)
         why = f"deleted by `retention:` ({by.record})" if by else "missing"
         raise ExportError(f"{model_file}: {why}; globals kept: every retention.globals_every-th and the last")
-    if sha256_file(model_file) != meta["sha256"]:
-        raise ExportError(f"{model_file}: content does not match the sha256 in {meta_path}")
+    meta = verified_meta(meta_path, trust, model_file)
     load_manifest(layout, trust)  # the tokenizer an export ships must be the run's signed one
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,18 +32,21 @@ def publish_global(layout: RunLayout, trust: TrustStore, r: int, model_file: Pat
 
 
 def load_global_meta(layout: RunLayout, trust: TrustStore, r: int, check_hash: bool = True) -> dict:
-    path = layout.global_meta(r)
+    return verified_meta(layout.global_meta(r), trust, layout.global_model(r) if check_hash else None, r)
+
+
+def verified_meta(path: Path, trust: TrustStore, model: Path | None = None, r: int | None = None) -> dict:
+    """A global model's coordinator-signed metadata at `path`, checked: signature, form, its round
+    (when `r` is given) and the content of `model` (when given) against its sha256."""
     if not path.exists():
-        raise CheckpointError(f"{path}: no global model for round {r}")
+        raise CheckpointError(f"{path}: no global model" + (f" for round {r}" if r is not None else ""))
     meta = read_json(path, max_bytes=1 << 20)
     verify_document(meta, trust, COORDINATOR, str(path))
     check_document("global_meta", meta, str(path))
-    if meta.get("round") != r:
+    if r is not None and meta.get("round") != r:
         raise CheckpointError(f"{path}: says round {meta.get('round')}, expected {r}")
-    if check_hash and not layout.global_model(r).exists():
-        raise CheckpointError(
-            f"{layout.global_model(r)}: not on disk; `retention:` deletes globals once later rounds are promoted"
-        )
-    if check_hash and sha256_file(layout.global_model(r)) != meta["sha256"]:
-        raise CheckpointError(f"{layout.global_model(r)}: content does not match the sha256 in {path}")
+    if model is not None and not model.exists():
+        raise CheckpointError(f"{model}: not on disk; `retention:` deletes globals once later rounds are promoted")
+    if model is not None and sha256_file(model) != meta["sha256"]:
+        raise CheckpointError(f"{model}: content does not match the sha256 in {path}")
     return meta
