@@ -93,6 +93,9 @@ class _Tee(io.TextIOBase):
         for stream in self.streams:
             stream.flush()
 
+    def fileno(self) -> int:  # for code that writes to the descriptor itself (faulthandler): the job's log
+        return self.streams[0].fileno()
+
 
 @contextmanager
 def tee_output(path: Path | None):
