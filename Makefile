@@ -59,10 +59,9 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed .slurm-installed
 	# The package layers (pyproject.toml [tool.importlinter]; docs/architecture.md has the map).
 	$(BIN)/lint-imports --no-cache
-	# Three workers on two cores: most of an end-to-end test is job start-up and polling, not
-	# arithmetic, and the Slurm tests (one worker, one cluster) mostly wait on the cluster. The 20
+	# Two workers: most of an end-to-end test is job start-up and polling, not arithmetic. The 20
 	# slowest tests are listed, so the suite's cost stays visible in CI logs.
-	$(BIN)/pytest -q -n 3 --dist loadgroup --durations=20
+	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=20
 
 lint: $(BIN)/.installed
 	$(BIN)/snakemake --lint

@@ -91,7 +91,7 @@ def s3_hub():
 
 @pytest.hookimpl(tryfirst=True)  # xdist's loadgroup reads the marks in its own hook of this name
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs three workers), tests that share a session resource run
+    """Under pytest-xdist (`make test` runs two workers), tests that share a session resource run
     in one worker: every Slurm test (one cluster per machine: /etc/slurm/slurm.conf and fixed
     ports), and the users of the finished federation (built once, not once per worker)."""
     for item in items:
