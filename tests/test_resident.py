@@ -223,6 +223,13 @@ def test_a_worker_out_of_time_before_its_candidate_came_leaves_the_scoring_to_th
     assert (rec["reason"], rec["next_round"], trained) == ("time", 2, [0, 1])
     assert scored == [(0, "global"), (0, "candidate")], "the candidate left over is scored first"
     assert [(w["round"], w["work"]) for w in rec["work"]] == [(0, "score candidate"), (1, "train")]
+    # A job that starts by scoring the candidate left over waits for its own first round's plan
+    # past the time (ending before it, it would say the next job starts where it did).
+    write_json(layout.aggregate_record(1), {"round": 1})
+    monkeypatch.setattr("fedhpc.stages.evaluate.run", lambda ctx, r, which, site, threads: scored.append((r, which)))
+    threading.Timer(2.5, publish, (2,)).start()
+    rec = resident.run(ctx, "lumi", 2, 1, layout.resident(2, "lumi"), walltime_minutes=0.1, evaluates=True)
+    assert (rec["next_round"], trained, scored[-1]) == (3, [0, 1, 2], (1, "candidate"))
     # The last round's candidate has no next job to be scored by: the job waits for it past the time.
     publish(3)
     threading.Timer(2.5, write_json, (layout.aggregate_record(3), {"round": 3})).start()
@@ -261,11 +268,9 @@ def test_resident_jobs_end_for_time_are_followed_and_a_killed_federation_resumes
     # allocation and a 0.9-minute margin: lumi's jobs end after a round (each takes over 3 s) and the workflow
     # starts the next where each stopped. The laptop's and a100's one job would train every round;
     # the whole federation is SIGKILLed once the laptop trained round 1, and rerun.
-    # a100 trains as two ranks (started by torch's launcher here, by srun under Slurm), in one
-    # process group for the whole job.
     cfg = _config(tmp_path, 3, resident_margin_minutes=0.9)
     cfg["sites"]["laptop"]["resident_margin_minutes"] = 0
-    cfg["sites"]["a100"].update(resident=True, resident_margin_minutes=0, ranks_per_node=2)
+    cfg["sites"]["a100"].update(resident=True, resident_margin_minutes=0)
     write_config(tmp_path, cfg)
     run = Path(cfg["output_dir"]) / cfg["run"]
     layout = RunLayout.of(run)
@@ -283,10 +288,7 @@ def test_resident_jobs_end_for_time_are_followed_and_a_killed_federation_resumes
     for r in range(3):
         for site in ("lumi", "laptop", "a100"):
             assert read_json(status_path(layout, r, site))["state"] == "published"
-            assert read_json(layout.receipt(r, site))["ranks"] == (2 if site == "a100" else 1)
-    # a100's three rounds took two jobs (the killed one and the rerun's): one of them trained two
-    # rounds with the same ranks.
-    assert [e["ranks"] for e in events(run) if e["event"] == "resident.started" and e["site"] == "a100"] == [2, 2]
+            assert layout.receipt(r, site).exists()
     assert not (run / "benchmarks" / "train").exists()
     # Each round's training output also has the round's own log, as a train job's would.
     for r in range(3):
@@ -311,7 +313,9 @@ def test_resident_jobs_end_for_time_are_followed_and_a_killed_federation_resumes
 def test_a_resident_site_of_a_multi_site_run_pulls_trains_scores_and_publishes_through_the_hub(tmp_path):
     cfg = tiny_config(tmp_path, rounds=2)
     del cfg["sites"]["laptop"]
-    cfg["sites"]["lumi"]["resident"] = True  # a100 keeps one job per round
+    # lumi is resident and trains as two ranks (torch's launcher here, srun under Slurm) in one
+    # process group for the whole job; a100 keeps one job per round.
+    cfg["sites"]["lumi"].update(resident=True, ranks_per_node=2)
     exchange = {"kind": "shared", "hub": str(tmp_path / "coordinator" / RUN), "poll_seconds": 0.5}
     coord, sides = prepare(tmp_path, side_config(cfg, exchange), ["lumi", "a100"])
     run_all(coord, sides, site_timeout=600)
@@ -329,7 +333,8 @@ def test_a_resident_site_of_a_multi_site_run_pulls_trains_scores_and_publishes_t
         assert not read_json(hub.candidate_eval(r))["missing"]
     assert read_json(hub.eval_part(0, "global", "lumi"))["signature"]["signer"] == "lumi"
     (record,) = _chain(lumi, "lumi", 2)
-    assert record["reason"] == "done" and record["rounds"] == [0, 1]
+    assert record["reason"] == "done" and record["rounds"] == [0, 1], "one job, one group, both rounds"
+    assert [read_json(hub.receipt(r, "lumi"))["ranks"] for r in range(2)] == [2, 2]
     assert not (sides["lumi"] / RUN / "benchmarks" / "train").exists(), "a train job ran for the resident site"
     for r in range(2):  # each round's log travels with its update, as a train job's does
         assert f"round {r} lumi: step" in (hub.site_dir(r, "lumi") / "train.log").read_text()

@@ -161,6 +161,7 @@ class Job:
     attempt: int = 1
     attempts: int = 1
     world: World = field(default_factory=World)
+    start: int = 0  # the job's first round
     done: list = field(default_factory=list)
 
     def agree(self, value):
@@ -206,9 +207,7 @@ class Job:
 
     def wait(self, ready, what: str, need: float | None):
         """Wait until `ready()` gives something: that, or None once `need` seconds of work no longer
-        fit before the job's end with the margin (rank 0 only). `need` None, and a job's first piece
-        of work, never wait for time: a job that ended before its first would start over forever."""
-        need = need if self.done else None
+        fit before the job's end with the margin (rank 0 only); `need` None waits regardless."""
         # A hub is asked as often as a site's pull rule asks it; a local blackboard is a stat().
         poll = self.ctx.cfg.exchange.poll_seconds if self.hub else POLL_SECONDS
         since = time.monotonic()
@@ -288,7 +287,10 @@ class Job:
                 self.publish("publish", r)  # the round a killed job may have left half-sent
         else:
             plan = f"plan for round {r} in {layout.plan(r).parent}"
-            ready = main and bool(self.wait(lambda: self.ready(r), plan, self.clock.longest))
+            # The job's first round is waited for regardless: a job that ended before it would say
+            # the next starts where it did, which the chain cannot follow.
+            need = None if r == self.start else self.clock.longest
+            ready = main and bool(self.wait(lambda: self.ready(r), plan, need))
             if not self.agree(ready):
                 return "time"
             if not self.do(r, "train", lambda: self.train(r)):
@@ -340,7 +342,7 @@ def run(
         train_stage.join_ranks(cfg, site, world, timeout=idle + 3600)
     margin = 60 * cfg.sites[site].resident_margin_minutes
     clock = Clock(job_deadline(walltime_minutes, started), margin, previous_seconds(layout, start, site))
-    job = Job(ctx, site, threads, clock, idle, evaluates, attempt, attempts, world)
+    job = Job(ctx, site, threads, clock, idle, evaluates, attempt, attempts, world, start)
     audit = AuditLog(layout.audit)
     if world.is_main:
         audit.append(
