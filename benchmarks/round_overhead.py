@@ -3,8 +3,10 @@
 Usage: python benchmarks/round_overhead.py [--rounds 20] [--repeats 1] [--flower-python PATH] [--tmp DIR]
 
 Runs the tests' tiny federation (3 sites, a 1-layer GPT) for `--rounds` rounds with `fedhpc run`
-on the local profile, once with a train job per site and round and once with every site resident
-(`sites.<name>.resident`: one job trains all its rounds), alternating `--repeats` times. It then
+on the local profile, with a train job per site and round and with every site resident
+(`sites.<name>.resident`: one job trains all its rounds), each with the jobs forked from the run's
+warm process (the default) and cold (`fedhpc run --cold`: every job its own Python), alternating
+`--repeats` times. It then
 reads each run's own records: a round's wall time is the time from one promotion to the next in
 the audit log; its training time, measured in the same run, is the longest of the sites' training
 loops that round (`train_seconds` of the signed receipts); the overhead is the difference: job
@@ -59,14 +61,14 @@ def rule_seconds(run: Path) -> dict[str, float]:
     return {rule: statistics.median(v) for rule, v in sorted(per.items())}
 
 
-def federation(tmp: Path, rounds: int, resident: bool) -> dict:
+def federation(tmp: Path, rounds: int, resident: bool, cold: bool) -> dict:
     """One run of the tiny federation; its per-round medians."""
     cfg = tiny_config(tmp, rounds=rounds)
     for site in cfg["sites"].values():
         site["resident"] = resident
     write_config(tmp, cfg)
     t0 = time.perf_counter()
-    proc = subprocess.run(snakemake_cmd(tmp), capture_output=True, text=True, env=env())
+    proc = subprocess.run(snakemake_cmd(tmp, *(["--cold"] if cold else [])), capture_output=True, text=True, env=env())
     total = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(proc.stderr[-3000:])
@@ -113,11 +115,17 @@ def main() -> None:
     ap.add_argument("--flower-python", help="python of a venv with torch and flwr[simulation]")
     ap.add_argument("--tmp", default=None)
     a = ap.parse_args()
-    runs: dict[str, list[dict]] = {"per-round jobs": [], "resident": [], "flower": []}
+    modes = {  # name: (resident, cold); cold: every job its own Python (`fedhpc run --cold`)
+        "per-round jobs, cold": (False, True),
+        "per-round jobs": (False, False),
+        "resident, cold": (True, True),
+        "resident": (True, False),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in [*modes, "flower"]}
     for _ in range(a.repeats):  # alternating, so that a busier minute of the machine hits all alike
-        for name, resident in (("per-round jobs", False), ("resident", True)):
+        for name, (resident, cold) in modes.items():
             with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
-                runs[name].append(federation(Path(tmp), a.rounds, resident))
+                runs[name].append(federation(Path(tmp), a.rounds, resident, cold))
         if a.flower_python:
             runs["flower"].append(flower(a.flower_python, a.rounds, runs["resident"][-1]["sites"]))
     result = {name: median_of(r) for name, r in runs.items() if r}
@@ -128,13 +136,21 @@ def main() -> None:
     for name, m in result.items():
         print(line(name, m))
     per, res = result["per-round jobs"], result["resident"]
+
+    def ratio(a: str, b: str) -> float:
+        return result[a]["overhead_seconds_median"] / result[b]["overhead_seconds_median"]
+
+    print(
+        f"  overhead, warm / cold: per-round jobs {ratio('per-round jobs', 'per-round jobs, cold'):.2f}, "
+        f"resident {ratio('resident', 'resident, cold'):.2f}"
+    )
     print(
         f"  resident overhead / per-round overhead: {res['overhead_seconds_median'] / per['overhead_seconds_median']:.2f}"
     )
     if "flower" in result:
         fl = result["flower"]
         print(f"  resident overhead / Flower's: {res['overhead_seconds_median'] / fl['overhead_seconds_median']:.1f}")
-    for name in ("per-round jobs", "resident"):
+    for name in modes:
         rules = runs[name][-1]["rule_seconds_median"]
         print(f"  job wall time by rule, {name} (median): " + ", ".join(f"{k} {v:.2f} s" for k, v in rules.items()))
     print(json.dumps({"rounds": a.rounds, "sites": sites, "repeats": a.repeats, **result}))

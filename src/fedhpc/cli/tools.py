@@ -36,10 +36,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from fedhpc.ops.run import run
+    from fedhpc.cli import warm
+    from fedhpc.ops.run import dry_run, run
 
     extra = a.snakemake_args[1:] if a.snakemake_args[:1] == ["--"] else a.snakemake_args
-    return run(a.profile, a.configfile, a.directory, extra, a.role, a.site, a.progress_every)
+    with warm.started(Path(a.directory) / ".snakemake" / "log", enabled=not (a.cold or dry_run(extra))) as env:
+        return run(a.profile, a.configfile, a.directory, extra, a.role, a.site, a.progress_every, env)
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
@@ -118,6 +120,11 @@ def add_verbs(verb) -> None:
         default=60.0,
         metavar="S",
         help="a progress line when a round starts or ends and every S s in between (0: none; default 60)",
+    )
+    rn.add_argument(
+        "--cold",
+        action="store_true",
+        help="every job on this host starts its own Python (default: a warm process with torch imported forks them)",
     )
     rn.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="further arguments, passed to snakemake")
     sb = verb("submit", cmd_submit, "run the workflow's head process as its own Slurm job (submitit)", config=False)

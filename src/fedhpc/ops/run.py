@@ -121,6 +121,11 @@ class ProgressLines(threading.Thread):
         self.join(timeout=10)
 
 
+def dry_run(extra: list[str]) -> bool:
+    """Whether Snakemake's arguments ask for a dry run."""
+    return "--dry-run" in extra or "-n" in extra
+
+
 def run(
     profile: str,
     configfile: str | None,
@@ -129,9 +134,10 @@ def run(
     role: str | None = None,
     site: str | None = None,
     progress_every: float = 60.0,
+    env: dict[str, str] | None = None,
 ) -> int:
     """Run Snakemake under the head lock, with progress lines every `progress_every` s (0: none)
-    while it runs; afterwards show where the federation stands."""
+    while it runs, `env` added to its environment; afterwards show where the federation stands."""
     workdir = Path(directory).resolve()
     fd = acquire_head_lock(workdir)
     exe = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
@@ -139,11 +145,11 @@ def run(
     if configfile:
         argv += ["--configfile", str(Path(configfile).resolve())]
     # Snakemake inherits the lock, so it stays held while Snakemake lives even if we die.
-    child = subprocess.Popen(argv + role_config(role, site) + extra, pass_fds=(fd,))
+    child = subprocess.Popen(argv + role_config(role, site) + extra, pass_fds=(fd,), env={**os.environ, **(env or {})})
     # Ctrl-C reaches Snakemake too (same process group); we wait for its clean shutdown.
     signal.signal(signal.SIGINT, lambda *_: None)
     signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum))
-    dry = "--dry-run" in extra or "-n" in extra
+    dry = dry_run(extra)
     progress = ProgressLines(lambda: _run_layout(workdir, configfile), progress_every)
     if progress_every > 0 and not dry:
         progress.start()

@@ -1,0 +1,26 @@
+"""The `fedhpc` executable (handed to the run's warm process when it can take the command) and that process."""
+
+import os
+import sys
+
+
+def main() -> int:
+    from fedhpc.cli.warm import handoff
+
+    if (code := handoff(sys.argv)) is not None:
+        return code
+    from fedhpc.cli.main import main as run_here
+
+    return run_here()
+
+
+def serve_warm() -> None:
+    """`python -m fedhpc.cli.entry NAME LOG`: the warm process `fedhpc run` starts (cli/warm.py)."""
+    from fedhpc.cli.main import main as run_here
+    from fedhpc.cli.warm import serve
+
+    serve(sys.argv[1], os.environ.pop("FEDHPC_WARM_TOKEN"), sys.argv[2], run_here)
+
+
+if __name__ == "__main__":
+    serve_warm()

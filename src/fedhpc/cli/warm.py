@@ -1,0 +1,443 @@
+"""The warm process: runs the jobs' `fedhpc` commands on the head's host with torch already imported.
+
+A fresh `fedhpc` process spends about 1.7 s of CPU importing torch before it does anything; a
+round of the local profile starts a dozen such jobs, and on a login node's shared file system
+the import takes far longer. `fedhpc run` starts one warm process beside Snakemake. A job's
+`fedhpc` (see `handoff`) connects to it, passes its arguments, working directory, environment
+and its stdin/stdout/stderr descriptors, and the warm process forks a child that runs the
+command exactly as the job's own process would, writing to the job's log. The job's process
+waits, forwards the signals it gets, and exits as the child did (the same code, or killed by
+the same signal), so Snakemake, the job's shell and its `||` failure branch see no difference.
+
+A job runs cold, in its own process, whenever the warm process cannot serve it exactly: inside a
+Slurm job or a container, from another Python or package, with an environment that the already
+loaded libraries read at import (PYTHON*, LD_*, OpenMP/BLAS, TORCH*), or before the warm process
+has finished importing. Only the same user may connect (SO_PEERCRED), with the run's token.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+ENV = "FEDHPC_WARM"
+# Read by already imported libraries at their import or load: a job whose value differs runs cold.
+IMPORT_TIME_ENV = ("PYTHON", "LD_", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH")
+# ... except the thread counts Snakemake sets per job, which the child applies (see _fresh_state).
+APPLIED_ENV = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "GOTO_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _import_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_ENV) and k not in APPLIED_ENV}
+
+
+def _identity() -> dict[str, str]:
+    """What must match between a job's `fedhpc` and the warm process for one to stand in for the other."""
+    import fedhpc
+
+    return {"exe": os.path.realpath(sys.executable), "pkg": os.path.realpath(fedhpc.__file__)}
+
+
+def _send(sock: socket.socket, doc: dict) -> None:
+    sock.sendall(json.dumps(doc).encode() + b"\n")
+
+
+# --- the job's side ------------------------------------------------------------------------
+
+
+def handoff(argv: list[str]) -> int | None:
+    """Run `fedhpc argv` in the run's warm process and return its exit code, or None when this
+    job should run the command itself (no warm process, or one that cannot serve it exactly)."""
+    name, _, rest = os.environ.get(ENV, "").partition(":")
+    token, _, slurm_job = rest.partition(":")
+    if not token or sys.platform != "linux":
+        return None
+    # A job submitted to Slurm runs inside its own allocation; a container's process stays inside.
+    if os.environ.get("SLURM_JOB_ID", "") != slurm_job:
+        return None
+    if any(k in os.environ for k in ("APPTAINER_CONTAINER", "SINGULARITY_CONTAINER")):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect("\0" + name)
+        request = {"token": token, "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), **_identity()}
+        data = json.dumps(request).encode() + b"\n"
+        sock.sendmsg([data[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+        sock.sendall(data[1:])
+        replies = sock.makefile("rb")
+        first = json.loads(replies.readline() or b"{}")
+    except (OSError, ValueError):
+        sock.close()
+        return None
+    if "pid" not in first:
+        sock.close()
+        return None
+    # The terminal's Ctrl-C reaches the child itself (same process group); other signals are
+    # sent to this process alone, so they are passed on.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in FORWARDED:
+        signal.signal(signum, lambda n, _frame: _send(sock, {"signal": n}))
+    try:
+        for line in replies:
+            reply = json.loads(line)
+            if "exit" in reply:
+                return int(reply["exit"])
+            if "signal" in reply:
+                signum = int(reply["signal"])
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return 128 + signum
+    except (OSError, ValueError):
+        pass
+    print(f"fedhpc: the warm process ended before `fedhpc {' '.join(argv)}` did", file=sys.stderr)
+    return 1
+
+
+# --- the warm process ----------------------------------------------------------------------
+
+
+class _Job:
+    """One connected job: its socket, what it has sent so far, and the child running it."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = b""
+        self.fds: list[int] = []
+        self.pid = 0
+        self.open = True
+
+
+def _preload() -> None:
+    """Import what the commands import, without running anything that starts threads."""
+    import numpy  # noqa: F401
+    import torch  # noqa: F401
+
+    import fedhpc.stages.aggregate  # noqa: F401
+    import fedhpc.stages.evaluate  # noqa: F401
+    import fedhpc.stages.init  # noqa: F401
+    import fedhpc.stages.train  # noqa: F401
+    import fedhpc.stages.verify  # noqa: F401
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid`, children first (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    for p in [pid, *_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _refusal(request: dict, token: str, identity: dict[str, str], fds: list[int]) -> str | None:
+    if request.get("token") != token:
+        return "wrong token"
+    if len(fds) != 3:
+        return "no stdin/stdout/stderr"
+    if any(request.get(k) != v for k, v in identity.items()):
+        return "another Python or fedhpc"
+    env, here = request.get("env", {}), dict(os.environ)
+    if differ := sorted(set(_import_env(env).items()) ^ set(_import_env(here).items())):
+        return f"{', '.join(sorted({k for k, _ in differ}))} differ from the warm process's, read at import"
+    if unset := [k for k in APPLIED_ENV if k in here and k not in env]:
+        return f"{', '.join(unset)} unset, read at import"
+    return None
+
+
+def _child(job: _Job, request: dict, others: list[socket.socket], main, warm_pid: int) -> None:
+    """In the forked child: become the job's process and run its command; never returns."""
+    code = 1
+    try:
+        import ctypes
+
+        # The child dies with the warm process, as a job's process dies with its run.
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != warm_pid:  # it died before the line above
+            os._exit(1)
+        for s in others:
+            s.close()
+        for target, fd in enumerate(job.fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.set_wakeup_fd(-1)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = list(request["argv"])
+        _fresh_stdio()
+        _fresh_state()
+        code = main(sys.argv[1:])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, int | None):
+            print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        import traceback
+
+        traceback.print_exc()
+        code = -signal.SIGINT
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            import atexit
+
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            if code is not None and code < 0:  # as the interpreter does after an uncaught Ctrl-C
+                signal.signal(-code, signal.SIG_DFL)
+                os.kill(os.getpid(), -code)
+            os._exit(code or 0)
+
+
+def _fresh_stdio() -> None:
+    """Text streams on the job's descriptors, buffered as a fresh interpreter buffers them there."""
+    import io
+
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        old = getattr(sys, name)
+        raw = io.FileIO(fd, "rb" if fd == 0 else "wb", closefd=False)
+        buffered = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
+        stream = io.TextIOWrapper(
+            buffered,
+            encoding=old.encoding,
+            errors=old.errors,
+            line_buffering=fd == 2 or (fd == 1 and os.isatty(1)),
+            write_through=fd == 2 or (fd == 1 and unbuffered),
+        )
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+
+
+def _fresh_state() -> None:
+    """What a fresh process would have drawn or read anew: numpy's global seed, the temporary
+    directory, the thread counts of torch and of numpy's OpenBLAS."""
+    import tempfile
+
+    import numpy
+    import torch
+
+    numpy.random.seed()
+    tempfile.tempdir = None
+    if (n := _count("OMP_NUM_THREADS") or _count("MKL_NUM_THREADS")) is not None:
+        torch.set_num_threads(n)
+    if (n := _count("OPENBLAS_NUM_THREADS") or _count("GOTO_NUM_THREADS")) is not None:
+        _openblas_threads(n)
+
+
+def _count(key: str) -> int | None:
+    value = os.environ.get(key, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def _openblas_threads(n: int) -> None:
+    """Set the thread count of the OpenBLAS numpy loaded, which read the variables at its load."""
+    import ctypes
+
+    with open("/proc/self/maps") as f:
+        libs = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()}
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for symbol in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            if hasattr(lib, symbol):
+                getattr(lib, symbol)(ctypes.c_int(n))
+                break
+
+
+def serve(name: str, token: str, log_path: str | None, main) -> None:
+    """Import, then fork a child per job until the process that started this one is gone."""
+    import selectors
+
+    parent = os.getppid()
+    log = open(log_path, "a", buffering=1) if log_path else sys.stderr  # noqa: SIM115
+
+    def note(msg: str) -> None:
+        log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {msg}\n")
+
+    t0 = time.monotonic()
+    _preload()
+    identity = _identity()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind("\0" + name)
+    listener.listen(64)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_w)
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    sel.register(wake_r, selectors.EVENT_READ)
+    jobs: dict[int, _Job] = {}  # by pid, once forked
+    pending: dict[socket.socket, _Job] = {}
+    note(f"ready in {time.monotonic() - t0:.1f} s, pid {os.getpid()}")
+
+    def close(job: _Job) -> None:
+        if job.open:
+            job.open = False
+            sel.unregister(job.sock)
+            job.sock.close()
+
+    while True:
+        accepting = os.getppid() == parent
+        if not accepting and listener.fileno() >= 0:
+            sel.unregister(listener)
+            listener.close()
+        if not accepting and not jobs and not pending:
+            note("the run ended; leaving")
+            return
+        for key, _ in sel.select(timeout=1.0):
+            if key.fileobj is listener:
+                conn, _addr = listener.accept()
+                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                if int.from_bytes(creds[4:8], sys.byteorder) != os.getuid():
+                    conn.close()
+                    continue
+                pending[conn] = _Job(conn)
+                sel.register(conn, selectors.EVENT_READ)
+            elif key.fileobj == wake_r:
+                os.read(wake_r, 4096)
+            elif (job := pending.get(key.fileobj)) is not None:
+                data, fds, _flags, _addr = socket.recv_fds(job.sock, 1 << 16, 3)
+                job.fds += fds
+                job.buf += data
+                if not data or b"\n" in job.buf:
+                    del pending[job.sock]
+                    _start(job, token, identity, jobs, pending, listener, wake_r, wake_w, main, note, close)
+            else:
+                job = next(j for j in jobs.values() if j.open and j.sock is key.fileobj)
+                data = job.sock.recv(4096)
+                if not data:  # the job's process is gone (killed): so is its command
+                    note(f"pid {job.pid}: the job's process vanished; killing the command")
+                    _kill_tree(job.pid)
+                    close(job)
+                for line in data.splitlines():
+                    with _ignored():
+                        os.kill(job.pid, int(json.loads(line)["signal"]))
+        while jobs:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            job = jobs.pop(pid)
+            if job.open:
+                with _ignored():
+                    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+                    _send(job.sock, {"signal": sig} if sig else {"exit": os.waitstatus_to_exitcode(status)})
+                close(job)
+
+
+class _ignored:
+    """Ignore the job having gone or the process having exited meanwhile."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        return kind is not None and issubclass(kind, OSError | ValueError | KeyError)
+
+
+def _start(job, token, identity, jobs, pending, listener, wake_r, wake_w, main, note, close) -> None:
+    """Check a complete request and fork its child, or tell the job to run the command itself."""
+    try:
+        request = json.loads(job.buf.split(b"\n", 1)[0])
+        why = _refusal(request, token, identity, job.fds)
+    except ValueError:
+        request, why = {}, "an unreadable request"
+    if why:
+        note(f"refused `fedhpc {' '.join(request.get('argv', [])[1:])}`: {why}")
+        with _ignored():
+            _send(job.sock, {"refuse": why})
+        for fd in job.fds:
+            os.close(fd)
+        close(job)
+        return
+    others = [listener, *pending, *(j.sock for j in jobs.values() if j.open)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    warm_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        os.close(wake_r)
+        os.close(wake_w)
+        _child(job, request, [*others, job.sock], main, warm_pid)
+    for fd in job.fds:
+        os.close(fd)
+    job.pid = pid
+    jobs[pid] = job
+    note(f"pid {pid}: fedhpc {' '.join(request['argv'][1:])}")
+    with _ignored():
+        _send(job.sock, {"pid": pid})
+
+
+# --- started by `fedhpc run` ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def started(log_dir: Path, enabled: bool = True):
+    """A warm process for one `fedhpc run`, stopped when it ends; yields the environment the run's
+    jobs need to find it (empty when there is none)."""
+    import secrets
+    import subprocess
+
+    if not enabled or sys.platform != "linux":
+        yield {}
+        return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    name, token = f"fedhpc-warm-{secrets.token_hex(8)}", secrets.token_hex(16)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedhpc.cli.entry", name, str(log_dir / f"warm-{time.strftime('%Y%m%dT%H%M%S')}.log")],
+        env={**os.environ, "FEDHPC_WARM_TOKEN": token, ENV: ""},
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        # A head that is itself a Slurm job serves its own jobs only, not the jobs it submits.
+        yield {ENV: f"{name}:{token}:{os.environ.get('SLURM_JOB_ID', '')}"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,155 @@
+"""The warm process: a job's `fedhpc` run by a fork of it behaves as the job's own process would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fedhpc.cli import warm
+from tests.workflow_util import BIN, run_workflow, summary, tiny_config, write_config
+
+FEDHPC = str(BIN / "fedhpc")
+VALID = Path(__file__).resolve().parents[1] / "config.yaml"
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A warm process as `fedhpc run` starts one; yields (its jobs' environment, its log)."""
+    logs = tmp_path / "logs"
+    with warm.started(logs) as env:
+        deadline = time.time() + 60
+        while not any("ready in" in p.read_text() for p in logs.glob("warm-*.log")):
+            assert time.time() < deadline, "the warm process never got ready"
+            time.sleep(0.1)
+        yield {**os.environ, **env}, next(logs.glob("warm-*.log"))
+
+
+def served(log: Path) -> list[str]:
+    return [line.split(": ", 1)[1] for line in log.read_text().splitlines() if " pid " in line and ": fedhpc" in line]
+
+
+def child_of(log: Path, argv: str, timeout: float = 10) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for line in log.read_text().splitlines():
+            if line.endswith(f": fedhpc {argv}") and " pid " in line:
+                return int(line.split(" pid ")[1].split(":")[0])
+        time.sleep(0.05)
+    raise AssertionError(f"`fedhpc {argv}` was not served:\n{log.read_text()}")
+
+
+def test_a_served_command_has_the_jobs_directory_streams_and_exit_code(server, tmp_path):
+    env, log = server
+    (tmp_path / "cfg.yaml").write_bytes(VALID.read_bytes())
+    ok = subprocess.run([FEDHPC, "config", "check", "cfg.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("cfg.yaml: valid; run 'demo', 3 sites")  # a relative path: the job's cwd
+    bad = subprocess.run(
+        [FEDHPC, "config", "check", "missing.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert (bad.returncode, bad.stdout, bad.stderr) == (2, "", "missing.yaml: no such config file\n")
+    # stdin is the job's too: the config is read from it.
+    piped = subprocess.run(
+        [FEDHPC, "config", "check", "/dev/stdin"], input="run: x\n", env=env, capture_output=True, text=True
+    )
+    assert piped.returncode == 2 and "'sites' is a required property" in piped.stdout + piped.stderr
+    assert served(log) == [
+        "fedhpc config check cfg.yaml",
+        "fedhpc config check missing.yaml",
+        "fedhpc config check /dev/stdin",
+    ]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_to_the_jobs_process_reaches_the_command(server, signum):
+    env, log = server
+    # Reading its config from a pipe that stays open, the command waits until it is stopped.
+    job = subprocess.Popen([FEDHPC, "config", "check", "/dev/stdin"], stdin=subprocess.PIPE, env=env)
+    child = child_of(log, "config check /dev/stdin")
+    assert Path(f"/proc/{child}").exists()
+    job.send_signal(signum)
+    # SIGTERM is passed on and the job's process ends as the command did; SIGKILL cannot be
+    # caught, so the warm process kills the command when the job's process vanishes.
+    assert job.wait(10) == -signum
+    deadline = time.time() + 10
+    while Path(f"/proc/{child}").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] != "Z":
+        assert time.time() < deadline, f"the command (pid {child}) outlived its job"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ({"SLURM_JOB_ID": "4242"}, None),  # a job submitted to Slurm: never connects
+        ({"APPTAINER_CONTAINER": "/images/site.sif"}, None),  # inside a container: never connects
+        ({"PYTHONHASHSEED": "3"}, "PYTHONHASHSEED differ from the warm process's, read at import"),
+        ({"LD_PRELOAD": "libfoo.so"}, "LD_PRELOAD differ from the warm process's, read at import"),
+    ],
+)
+def test_a_job_the_warm_process_cannot_serve_exactly_runs_itself(server, tmp_path, extra, why):
+    env, log = server
+    out = subprocess.run([FEDHPC, "config", "check", str(VALID)], env={**env, **extra}, capture_output=True, text=True)
+    assert out.returncode == 0 and "valid" in out.stdout, out.stderr
+    assert served(log) == []
+    refusals = [line for line in log.read_text().splitlines() if " refused " in line]
+    if why is None:
+        assert refusals == []
+    else:
+        assert len(refusals) == 1 and refusals[0].endswith(why), refusals
+
+
+def test_only_the_same_user_with_the_runs_token_is_served(server):
+    env, log = server
+    name, token, _ = env[warm.ENV].split(":")
+    wrong = subprocess.run(
+        [FEDHPC, "config", "check", str(VALID)],
+        env={**env, warm.ENV: f"{name}:x{token}:"},
+        capture_output=True,
+        text=True,
+    )
+    assert wrong.returncode == 0 and served(log) == [] and "refused" in log.read_text()
+    # Another user's connection is closed unanswered (its `fedhpc` would then run itself).
+    if os.getuid() != 0:
+        pytest.skip("needs root to connect as another user")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setuid(65534)
+            import socket
+
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect("\0" + name)
+            try:
+                s.sendall(b'{"token": "%s"}\n' % token.encode())
+                code = 0 if s.recv(100) == b"" else 1
+            except (ConnectionResetError, BrokenPipeError):  # closed before or after the request
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert served(log) == []
+
+
+def test_a_federation_served_warm_ends_with_the_model_of_one_run_cold(tmp_path):
+    models = {}
+    for mode in ("warm", "cold"):
+        d = tmp_path / mode
+        d.mkdir()
+        cfg = tiny_config(d, rounds=1)
+        write_config(d, cfg)
+        run_workflow(d, *(["--cold"] if mode == "cold" else []))
+        models[mode] = summary(d, cfg)["global_model_sha256"]
+        logs = list((d / ".snakemake" / "log").glob("warm-*.log"))
+        if mode == "cold":
+            assert logs == []
+        else:
+            commands = {line.split()[1] for (log,) in [logs] for line in served(log)}
+            assert {"init", "train", "verify", "aggregate", "evaluate", "promote"} <= commands
+    assert models["warm"] == models["cold"]
