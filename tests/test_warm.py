@@ -82,6 +82,26 @@ def test_a_signal_to_the_jobs_process_reaches_the_command(server, signum):
         time.sleep(0.05)
 
 
+def test_the_command_ignores_what_the_jobs_process_was_started_ignoring(server):
+    """A head job ignores Slurm's time-limit warning, which reaches every process of its step; a
+    job it runs inherits that, and so must the command served for it."""
+    env, log = server
+    job = subprocess.Popen(
+        [FEDHPC, "config", "check", "/dev/stdin"],
+        stdin=subprocess.PIPE,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN),
+    )
+    child = child_of(log, "config check /dev/stdin")
+    for pid in (job.pid, child):  # the whole step is warned
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(0.5)
+    assert job.poll() is None and Path(f"/proc/{child}").exists()
+    job.stdin.write(b"run: x\n")
+    job.stdin.close()
+    assert job.wait(10) == 2  # it went on to read its config (which lacks sites)
+
+
 @pytest.mark.parametrize(
     ("extra", "why"),
     [

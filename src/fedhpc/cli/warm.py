@@ -75,7 +75,14 @@ def handoff(argv: list[str]) -> int | None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect("\0" + name)
-        request = {"token": token, "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), **_identity()}
+        request = {
+            "token": token,
+            "argv": argv,
+            "cwd": os.getcwd(),
+            "env": dict(os.environ),
+            "ignored": [int(n) for n in _catchable() if signal.getsignal(n) == signal.SIG_IGN],
+            **_identity(),
+        }
         data = json.dumps(request).encode() + b"\n"
         sock.sendmsg([data[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
         sock.sendall(data[1:])
@@ -89,9 +96,10 @@ def handoff(argv: list[str]) -> int | None:
         return None
     # The terminal's Ctrl-C reaches the child itself (same process group); other signals are
     # sent to this process alone, so they are passed on.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for signum in FORWARDED:
-        signal.signal(signum, lambda n, _frame: _send(sock, {"signal": n}))
+        if signal.getsignal(signum) != signal.SIG_IGN:  # one ignored here is ignored there too
+            signal.signal(signum, lambda n, _frame: _send(sock, {"signal": n}))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         for line in replies:
             reply = json.loads(line)
@@ -191,10 +199,7 @@ def _child(job: _Job, request: dict, others: list[socket.socket], main, warm_pid
         for target, fd in enumerate(job.fds):
             os.dup2(fd, target)
             os.close(fd)
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.set_wakeup_fd(-1)
+        _dispositions(set(request.get("ignored", [])))
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
@@ -228,6 +233,25 @@ def _child(job: _Job, request: dict, others: list[socket.socket], main, warm_pid
                 signal.signal(-code, signal.SIG_DFL)
                 os.kill(os.getpid(), -code)
             os._exit(code or 0)
+
+
+def _catchable() -> list[signal.Signals]:
+    return sorted(set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}, key=int)
+
+
+def _dispositions(ignored: set[int]) -> None:
+    """The signal dispositions a fresh interpreter exec'd by the job's process would start with:
+    what that process ignored stays ignored (a head job ignores Slurm's time-limit warning, for
+    one), the rest default, and Python's own: Ctrl-C raises, SIGPIPE and SIGXFSZ are ignored."""
+    signal.set_wakeup_fd(-1)
+    for signum in _catchable():
+        if signum in (signal.SIGPIPE, signal.SIGXFSZ):
+            continue
+        with contextlib.suppress(OSError, ValueError):  # some real-time signals are glibc's own
+            if signum == signal.SIGINT and signum not in ignored:
+                signal.signal(signum, signal.default_int_handler)
+            else:
+                signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
 
 
 def _fresh_stdio() -> None:
