@@ -15,6 +15,8 @@ rule aggregate:
         "../envs/fedhpc.yaml"
     threads: 2
     resources:
+        attempt=job_attempt,
+        attempts=job_attempts,
         tasks=aggregate_tasks,
         mpi=aggregate_mpi,
     params:
@@ -22,6 +24,7 @@ rule aggregate:
         launch=aggregate_launch,
     shell:
         "{params.launch}fedhpc aggregate --config {params.cfg} --round {wildcards.r} --threads {threads} > {log} 2>&1"
+        + give_up("aggregate", "{wildcards.r}")
 
 
 # Secure aggregation: survivors reveal the seeds they shared with dropped sites.

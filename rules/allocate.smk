@@ -11,7 +11,11 @@ rule plan:
     localrule: True
     conda:
         "../envs/fedhpc.yaml"
+    resources:
+        attempt=job_attempt,
+        attempts=job_attempts,
     params:
         cfg=CONFIG_JSON,
     shell:
         "fedhpc plan --config {params.cfg} --round {wildcards.r} > {log} 2>&1"
+        + give_up("plan", "{wildcards.r}")

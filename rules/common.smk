@@ -385,15 +385,35 @@ if HEAD:
     new_invocation()
 
 
-def train_attempt(wildcards, attempt):
-    """This train job's attempt, counted by Snakemake from 1."""
+def job_attempt(wildcards, attempt):
+    """This job's attempt, counted by Snakemake from 1."""
     return attempt
 
 
-def train_attempts(wildcards):
-    """Attempts a train job has: the workflow's retries + 1 (rule train sets none of its own).
-    A Slurm job's own Snakemake runs with --retries 0 and cannot know them: it takes what the
-    head exported when it evaluated this resource, before it submitted the job."""
+def job_attempts(wildcards):
+    """Attempts a job has: the workflow's retries + 1 (no rule sets its own). A Slurm job's own
+    Snakemake runs with --retries 0 and cannot know them: it takes what the head exported when it
+    evaluated this resource, before it submitted the job."""
     if not HEAD:
         return exported_attempts()
-    return export_attempts(workflow.get_rule("train").restart_times + 1)
+    return export_attempts(workflow.execution_settings.retries + 1)
+
+
+def withdraw_stop_notice():
+    """A coordinator's head that starts again takes back its earlier run's stop notice (rule onstart)."""
+    if ROLE != "site":
+        from fedhpc.stages import stop
+        from fedhpc.stages.context import context
+
+        stop.withdraw(context(CONFIG_JSON, with_task=False))
+
+
+def give_up(stage, round_, which=""):
+    """The shell tail of a coordinator job: when the command fails, `fedhpc stop` tells the sites
+    (its stop notice) if this was the last attempt, and the job still fails with its status. The
+    rule needs resources attempt=job_attempt, attempts=job_attempts."""
+    which = f" --which {which}" if which else ""
+    return (
+        f" || fedhpc stop --config {{params.cfg}} --stage {stage} --round {round_}{which}"
+        " --attempt {resources.attempt} --attempts {resources.attempts} --exited $? --log {log} >> {log} 2>&1"
+    )

@@ -15,12 +15,15 @@ rule evaluate_shared:
         "../envs/fedhpc.yaml"
     threads: 2
     resources:
+        attempt=job_attempt,
+        attempts=job_attempts,
         mpi=in_batch_step,
     params:
         cfg=CONFIG_JSON,
     shell:
         "fedhpc evaluate --config {params.cfg} --round {wildcards.r} --which {wildcards.which}"
         " --threads {threads} > {log} 2>&1"
+        + give_up("evaluate_shared", "{wildcards.r}", "{wildcards.which}")
 
 
 rule merge_eval_initial:
@@ -35,10 +38,14 @@ rule merge_eval_initial:
     localrule: True
     conda:
         "../envs/fedhpc.yaml"
+    resources:
+        attempt=job_attempt,
+        attempts=job_attempts,
     params:
         cfg=CONFIG_JSON,
     shell:
         "fedhpc merge-eval --config {params.cfg} --round 0 --which global > {log} 2>&1"
+        + give_up("merge_eval_initial", "0", "global")
 
 
 rule merge_eval:
@@ -51,10 +58,14 @@ rule merge_eval:
     localrule: True
     conda:
         "../envs/fedhpc.yaml"
+    resources:
+        attempt=job_attempt,
+        attempts=job_attempts,
     params:
         cfg=CONFIG_JSON,
     shell:
         "fedhpc merge-eval --config {params.cfg} --round {wildcards.r} --which candidate > {log} 2>&1"
+        + give_up("merge_eval", "{wildcards.r}", "candidate")
 
 
 rule promote:
@@ -71,11 +82,15 @@ rule promote:
     localrule: True
     conda:
         "../envs/fedhpc.yaml"
+    resources:
+        attempt=job_attempt,
+        attempts=job_attempts,
     params:
         cfg=CONFIG_JSON,
         prev=previous_round,
     shell:
         "fedhpc promote --config {params.cfg} --round {params.prev} > {log} 2>&1"
+        + give_up("promote", "{params.prev}")
 
 
 # `retention:` deletes what it no longer keeps once a round is promoted, one round after another.

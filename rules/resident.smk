@@ -24,9 +24,9 @@ checkpoint resident:
         nodes=train_nodes,
         tasks_per_node=train_tasks_per_node,
         mpi=train_mpi,
-        attempt=train_attempt,
+        attempt=job_attempt,
         # The workflow's retries apply to both training rules alike.
-        attempts=train_attempts,
+        attempts=job_attempts,
     params:
         cfg=CONFIG_JSON,
         launch=train_launch,

@@ -25,8 +25,8 @@ rule train:
         nodes=train_nodes,
         tasks_per_node=train_tasks_per_node,
         mpi=train_mpi,
-        attempt=train_attempt,
-        attempts=train_attempts,
+        attempt=job_attempt,
+        attempts=job_attempts,
     params:
         cfg=CONFIG_JSON,
         launch=train_launch,

@@ -11,10 +11,14 @@ rule gather:
     localrule: True
     conda:
         "../envs/fedhpc.yaml"
+    resources:
+        attempt=job_attempt,
+        attempts=job_attempts,
     params:
         cfg=CONFIG_JSON,
     shell:
         "fedhpc gather --config {params.cfg} --round {wildcards.r} > {log} 2>&1"
+        + give_up("gather", "{wildcards.r}")
 
 
 rule verify:
@@ -27,7 +31,11 @@ rule verify:
     localrule: True
     conda:
         "../envs/fedhpc.yaml"
+    resources:
+        attempt=job_attempt,
+        attempts=job_attempts,
     params:
         cfg=CONFIG_JSON,
     shell:
         "fedhpc verify --config {params.cfg} --round {wildcards.r} > {log} 2>&1"
+        + give_up("verify", "{wildcards.r}")

@@ -198,6 +198,16 @@ def cmd_promote(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stop(a: argparse.Namespace) -> int:
+    from fedhpc.stages import stop
+
+    ctx = context(a.config, with_task=False)
+    if stop.run(ctx, a.stage, a.round, a.which, a.attempt, a.attempts, a.exited, a.log):
+        print(f"{a.stage} of round {a.round} failed for good: the sites were told the federation stopped")
+    # The job failed, and must still fail after this.
+    return a.exited or 1
+
+
 def cmd_retain(a: argparse.Namespace) -> int:
     from fedhpc.stages import retain
 
@@ -286,6 +296,13 @@ def parser() -> argparse.ArgumentParser:
     verb("verify", cmd_verify, "verify every arrived update", round=True)
     ag = verb("aggregate", cmd_aggregate, "aggregate accepted updates into the candidate model", round=True)
     ag.add_argument("--threads", type=int, default=1, help="worker threads (shared out over MPI ranks)")
+    so = verb("stop", cmd_stop, "after a coordinator job failed: on its last attempt, tell the sites", round=True)
+    so.add_argument("--stage", required=True, help="the rule that failed")
+    so.add_argument("--which", choices=["global", "candidate"], help="the model an evaluation job scored")
+    so.add_argument("--attempt", type=int, required=True)
+    so.add_argument("--attempts", type=int, required=True)
+    so.add_argument("--exited", type=int, required=True, help="the failed command's exit status (returned)")
+    so.add_argument("--log", default="", help="the failed job's log, named in the notice")
     e = verb("evaluate", cmd_evaluate, "held-out evaluation of a round's global or candidate model", round=True)
     e.add_argument("--which", choices=["global", "candidate"], required=True)
     e.add_argument("--site", help="score on this site's own held-out data (default: the coordinator's shared)")

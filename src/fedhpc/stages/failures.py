@@ -54,7 +54,7 @@ def new_invocation() -> str:
 
 
 def export_attempts(attempts: int) -> int:
-    """The head's word on how many attempts a train job has, for the Snakemake a Slurm job runs
+    """The head's word on how many attempts a job has, for the Snakemake a Slurm job runs
     (which is started with --retries 0, so it cannot tell)."""
     os.environ[ATTEMPTS_ENV] = str(attempts)
     return attempts
