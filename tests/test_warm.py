@@ -102,6 +102,26 @@ def test_the_command_ignores_what_the_jobs_process_was_started_ignoring(server):
     assert job.wait(10) == 2  # it went on to read its config (which lacks sites)
 
 
+def test_a_signal_to_the_runs_whole_group_leaves_the_commands_to_end_as_they_would(server):
+    """Ctrl-C or SIGTERM to the run's process group reaches every command itself; the warm process
+    must not end first and take its children with it."""
+    env, log = server
+    job = subprocess.Popen([FEDHPC, "config", "check", "/dev/stdin"], stdin=subprocess.PIPE, env=env)
+    child_of(log, "config check /dev/stdin")
+    warm_pid = int(log.read_text().split("pid ", 1)[1].split()[0])
+    os.kill(warm_pid, signal.SIGINT)
+    os.kill(warm_pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert job.poll() is None, "the command was killed with the warm process"
+    job.stdin.write(b"run: x\n")
+    job.stdin.close()
+    assert job.wait(10) == 2  # it read its config to the end
+    deadline = time.time() + 10
+    while Path(f"/proc/{warm_pid}").exists() and Path(f"/proc/{warm_pid}/stat").read_text().split()[2] != "Z":
+        assert time.time() < deadline, "the warm process stayed after its last command"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize(
     ("extra", "why"),
     [

@@ -320,6 +320,11 @@ def serve(name: str, token: str, log_path: str | None, main) -> None:
         log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {msg}\n")
 
     t0 = time.monotonic()
+    # Ctrl-C and SIGTERM to the run's whole process group reach the commands themselves: the warm
+    # process leaves once they have ended, instead of killing them (PR_SET_PDEATHSIG) first.
+    leaving: list[int] = []
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: leaving.append(signum))
     _preload()
     identity = _identity()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -343,7 +348,7 @@ def serve(name: str, token: str, log_path: str | None, main) -> None:
             job.sock.close()
 
     while True:
-        accepting = os.getppid() == parent
+        accepting = os.getppid() == parent and not leaving
         if not accepting and listener.fileno() >= 0:
             sel.unregister(listener)
             listener.close()
