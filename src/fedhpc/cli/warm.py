@@ -21,6 +21,7 @@ import array
 import contextlib
 import json
 import os
+import selectors
 import signal
 import socket
 import sys
@@ -127,7 +128,6 @@ class _Job:
         self.buf = b""
         self.fds: list[int] = []
         self.pid = 0
-        self.open = True
 
 
 def _preload() -> None:
@@ -177,8 +177,8 @@ def _refusal(request: dict, token: str, identity: dict[str, str], fds: list[int]
     if any(request.get(k) != v for k, v in identity.items()):
         return "another Python or fedhpc"
     env, here = request.get("env", {}), dict(os.environ)
-    if differ := sorted(set(_import_env(env).items()) ^ set(_import_env(here).items())):
-        return f"{', '.join(sorted({k for k, _ in differ}))} differ from the warm process's, read at import"
+    if differ := {k for k, _ in set(_import_env(env).items()) ^ set(_import_env(here).items())}:
+        return f"{', '.join(sorted(differ))} differ from the warm process's, read at import"
     if unset := [k for k in APPLIED_ENV if k in here and k not in env]:
         return f"{', '.join(unset)} unset, read at import"
     return None
@@ -309,136 +309,141 @@ def _openblas_threads(n: int) -> None:
                 break
 
 
-def serve(name: str, token: str, log_path: str | None, main) -> None:
-    """Import, then fork a child per job until the process that started this one is gone."""
-    import selectors
+# What a job or a child may have done meanwhile: gone (socket closed), exited, or sent garbage.
+_GONE = (OSError, ValueError, KeyError)
 
-    parent = os.getppid()
-    log = open(log_path, "a", buffering=1) if log_path else sys.stderr  # noqa: SIM115
 
-    def note(msg: str) -> None:
-        log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {msg}\n")
+class _Server:
+    """The warm process's loop: accept jobs, fork their children, pass signals on, report exits."""
 
-    t0 = time.monotonic()
-    # Ctrl-C and SIGTERM to the run's whole process group reach the commands themselves: the warm
-    # process leaves once they have ended, instead of killing them (PR_SET_PDEATHSIG) first.
-    leaving: list[int] = []
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, _frame: leaving.append(signum))
-    _preload()
-    identity = _identity()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind("\0" + name)
-    listener.listen(64)
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.set_wakeup_fd(wake_w)
-    sel = selectors.DefaultSelector()
-    sel.register(listener, selectors.EVENT_READ)
-    sel.register(wake_r, selectors.EVENT_READ)
-    jobs: dict[int, _Job] = {}  # by pid, once forked
-    pending: dict[socket.socket, _Job] = {}
-    note(f"ready in {time.monotonic() - t0:.1f} s, pid {os.getpid()}")
+    def __init__(self, name: str, token: str, log_path: str | None, main):
+        self.token, self.main, self.parent = token, main, os.getppid()
+        self.log = open(log_path, "a", buffering=1) if log_path else sys.stderr  # noqa: SIM115
+        t0 = time.monotonic()
+        # Ctrl-C and SIGTERM to the run's whole process group reach the commands themselves: the
+        # warm process leaves once they have ended, instead of killing them (PR_SET_PDEATHSIG) first.
+        self.leaving: list[int] = []
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda signum, _frame: self.leaving.append(signum))
+        _preload()
+        self.identity = _identity()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind("\0" + name)
+        self.listener.listen(64)
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(wake_w)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.listener, selectors.EVENT_READ)
+        self.sel.register(self.wake_r, selectors.EVENT_READ)
+        self.conns: dict[socket.socket, _Job] = {}  # every connected job; pid 0 until forked
+        self.running: dict[int, _Job] = {}  # by the child's pid, until reaped
+        self.note(f"ready in {time.monotonic() - t0:.1f} s, pid {os.getpid()}")
 
-    def close(job: _Job) -> None:
-        if job.open:
-            job.open = False
-            sel.unregister(job.sock)
+    def note(self, msg: str) -> None:
+        self.log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {msg}\n")
+
+    def close(self, job: _Job) -> None:
+        if self.conns.pop(job.sock, None) is not None:
+            self.sel.unregister(job.sock)
             job.sock.close()
 
-    while True:
-        accepting = os.getppid() == parent and not leaving
-        if not accepting and listener.fileno() >= 0:
-            sel.unregister(listener)
-            listener.close()
-        if not accepting and not jobs and not pending:
-            note("the run ended; leaving")
+    def loop(self) -> None:
+        """Until the process that started this one is gone (or SIGTERM) and no job is left."""
+        while True:
+            if (os.getppid() != self.parent or self.leaving) and self.listener.fileno() >= 0:
+                self.sel.unregister(self.listener)
+                self.listener.close()
+            if self.listener.fileno() < 0 and not self.conns and not self.running:
+                self.note("the run ended; leaving")
+                return
+            for key, _ in self.sel.select(timeout=1.0):
+                if key.fileobj is self.listener:
+                    conn, _addr = self.listener.accept()
+                    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                    if int.from_bytes(creds[4:8], sys.byteorder) != os.getuid():
+                        conn.close()
+                        continue
+                    self.conns[conn] = _Job(conn)
+                    self.sel.register(conn, selectors.EVENT_READ)
+                elif key.fileobj == self.wake_r:
+                    os.read(self.wake_r, 4096)
+                elif (job := self.conns[key.fileobj]).pid == 0:
+                    self.receive(job)
+                else:
+                    self.message(job)
+            self.reap()
+
+    def receive(self, job: _Job) -> None:
+        """More of a job's request; once it is whole, its child starts or the job is refused."""
+        data, fds, _flags, _addr = socket.recv_fds(job.sock, 1 << 16, 3)
+        job.fds += fds
+        job.buf += data
+        if data and b"\n" not in job.buf:
             return
-        for key, _ in sel.select(timeout=1.0):
-            if key.fileobj is listener:
-                conn, _addr = listener.accept()
-                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-                if int.from_bytes(creds[4:8], sys.byteorder) != os.getuid():
-                    conn.close()
-                    continue
-                pending[conn] = _Job(conn)
-                sel.register(conn, selectors.EVENT_READ)
-            elif key.fileobj == wake_r:
-                os.read(wake_r, 4096)
-            elif (job := pending.get(key.fileobj)) is not None:
-                data, fds, _flags, _addr = socket.recv_fds(job.sock, 1 << 16, 3)
-                job.fds += fds
-                job.buf += data
-                if not data or b"\n" in job.buf:
-                    del pending[job.sock]
-                    _start(job, token, identity, jobs, pending, listener, wake_r, wake_w, main, note, close)
-            else:
-                job = next(j for j in jobs.values() if j.open and j.sock is key.fileobj)
-                data = job.sock.recv(4096)
-                if not data:  # the job's process is gone (killed): so is its command
-                    note(f"pid {job.pid}: the job's process vanished; killing the command")
-                    _kill_tree(job.pid)
-                    close(job)
-                for line in data.splitlines():
-                    with _ignored():
-                        os.kill(job.pid, int(json.loads(line)["signal"]))
-        while jobs:
+        try:
+            request = json.loads(job.buf.split(b"\n", 1)[0])
+            why = _refusal(request, self.token, self.identity, job.fds)
+        except ValueError:
+            request, why = {}, "an unreadable request"
+        if why:
+            self.note(f"refused `fedhpc {' '.join(request.get('argv', [])[1:])}`: {why}")
+            with contextlib.suppress(*_GONE):
+                _send(job.sock, {"refuse": why})
+        else:
+            self.fork(job, request)
+        for fd in job.fds:
+            os.close(fd)
+        if why:
+            self.close(job)
+
+    def fork(self, job: _Job, request: dict) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        warm_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            os.close(self.wake_r)
+            os.close(signal.set_wakeup_fd(-1))  # the write end: only the parent's signals wake it
+            _child(job, request, [self.listener, *self.conns], self.main, warm_pid)
+        job.pid = pid
+        self.running[pid] = job
+        self.note(f"pid {pid}: fedhpc {' '.join(request['argv'][1:])}")
+        with contextlib.suppress(*_GONE):
+            _send(job.sock, {"pid": pid})
+
+    def message(self, job: _Job) -> None:
+        """A signal the job's process passes on, or its end: then the command is killed too."""
+        data = job.sock.recv(4096)
+        if not data:
+            self.note(f"pid {job.pid}: the job's process vanished; killing the command")
+            _kill_tree(job.pid)
+            self.close(job)
+        for line in data.splitlines():
+            with contextlib.suppress(*_GONE):
+                os.kill(job.pid, int(json.loads(line)["signal"]))
+
+    def reap(self) -> None:
+        """Tell each job whose child ended how it ended."""
+        while self.running:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                break
+                return
             if pid == 0:
-                break
-            job = jobs.pop(pid)
-            if job.open:
-                with _ignored():
+                return
+            job = self.running.pop(pid)
+            if job.sock in self.conns:
+                with contextlib.suppress(*_GONE):
                     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
                     _send(job.sock, {"signal": sig} if sig else {"exit": os.waitstatus_to_exitcode(status)})
-                close(job)
+                self.close(job)
 
 
-class _ignored:
-    """Ignore the job having gone or the process having exited meanwhile."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        return kind is not None and issubclass(kind, OSError | ValueError | KeyError)
-
-
-def _start(job, token, identity, jobs, pending, listener, wake_r, wake_w, main, note, close) -> None:
-    """Check a complete request and fork its child, or tell the job to run the command itself."""
-    try:
-        request = json.loads(job.buf.split(b"\n", 1)[0])
-        why = _refusal(request, token, identity, job.fds)
-    except ValueError:
-        request, why = {}, "an unreadable request"
-    if why:
-        note(f"refused `fedhpc {' '.join(request.get('argv', [])[1:])}`: {why}")
-        with _ignored():
-            _send(job.sock, {"refuse": why})
-        for fd in job.fds:
-            os.close(fd)
-        close(job)
-        return
-    others = [listener, *pending, *(j.sock for j in jobs.values() if j.open)]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    warm_pid = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        os.close(wake_r)
-        os.close(wake_w)
-        _child(job, request, [*others, job.sock], main, warm_pid)
-    for fd in job.fds:
-        os.close(fd)
-    job.pid = pid
-    jobs[pid] = job
-    note(f"pid {pid}: fedhpc {' '.join(request['argv'][1:])}")
-    with _ignored():
-        _send(job.sock, {"pid": pid})
+def serve(name: str, token: str, log_path: str | None, main) -> None:
+    """Import, then fork a child per job until the process that started this one is gone."""
+    _Server(name, token, log_path, main).loop()
 
 
 # --- started by `fedhpc run` ---------------------------------------------------------------

@@ -59,20 +59,19 @@ def _sha(path: Path, key: str) -> str | None:
 def pruned_now(layout: RunLayout, policy: Policy, r: int) -> dict[Path, str | None]:
     """The files retention deletes after round r's promotion, each with the sha256 its signed record gives."""
     out: dict[Path, str | None] = {}
-    last = r - (policy.keep_rounds or 0)
-    # Round `last`'s updates go now; an update that lands in an older round after its turn (a site
-    # whose job finished that late) is past every late-update window, and goes at the next pass.
-    for j in range(last + 1) if policy.keep_rounds is not None else ():
-        sites = layout.round_dir(j) / "sites"
-        for site in sorted(p.name for p in sites.iterdir()) if sites.is_dir() else []:
-            receipt = layout.receipt(j, site)
-            for path, key in (
-                (layout.update(j, site), "update_sha256"),
-                (layout.control_update(j, site), "control_sha256"),
-            ):
-                if j == last or os.path.lexists(path):
-                    out[path] = _sha(receipt, key)
-    if policy.keep_rounds is not None and last >= 0:
+    if policy.keep_rounds is not None and (last := r - policy.keep_rounds) >= 0:
+        # Round `last`'s updates go now; an update that lands in an older round after its turn (a
+        # site whose job finished that late) is past every late-update window, and goes at the next pass.
+        for j in range(last + 1):
+            sites = layout.round_dir(j) / "sites"
+            for site in sorted(p.name for p in sites.iterdir()) if sites.is_dir() else []:
+                receipt = layout.receipt(j, site)
+                for path, key in (
+                    (layout.update(j, site), "update_sha256"),
+                    (layout.control_update(j, site), "control_sha256"),
+                ):
+                    if j == last or os.path.lexists(path):
+                        out[path] = _sha(receipt, key)
         out[layout.candidate(last)] = _sha(layout.aggregate_record(last), "output_sha256")
         out[layout.candidate_state(last)] = None
     g = r - policy.staleness
