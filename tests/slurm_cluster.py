@@ -43,7 +43,7 @@ JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
 SlurmdParameters=config_overrides
-SchedulerParameters=batch_sched_delay=0
+SchedulerParameters=defer
 MinJobAge=600
 InactiveLimit=0
 KillWait=5
