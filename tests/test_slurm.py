@@ -21,9 +21,10 @@ def job_state(job_id: str) -> str:
 def test_federation_runs_through_slurm_with_ddp_and_deepspeed_sites(slurm, tmp_path):
     cfg = tiny_config(tmp_path, run="slurm", rounds=2)
     cfg["sites"]["a100"].update(ranks_per_node=2, engine="ddp")
-    # The DeepSpeed site is resident: one Slurm job trains its rounds in turn. With a 1-minute limit
-    # and a 45-second margin its first job has no room for round 1 and ends; the workflow submits the next.
-    cfg["sites"]["laptop"].update(engine="deepspeed", zero_stage=1, resident=True, resident_margin_minutes=0.75)
+    # The DeepSpeed site is resident: one Slurm job trains its rounds in turn. Its margin is its whole
+    # 1-minute limit, so its first job has no room for round 1, however fast a round is, and ends; the
+    # workflow submits the next.
+    cfg["sites"]["laptop"].update(engine="deepspeed", zero_stage=1, resident=True, resident_margin_minutes=1)
     cfg["sites"]["lumi"].update(ranks_per_node=2, engine="fsdp")
     write_config(tmp_path, cfg)
     run_workflow(tmp_path, "--profile", str(REPO / "profiles" / "ci-slurm"), "--set-resources", "resident:runtime=1")
