@@ -1,4 +1,4 @@
-"""Central differential privacy: noise scale, a Rényi-DP accountant of the rounds, and the (epsilon, delta) they spend."""
+"""Central differential privacy: noise scale, a Rényi-DP accountant, the (epsilon, delta) spent."""
 
 from __future__ import annotations
 

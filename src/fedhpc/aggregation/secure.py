@@ -1,6 +1,8 @@
-"""Secure aggregation on the blackboard: sites mask their update at publish time, survivors reveal the
-seeds they shared with dropped sites, the coordinator checks the reveals and hands the aggregator
-what it needs to unmask the survivors' sum (`aggregation/masking.py` holds the arithmetic).
+"""Secure aggregation on the blackboard: masked updates, seed reveals for dropped sites, recovery.
+
+Sites mask their update at publish time, survivors reveal the seeds they shared with dropped
+sites, the coordinator checks the reveals and hands the aggregator what it needs to unmask the
+survivors' sum (`aggregation/masking.py` holds the arithmetic).
 
 Round r: the signed plan lists the committed sites; each masks with every other one (seeds by
 X25519, `trust/agreement.py`) and commits to those seeds in its signed receipt. After verification

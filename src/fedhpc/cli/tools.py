@@ -1,4 +1,4 @@
-"""The operator verbs of `fedhpc`: run or submit the workflow, its preflight (doctor), status, containers, export and serve."""
+"""The operator verbs of `fedhpc`: run, submit, doctor, status, container, export and serve."""
 
 from __future__ import annotations
 

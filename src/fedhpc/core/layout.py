@@ -1,4 +1,8 @@
-"""The round directory layout (the blackboard): every path any stage reads or writes."""
+"""The round directory layout (the blackboard): the paths stages read and write.
+
+A few records are defined beside the code that owns them: a site's status.json, attempt.json and
+failure.json in stages/failures.py, stopped.json in exchange/hub.py, ledger_head.json in trust/ledger.py.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ def round_index(name: str) -> int:
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Paths inside `results/<run>/`. Stages never call each other; they meet here."""
+    """Paths inside `results/<run>/` (all but the few named in the module's docstring). Stages never
+    call each other; they meet here."""
 
     root: Path
 

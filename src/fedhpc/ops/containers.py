@@ -1,5 +1,7 @@
-"""Apptainer/Singularity images for the three kinds of site (ROCm, CUDA, CPU): find the runtime,
-check the definitions (parsed with spython), build them."""
+"""Apptainer/Singularity images for the three kinds of site (ROCm, CUDA, CPU).
+
+Find the runtime, check the definitions (parsed with spython), build them.
+"""
 
 from __future__ import annotations
 

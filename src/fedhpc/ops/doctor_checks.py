@@ -1,5 +1,7 @@
-"""What every `fedhpc doctor` check works with: its outcome (Check), what it reads (Setup) and a
-command run that fails softly."""
+"""What every `fedhpc doctor` check works with: its outcome, what it reads, a soft-failing command.
+
+Its outcome (Check), what it reads (Setup) and a command run that fails softly.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""What goes before `fedhpc train` and `fedhpc aggregate` in a job: srun (or mpiexec) for several
-ranks, and for a site's training the container runtime with its image and accelerator flags."""
+"""What goes before `fedhpc train` and `fedhpc aggregate` in a job: the launcher and the container.
+
+srun (or mpiexec) for several ranks, and for a site's training the container runtime with its
+image and accelerator flags.
+"""
 
 from __future__ import annotations
 

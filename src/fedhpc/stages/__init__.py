@@ -1,5 +1,8 @@
-"""One module per workflow stage, each called by a `fedhpc <verb>` that a Snakemake rule runs:
-shard, plan, train, gather, verify, aggregate, evaluate, promote, report, track; plus what
-the stages share about a round's progress, failed attempts and Slurm jobs. Stages never call
-each other: they read and write the round directory. May import everything below them.
+"""The workflow's stages, one module each, each called by the `fedhpc <verb>` a Snakemake rule runs.
+
+The stages: shard (and synth), init, plan, train, resident, gather, verify, aggregate, evaluate
+(and merge-eval), promote, retain, track, report, stop and exchange; plus what they share: the
+context every stage is handed, a round's progress and status, failed attempts and Slurm jobs.
+Stages never call each other: they read and write the round directory. May import everything
+below them.
 """

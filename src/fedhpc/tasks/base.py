@@ -139,7 +139,7 @@ class Task(abc.ABC):
     def train_round(self, rc: RoundContext) -> LocalResult:
         """One local round from `rc.global_state` on `rc.shards`: the new exchanged tensors and counts."""
 
-    # -- evaluation (coordinator) ----------------------------------------------------------
+    # -- evaluation (coordinator, and sites on their own held-out data) --------------------
     @abc.abstractmethod
     def evaluate(self, ec: EvalContext) -> dict[str, Any]:
         """Held-out metrics; must hold `loss` (lower is better: the gate compares it) and

@@ -1,9 +1,9 @@
 """Encryption at rest: AES-256-GCM envelopes (per-shard data keys wrapped by each reader's data key).
 
-The API is deliberately small so that sealing can move from the coordinator to the sites
-without change: `load_data_key` (a party's key-encryption key from an environment variable
-or a mode-600 file), `new_envelope`/`open_envelope` (wrap and unwrap a shard's data key for
-its readers), and `SealedStore` (a directory in which every file is sealed, which zarr
+The API is small, and the coordinator (shared data) and the sites (their pinned data) seal
+with the same functions: `load_data_key` (a party's key-encryption key from an environment
+variable or a mode-600 file), `new_envelope`/`open_envelope` (wrap and unwrap a shard's data
+key for its readers), and `SealedStore` (a directory in which every file is sealed, which zarr
 reads and writes through `zarr.storage.MemoryStore`, so no plaintext byte reaches the disk).
 Every ciphertext is bound to its shard and file name (GCM associated data): a chunk moved
 to another place, or a key wrapped for another reader, does not open.

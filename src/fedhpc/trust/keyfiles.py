@@ -1,5 +1,8 @@
-"""Secret files on disk: private directories, files written mode 0600 from birth, and the check
-that refuses a secret others could read."""
+"""Secret files on disk: private directories, mode-0600 files, and refusing secrets others can read.
+
+Private directories, files written mode 0600 from birth, and the check that refuses a secret
+others could read.
+"""
 
 from __future__ import annotations
 

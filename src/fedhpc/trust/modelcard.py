@@ -1,5 +1,8 @@
-"""A Markdown model card from a provenance record, with the training-data summary the EU AI Act
-asks providers of general-purpose models to document (Art. 53(1)(a)-(d), Annex XI/XII)."""
+"""A Markdown model card from a provenance record, with the EU AI Act's training-data summary.
+
+The summary is what the EU AI Act asks providers of general-purpose models to document
+(Art. 53(1)(a)-(d), Annex XI/XII).
+"""
 
 from __future__ import annotations
 
