@@ -102,6 +102,59 @@ def test_the_command_ignores_what_the_jobs_process_was_started_ignoring(server):
     assert job.wait(10) == 2  # it went on to read its config (which lacks sites)
 
 
+LATE_DISPOSITIONS = """
+import sys, time
+from fedhpc.cli import main, warm
+
+on_time = warm._dispositions
+
+def late(ignored):  # the moment between the fork and the job's dispositions, made 1.5 s long
+    time.sleep(1.5)
+    on_time(ignored)
+
+warm._dispositions = late
+warm.serve(sys.argv[1], sys.argv[2], sys.argv[3], main.main)
+"""
+
+
+@pytest.mark.parametrize("case", ["SIGTERM passed on", "SIGUSR1 the job ignores"])
+def test_a_signal_that_reaches_a_new_child_early_acts_as_it_would_on_the_jobs_process(tmp_path, case):
+    """A signal may reach the child before it has the job's dispositions (the job's process passes
+    SIGTERM on as soon as it has the child's pid; Slurm warns the whole step). It must still end
+    the command (not be taken by the warm process's own handler), or be ignored as the job ignores
+    it (not kill with the default action)."""
+    name, token, log = f"fedhpc-warm-test-{os.getpid()}", "t0ken", tmp_path / "warm.log"
+    server = subprocess.Popen([str(BIN / "python"), "-c", LATE_DISPOSITIONS, name, token, str(log)])
+    try:
+        deadline = time.time() + 60
+        while not (log.exists() and "ready in" in log.read_text()):
+            assert time.time() < deadline and server.poll() is None, "the warm process never got ready"
+            time.sleep(0.1)
+        env = {**os.environ, warm.ENV: f"{name}:{token}:"}
+        env.pop("SLURM_JOB_ID", None)
+        ignore = case == "SIGUSR1 the job ignores"
+        job = subprocess.Popen(
+            [FEDHPC, "config", "check", "/dev/stdin"],
+            stdin=subprocess.PIPE,
+            env=env,
+            preexec_fn=(lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)) if ignore else None,
+        )
+        child = child_of(log, "config check /dev/stdin")
+        if ignore:
+            os.kill(child, signal.SIGUSR1)  # still within the late second: held, then ignored
+            time.sleep(2)
+            assert job.poll() is None and Path(f"/proc/{child}").exists(), "SIGUSR1 killed the command"
+            job.stdin.write(b"run: x\n")
+            job.stdin.close()
+            assert job.wait(10) == 2  # it went on to read its config (which lacks sites)
+        else:
+            job.send_signal(signal.SIGTERM)  # passed on within the late second: held, then acted on
+            assert job.wait(10) == -signal.SIGTERM, "the command did not end on SIGTERM"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def test_a_signal_to_the_runs_whole_group_leaves_the_commands_to_end_as_they_would(server):
     """Ctrl-C or SIGTERM to the run's process group reaches every command itself; the warm process
     must not end first and take its children with it."""
@@ -175,6 +228,56 @@ def test_only_the_same_user_with_the_runs_token_is_served(server):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert served(log) == []
+
+
+def test_a_served_command_runs_its_exit_handlers_but_not_torchs_operator_teardown(tmp_path):
+    # The child runs what a process runs at exit (its atexit functions and finalizers), except the
+    # finalizers with which torch unregisters its operator libraries: a third of a small command.
+    script = """
+import atexit, os, sys, weakref
+from fedhpc.cli import warm
+warm._preload()
+import torch.library
+
+class Held:
+    pass
+
+held = Held()
+def armed():
+    return [f.atexit for f in weakref.finalize._registry if f.peek()[1] is torch.library._del_library]
+
+def command(argv):
+    atexit.register(lambda: print("atexit ran; teardown armed:", any(armed()), flush=True))
+    weakref.finalize(held, print, "finalizer ran", flush=True)
+    return 3
+
+pid = os.fork()
+if pid == 0:
+    warm._child(warm._Job(None), {"argv": ["fedhpc"], "cwd": os.getcwd(), "env": dict(os.environ)}, [], command, os.getppid())
+_, status = os.waitpid(pid, 0)
+teardown = [f for f in weakref.finalize._registry if f.peek()[1] is torch.library._del_library]
+print("exit", os.waitstatus_to_exitcode(status), "teardown", len(teardown), all(f.atexit for f in teardown))
+warm._skip_library_teardown()
+print("skipped", not any(f.atexit for f in teardown), all(f.atexit for f in weakref.finalize._registry if f not in teardown))
+"""
+    job = subprocess.run([str(BIN / "python"), "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert job.returncode == 0, job.stderr
+    lines = job.stdout.splitlines()
+    assert lines[:2] == ["atexit ran; teardown armed: False", "finalizer ran"]
+    word, code, _, count, armed = lines[2].split()
+    assert (word, code, armed) == ("exit", "3", "True") and int(count) > 10, "torch's teardown is armed in the server"
+    assert lines[3] == "skipped True True", "only torch's teardown is left out"
+
+
+def test_one_parser_serves_every_command_from_its_defaults():
+    # The warm process builds the parser once for all its children; a parse must not see another's.
+    from fedhpc.cli.main import parser
+
+    assert parser() is parser()
+    first = parser().parse_args(["run", "--cold", "--", "-n"])
+    again = parser().parse_args(["run"])
+    assert (first.cold, first.snakemake_args) == (True, ["--", "-n"])
+    assert (again.cold, again.snakemake_args) == (False, [])
 
 
 def test_a_federation_served_warm_ends_with_the_model_of_one_run_cold(tmp_path):

@@ -5,7 +5,7 @@ import sys
 
 
 def main() -> int:
-    from fedhpc.cli.warm import handoff
+    from fedhpc.cli.handoff import handoff
 
     if (code := handoff(sys.argv)) is not None:
         return code
@@ -17,9 +17,12 @@ def main() -> int:
 def serve_warm() -> None:
     """`python -m fedhpc.cli.entry NAME LOG`: the warm process `fedhpc run` starts (cli/warm.py)."""
     from fedhpc.cli.main import main as run_here
+    from fedhpc.cli.main import parser
     from fedhpc.cli.warm import serve
+    from fedhpc.config.schema import config_validator
 
-    serve(sys.argv[1], os.environ.pop("FEDHPC_WARM_TOKEN"), sys.argv[2], run_here)
+    # Built once for every command served: together most of what a coordinator's small step took.
+    serve(sys.argv[1], os.environ.pop("FEDHPC_WARM_TOKEN"), sys.argv[2], run_here, (parser, config_validator))
 
 
 if __name__ == "__main__":

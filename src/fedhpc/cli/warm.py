@@ -17,7 +17,6 @@ has finished importing. Only the same user may connect (SO_PEERCRED), with the r
 
 from __future__ import annotations
 
-import array
 import contextlib
 import json
 import os
@@ -28,8 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-ENV = "FEDHPC_WARM"
+from fedhpc.cli.handoff import ENV, FORWARDED, catchable, identity, send
+
 # Read by already imported libraries at their import or load: a job whose value differs runs cold.
+# Signals held back from a new child until it has the job's dispositions (see _Server.fork).
+HELD = {*FORWARDED, signal.SIGINT}
 IMPORT_TIME_ENV = ("PYTHON", "LD_", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH")
 # ... except the thread counts Snakemake sets per job, which the child applies (see _fresh_state).
 APPLIED_ENV = (
@@ -40,81 +42,10 @@ APPLIED_ENV = (
     "VECLIB_MAXIMUM_THREADS",
     "NUMEXPR_NUM_THREADS",
 )
-FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def _import_env(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_ENV) and k not in APPLIED_ENV}
-
-
-def _identity() -> dict[str, str]:
-    """What must match between a job's `fedhpc` and the warm process for one to stand in for the other."""
-    import fedhpc
-
-    return {"exe": os.path.realpath(sys.executable), "pkg": os.path.realpath(fedhpc.__file__)}
-
-
-def _send(sock: socket.socket, doc: dict) -> None:
-    sock.sendall(json.dumps(doc).encode() + b"\n")
-
-
-# --- the job's side ------------------------------------------------------------------------
-
-
-def handoff(argv: list[str]) -> int | None:
-    """Run `fedhpc argv` in the run's warm process and return its exit code, or None when this
-    job should run the command itself (no warm process, or one that cannot serve it exactly)."""
-    name, _, rest = os.environ.get(ENV, "").partition(":")
-    token, _, slurm_job = rest.partition(":")
-    if not token or sys.platform != "linux":
-        return None
-    # A job submitted to Slurm runs inside its own allocation; a container's process stays inside.
-    if os.environ.get("SLURM_JOB_ID", "") != slurm_job:
-        return None
-    if any(k in os.environ for k in ("APPTAINER_CONTAINER", "SINGULARITY_CONTAINER")):
-        return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect("\0" + name)
-        request = {
-            "token": token,
-            "argv": argv,
-            "cwd": os.getcwd(),
-            "env": dict(os.environ),
-            "ignored": [int(n) for n in _catchable() if signal.getsignal(n) == signal.SIG_IGN],
-            **_identity(),
-        }
-        data = json.dumps(request).encode() + b"\n"
-        sock.sendmsg([data[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
-        sock.sendall(data[1:])
-        replies = sock.makefile("rb")
-        first = json.loads(replies.readline() or b"{}")
-    except (OSError, ValueError):
-        sock.close()
-        return None
-    if "pid" not in first:
-        sock.close()
-        return None
-    # The terminal's Ctrl-C reaches the child itself (same process group); other signals are
-    # sent to this process alone, so they are passed on.
-    for signum in FORWARDED:
-        if signal.getsignal(signum) != signal.SIG_IGN:  # one ignored here is ignored there too
-            signal.signal(signum, lambda n, _frame: _send(sock, {"signal": n}))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        for line in replies:
-            reply = json.loads(line)
-            if "exit" in reply:
-                return int(reply["exit"])
-            if "signal" in reply:
-                signum = int(reply["signal"])
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-                return 128 + signum
-    except (OSError, ValueError):
-        pass
-    print(f"fedhpc: the warm process ended before `fedhpc {' '.join(argv)}` did", file=sys.stderr)
-    return 1
 
 
 # --- the warm process ----------------------------------------------------------------------
@@ -130,9 +61,10 @@ class _Job:
         self.pid = 0
 
 
-def _preload() -> None:
-    """Import what the commands import, without running anything that starts threads."""
-    import numpy  # noqa: F401
+def _preload(warmups=()) -> None:
+    """Import what the commands import, and build once what each would build (`warmups`), without
+    running anything that starts threads."""
+    import numpy.random  # noqa: F401  (imported on first use: 10 ms of every child's fresh seed)
     import torch  # noqa: F401
 
     import fedhpc.stages.aggregate  # noqa: F401
@@ -140,6 +72,9 @@ def _preload() -> None:
     import fedhpc.stages.init  # noqa: F401
     import fedhpc.stages.train  # noqa: F401
     import fedhpc.stages.verify  # noqa: F401
+
+    for build in warmups:
+        build()
 
 
 def _descendants(pid: int) -> list[int]:
@@ -184,8 +119,11 @@ def _refusal(request: dict, token: str, identity: dict[str, str], fds: list[int]
     return None
 
 
-def _child(job: _Job, request: dict, others: list[socket.socket], main, warm_pid: int) -> None:
-    """In the forked child: become the job's process and run its command; never returns."""
+def _child(
+    job: _Job, request: dict, others: list[socket.socket], main, warm_pid: int, mask: set[int] | None = None
+) -> None:
+    """In the forked child: become the job's process and run its command; never returns. `mask`:
+    the signal mask to restore once the job's dispositions are in place (signals held until then)."""
     code = 1
     try:
         import ctypes
@@ -200,6 +138,8 @@ def _child(job: _Job, request: dict, others: list[socket.socket], main, warm_pid
             os.dup2(fd, target)
             os.close(fd)
         _dispositions(set(request.get("ignored", [])))
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
@@ -225,6 +165,7 @@ def _child(job: _Job, request: dict, others: list[socket.socket], main, warm_pid
         try:
             import atexit
 
+            _skip_library_teardown()
             atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
@@ -235,8 +176,17 @@ def _child(job: _Job, request: dict, others: list[socket.socket], main, warm_pid
             os._exit(code or 0)
 
 
-def _catchable() -> list[signal.Signals]:
-    return sorted(set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}, key=int)
+def _skip_library_teardown() -> None:
+    """Leave out, of the exit handlers a job's process runs, torch's unregistering of its operator
+    libraries: over a hundred finalizers that tidy the dispatcher of a process about to end, which
+    were a third of a small served command's time (about 27 ms). A cold process runs them."""
+    import weakref
+
+    torch_library = sys.modules.get("torch.library")
+    teardown = getattr(torch_library, "_del_library", None)
+    for fin in list(getattr(weakref.finalize, "_registry", {})):  # private: absent, nothing is skipped
+        if teardown is not None and fin.peek() is not None and fin.peek()[1] is teardown:
+            fin.atexit = False
 
 
 def _dispositions(ignored: set[int]) -> None:
@@ -244,7 +194,7 @@ def _dispositions(ignored: set[int]) -> None:
     what that process ignored stays ignored (a head job ignores Slurm's time-limit warning, for
     one), the rest default, and Python's own: Ctrl-C raises, SIGPIPE and SIGXFSZ are ignored."""
     signal.set_wakeup_fd(-1)
-    for signum in _catchable():
+    for signum in catchable():
         if signum in (signal.SIGPIPE, signal.SIGXFSZ):
             continue
         with contextlib.suppress(OSError, ValueError):  # some real-time signals are glibc's own
@@ -316,7 +266,7 @@ _GONE = (OSError, ValueError, KeyError)
 class _Server:
     """The warm process's loop: accept jobs, fork their children, pass signals on, report exits."""
 
-    def __init__(self, name: str, token: str, log_path: str | None, main):
+    def __init__(self, name: str, token: str, log_path: str | None, main, warmups=()):
         self.token, self.main, self.parent = token, main, os.getppid()
         self.log = open(log_path, "a", buffering=1) if log_path else sys.stderr  # noqa: SIM115
         t0 = time.monotonic()
@@ -325,8 +275,8 @@ class _Server:
         self.leaving: list[int] = []
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, lambda signum, _frame: self.leaving.append(signum))
-        _preload()
-        self.identity = _identity()
+        _preload(warmups)
+        self.identity = identity()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind("\0" + name)
         self.listener.listen(64)
@@ -390,7 +340,7 @@ class _Server:
         if why:
             self.note(f"refused `fedhpc {' '.join(request.get('argv', [])[1:])}`: {why}")
             with contextlib.suppress(*_GONE):
-                _send(job.sock, {"refuse": why})
+                send(job.sock, {"refuse": why})
         else:
             self.fork(job, request)
         for fd in job.fds:
@@ -402,16 +352,21 @@ class _Server:
         sys.stdout.flush()
         sys.stderr.flush()
         warm_pid = os.getpid()
+        # The job's process passes a signal on as soon as it has the child's pid, and the whole step
+        # gets Slurm's warnings; until the child has the job's dispositions it has this process's
+        # (SIGTERM only noted, SIGUSR1 fatal, SIGINT ignored). Held back, they reach it after.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
         pid = os.fork()
         if pid == 0:
             os.close(self.wake_r)
             os.close(signal.set_wakeup_fd(-1))  # the write end: only the parent's signals wake it
-            _child(job, request, [self.listener, *self.conns], self.main, warm_pid)
+            _child(job, request, [self.listener, *self.conns], self.main, warm_pid, mask)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         job.pid = pid
         self.running[pid] = job
         self.note(f"pid {pid}: fedhpc {' '.join(request['argv'][1:])}")
         with contextlib.suppress(*_GONE):
-            _send(job.sock, {"pid": pid})
+            send(job.sock, {"pid": pid})
 
     def message(self, job: _Job) -> None:
         """A signal the job's process passes on, or its end: then the command is killed too."""
@@ -437,13 +392,13 @@ class _Server:
             if job.sock in self.conns:
                 with contextlib.suppress(*_GONE):
                     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
-                    _send(job.sock, {"signal": sig} if sig else {"exit": os.waitstatus_to_exitcode(status)})
+                    send(job.sock, {"signal": sig} if sig else {"exit": os.waitstatus_to_exitcode(status)})
                 self.close(job)
 
 
-def serve(name: str, token: str, log_path: str | None, main) -> None:
-    """Import, then fork a child per job until the process that started this one is gone."""
-    _Server(name, token, log_path, main).loop()
+def serve(name: str, token: str, log_path: str | None, main, warmups=()) -> None:
+    """Import and build (`warmups`), then fork a child per job until the process that started this one is gone."""
+    _Server(name, token, log_path, main, warmups).loop()
 
 
 # --- started by `fedhpc run` ---------------------------------------------------------------

@@ -6,6 +6,7 @@ passes them in as a `TaskCheck`: the config layer imports no task."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -59,8 +60,15 @@ def _type_schema(tp: Any) -> dict[str, Any]:
     return {bool: {"type": "boolean"}, int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"}}[tp]
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    # Resolving the annotations (strings, under `from __future__ import annotations`) was a fifth of
+    # a small job's config check, once per dataclass per job.
+    return typing.get_type_hints(cls)
+
+
 def dataclass_schema(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     props, required = {}, []
     for f in dataclasses.fields(cls):
         sub = _type_schema(hints[f.name])
@@ -130,7 +138,7 @@ def from_mapping(cls: type, data: dict[str, Any]) -> Any:
 
 
 def _build(cls: type, data: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
@@ -353,6 +361,14 @@ def _not_plain(value: Any, path: tuple) -> tuple[tuple, str] | None:
     return None
 
 
+@functools.cache
+def config_validator(schema_text: str | None = None) -> jsonschema.Draft202012Validator:
+    """The validator of a schema's text (None: the dataclasses'), built once per process: building
+    it was as much of a job's config check as the checking (the warm process builds it for all its
+    jobs; see `fedhpc.cli.warm`)."""
+    return jsonschema.Draft202012Validator(json.loads(schema_text) if schema_text is not None else config_schema())
+
+
 def check_config(
     raw: Any, origin: str = "config", schema_file: str | Path | None = None, task_check: TaskCheck | None = None
 ) -> Config:
@@ -366,8 +382,7 @@ def check_config(
         raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
     if bad := _not_plain(raw, ()):
         raise ConfigError(f"{origin}: invalid configuration:\n  - {_dotted(bad[0])}: {bad[1]}")
-    schema = json.loads(Path(schema_file).read_text()) if schema_file else config_schema()
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = config_validator(Path(schema_file).read_text() if schema_file else None)
     errors = sorted(validator.iter_errors(raw), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
         raise ConfigError(f"{origin}: invalid configuration:\n" + describe_errors(errors))
