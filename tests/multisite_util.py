@@ -136,6 +136,26 @@ def fault_shim(directory: Path, rules: str) -> Path:
     return directory
 
 
+def slow_steps(directory: Path, seconds: float) -> Path:
+    """A `fedhpc` first on PATH whose `train` spends at least `seconds` on each optimizer step (a
+    sitecustomize hook): a test that acts on a job in the middle of its training has a window of
+    steps x seconds whatever the machine's or the code's speed. (PYTHONPATH differs, so the job
+    runs cold, not in the warm process.)"""
+    site = directory / "slow-steps"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import time\n"
+        "try:\n"
+        "    from torch.optim.optimizer import register_optimizer_step_post_hook\n"
+        "except Exception as exc:  # loud: a test relying on the window would race again\n"
+        "    raise SystemExit(f'slow_steps: cannot slow training down: {exc}')\n"
+        f"register_optimizer_step_post_hook(lambda *_: time.sleep({seconds}))\n"
+    )
+    return fault_shim(
+        directory, f'if [[ "$1" == train ]]; then export PYTHONPATH={site}${{PYTHONPATH:+:$PYTHONPATH}}; fi'
+    )
+
+
 def env_with(path_first: Path | None = None, **extra: str) -> dict[str, str]:
     e = env()
     if path_first is not None:

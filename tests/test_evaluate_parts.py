@@ -80,8 +80,8 @@ def test_each_holder_scores_only_its_own_splits_and_the_merge_waits_for_missing_
     # a100 holds clinical but never scores it: the merge waits until the deadline, then judges
     # on what came and says who is missing.
     cfg.evaluation.deadline_minutes = 0.02
-    os.utime(model)  # the deadline counts from when the model was written
     t0 = time.time()
+    os.utime(model)  # the deadline counts from when the model was written
     res = gather_parts(cfg, layout, trust, 0, "global", model, poll_seconds=0.05)
     assert time.time() - t0 >= 1.0
     assert sorted(res["domains"]) == ["law", "web"] and res["missing"] == ["a100"]

@@ -48,7 +48,12 @@ def test_without_quorum_wait_mode_keeps_waiting_past_the_deadline_until_quorum(t
     result = {}
     t = threading.Thread(target=lambda: result.update(gather(cfg, b.layout, b.trust, b.r, poll_seconds=0.05, now=1e12)))
     t.start()
-    time.sleep(1.0)
+    # Once it has said it waits for quorum (however long a busy machine took to get there) ...
+    deadline = time.time() + 30
+    while "round.waiting_for_quorum" not in [e["event"] for e in AuditLog(b.layout.audit).events()]:
+        assert time.time() < deadline and t.is_alive(), "gather never said it waits for quorum"
+        time.sleep(0.05)
+    time.sleep(0.3)  # ... and looked again a few times
     assert t.is_alive() and not b.layout.arrivals(b.r).exists()  # past the deadline, still waiting
     b.publish("c")
     t.join(timeout=30)

@@ -33,6 +33,7 @@ from .multisite_util import (
     run_all,
     running,
     side_config,
+    slow_steps,
     start,
     wait,
     wait_for,
@@ -53,14 +54,15 @@ def test_a_federation_over_an_s3_hub_with_a_site_killed_and_a_site_joining_betwe
     and every side reruns its command."""
     cfg = tiny_config(tmp_path, rounds=1)
     laptop = cfg["sites"].pop("laptop")
-    cfg["sites"]["lumi"]["batch_tokens"] = 128  # enough steps to be killed in the middle of them
+    cfg["sites"]["lumi"]["batch_tokens"] = 128  # many steps, each made to take 30 ms: killed in the middle of them
     hub_url = f"s3://federation/{tmp_path.name}"
     exchange = {"kind": "s3", "hub": hub_url, "s3_endpoint": s3_hub, "poll_seconds": 1}
     coord, sides = prepare(tmp_path, side_config(cfg, exchange), ["lumi", "a100"])
     hub = coord / RUN
     with running() as procs:
         procs["coordinator"] = start(coord, "--role", "coordinator")
-        procs.update({s: start(side, "--site", s) for s, side in sides.items()})
+        slow = env_with(slow_steps(tmp_path / "shim-lumi", 0.03))
+        procs.update({s: start(side, "--site", s, environ=slow if s == "lumi" else None) for s, side in sides.items()})
         # Fault: lumi's whole side (Snakemake and its training job) is SIGKILLed mid-round,
         # once its training has logged progress; rerunning the same command resumes it.
         metrics = sides["lumi"] / RUN / "rounds/r0000/sites/lumi/metrics.jsonl"
@@ -213,7 +215,7 @@ def test_two_slurm_clusters_a_late_site_a_requeued_job_a_coordinator_killed_whil
     cfg["rounds"].update(deadline_minutes=1.5, quorum=0.5)
     cfg["evaluation"]["deadline_minutes"] = 1.0
     cfg["strategy"] = {"name": "fedavg", "server_lr": 40.0}
-    cfg["sites"]["lumi"]["batch_tokens"] = 128  # enough steps for its job to be requeued in the middle
+    cfg["sites"]["lumi"]["batch_tokens"] = 128  # many steps, each made to take 30 ms: requeued in the middle
     coord, sides = prepare(tmp_path, side_config(cfg, sshd_hub.exchange_config(tmp_path / "coordinator" / RUN)), sites)
     hub = coord / RUN
     hung = tmp_path / "aggregate-r0001-hung"
@@ -252,7 +254,8 @@ def test_two_slurm_clusters_a_late_site_a_requeued_job_a_coordinator_killed_whil
     a100_env = env_with(shims, SLURM_CONF=str(slurm_b.conf))
     with running() as procs:
         procs["coordinator"] = start(coord, "--role", "coordinator", environ=coord_env)
-        procs["lumi"] = start(sides["lumi"], "--site", "lumi", profile="ci-slurm", environ=env_with(**slurm.env()))
+        lumi_env = env_with(slow_steps(tmp_path / "shim-lumi", 0.03), **slurm.env())
+        procs["lumi"] = start(sides["lumi"], "--site", "lumi", profile="ci-slurm", environ=lumi_env)
         procs["a100"] = start(sides["a100"], "--site", "a100", profile="ci-slurm", environ=a100_env)
         # Fault: the node under lumi's round-1 training job "fails": Slurm requeues the job
         # (what slurm-requeue asks for), and it trains again.

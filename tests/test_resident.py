@@ -265,18 +265,18 @@ def test_a_worker_that_died_leaves_the_failure_record_of_the_round_it_was_on(boa
 @pytest.mark.e2e
 def test_resident_jobs_end_for_time_are_followed_and_a_killed_federation_resumes_without_training_twice(tmp_path):
     # Every site resident (a mix of modes is tested through Slurm and through a hub). lumi's margin is
-    # its whole 1-minute allocation: each of its jobs trains the one round it waits for regardless and
-    # ends for time, however fast a round is (with a 0.9-minute margin, 6 s of room, a warm-served job
-    # trained two rounds), and the workflow starts the next where each stopped. The laptop's and a100's
-    # one job would train every round; the whole federation is SIGKILLed once the laptop trained round 1,
-    # and rerun.
-    cfg = _config(tmp_path, 3, resident_margin_minutes=1)
+    # its whole 5-minute allocation: each of its jobs trains the one round it waits for regardless and
+    # ends for time, however fast a round is (with a 0.9-minute margin of a 1-minute allocation, 6 s of
+    # room, a warm-served job trained two rounds), and the workflow starts the next where each stopped.
+    # The laptop's and a100's one job trains every round, with 5 minutes for it; the whole federation
+    # is SIGKILLed once the laptop trained round 1, and rerun.
+    cfg = _config(tmp_path, 3, resident_margin_minutes=5)
     cfg["sites"]["laptop"]["resident_margin_minutes"] = 0
     cfg["sites"]["a100"].update(resident=True, resident_margin_minutes=0)
     write_config(tmp_path, cfg)
     run = Path(cfg["output_dir"]) / cfg["run"]
     layout = RunLayout.of(run)
-    limit = ("--set-resources", "resident:runtime=1")
+    limit = ("--set-resources", "resident:runtime=5")
     kill_when(tmp_path, status_path(layout, 1, "laptop"), *limit)
     assert not layout.resident(0, "laptop").exists()
     run_workflow(tmp_path, *limit)

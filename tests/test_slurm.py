@@ -22,12 +22,12 @@ def test_federation_runs_through_slurm_with_ddp_and_deepspeed_sites(slurm, tmp_p
     cfg = tiny_config(tmp_path, run="slurm", rounds=2)
     cfg["sites"]["a100"].update(ranks_per_node=2, engine="ddp")
     # The DeepSpeed site is resident: one Slurm job trains its rounds in turn. Its margin is its whole
-    # 1-minute limit, so its first job has no room for round 1, however fast a round is, and ends; the
-    # workflow submits the next.
-    cfg["sites"]["laptop"].update(engine="deepspeed", zero_stage=1, resident=True, resident_margin_minutes=1)
+    # 5-minute limit, so its first job has no room for round 1, however fast a round is, and ends well
+    # before Slurm would stop it; the workflow submits the next.
+    cfg["sites"]["laptop"].update(engine="deepspeed", zero_stage=1, resident=True, resident_margin_minutes=5)
     cfg["sites"]["lumi"].update(ranks_per_node=2, engine="fsdp")
     write_config(tmp_path, cfg)
-    run_workflow(tmp_path, "--profile", str(REPO / "profiles" / "ci-slurm"), "--set-resources", "resident:runtime=1")
+    run_workflow(tmp_path, "--profile", str(REPO / "profiles" / "ci-slurm"), "--set-resources", "resident:runtime=5")
     run = Path(cfg["output_dir"]) / "slurm"
 
     s = summary(tmp_path, cfg)

@@ -16,6 +16,7 @@ from pathlib import Path
 from fedhpc.core.files import write_json
 from fedhpc.core.layout import RunLayout
 from fedhpc.ops.run import ProgressLines, run
+from fedhpc.stages import progress
 from fedhpc.stages.failures import failure_path
 from fedhpc.stages.progress import compact_line, span
 from fedhpc.stages.status import format_status, snapshot
@@ -265,7 +266,9 @@ def test_watch_refreshes_and_exits_when_the_run_is_done(tmp_path):
         first = _read_block(proc)
         assert first[-1].startswith("federation: 3 of 4 rounds done; ETA 2 min 00 s")
         b.train(3, "a100", start + 5, (60, 120, 5000.0, time.time()))
-        assert any("a100    training 60/120" in x for x in _read_block(proc) + _read_block(proc))
+        deadline = time.time() + 30  # blocks printed before the step was written may still be in the pipe
+        while not any("a100    training 60/120" in x for x in _read_block(proc)):
+            assert time.time() < deadline, "the watch never showed a100's step"
         b.publish(3, "a100", 120, 5000.0, start + 200)
         b.publish(3, "laptop", 120, 5000.0, start + 200)
         b.close(3)
@@ -319,26 +322,45 @@ FAKE_SNAKEMAKE = """#!{python}
 import json, sys, time
 from pathlib import Path
 run = Path(sys.argv[sys.argv.index("--directory") + 1]) / "results" / "tiny"
-time.sleep(1.0)
+
+def printed(state):  # the head has printed a progress line of this state (or 30 s passed)
+    deadline = time.time() + 30
+    while not (Path({marks!r}) / state).exists() and time.time() < deadline:
+        time.sleep(0.05)
+
+printed("training")
 (run / "rounds/r0001/global").mkdir(parents=True)
 (run / "rounds/r0001/global/model.json").write_text(json.dumps({{"source": "aggregate"}}))
 (run / "rounds/r0001/global/eval.json").write_text(json.dumps({{"loss": 2.5}}))
 with open(run / "audit.jsonl", "a") as fh:
     fh.write(json.dumps({{"time": time.time(), "event": "global.published", "round": 1, "from_round": 0}}) + "\\n")
-time.sleep(1.0)
+printed("done")
 sys.exit(3)
 """
 
 
 def test_fedhpc_run_prints_progress_while_snakemake_runs(tmp_path, monkeypatch, capsys):
-    """`fedhpc run` with a stand-in Snakemake that ends round 0 a second after it starts."""
+    """`fedhpc run` with a stand-in Snakemake that ends round 0 once the head printed that it trains,
+    and exits once the head printed that it is done."""
     cfg = tiny_config(tmp_path, rounds=2)
     write_config(tmp_path, cfg)
     b = Board(Path(cfg["output_dir"]) / cfg["run"], rounds=2)
     b.plan(0, time.time())
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    (bindir / "snakemake").write_text(FAKE_SNAKEMAKE.format(python=sys.executable))
+    marks = tmp_path / "printed"
+    marks.mkdir()
+    real = progress.compact_line
+
+    def marked(rows, fed, now):
+        line = real(rows, fed, now)
+        for state in ("training", "done"):
+            if line.startswith(f"fedhpc: round 0/2 {state}"):
+                (marks / state).touch()
+        return line
+
+    monkeypatch.setattr(progress, "compact_line", marked)
+    (bindir / "snakemake").write_text(FAKE_SNAKEMAKE.format(python=sys.executable, marks=str(marks)))
     (bindir / "snakemake").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -242,25 +242,38 @@ def test_a_second_job_of_a_site_round_drops_its_update_when_the_first_published(
 def test_the_publish_lock_makes_a_second_holder_wait(tmp_path):
     import subprocess
     import sys
+    import threading
     import time
 
     from fedhpc.core.files import exclusive_lock
 
     lock = tmp_path / "locks" / "publish.lock"
+    # The holder keeps the lock until told to let go, so the wait does not depend on timing.
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, time; from fedhpc.core.files import exclusive_lock\n"
+            "import sys; from fedhpc.core.files import exclusive_lock\n"
             f"with exclusive_lock({str(lock)!r}) as held:\n"
-            "    print(held, flush=True); time.sleep(1.5)",
+            "    print(held, flush=True); sys.stdin.readline()",
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     assert holder.stdout.readline().strip() == "True"
-    t0 = time.monotonic()
-    with exclusive_lock(lock) as held:
-        waited = time.monotonic() - t0
+    got: list[bool] = []
+
+    def second() -> None:
+        with exclusive_lock(lock) as held:
+            got.append(held)
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive() and got == [], "the second holder did not wait"
+    holder.stdin.write("\n")
+    holder.stdin.close()
     holder.wait(timeout=10)
-    assert held and waited > 0.8, waited
+    waiter.join(timeout=10)
+    assert got == [True]
