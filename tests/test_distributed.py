@@ -109,7 +109,10 @@ import json, os, torch
 from fedhpc.training import distributed
 world = distributed.detect()
 distributed.init(world, torch.device("cpu"))
-out = {"launcher": world.launcher, "master": os.environ["MASTER_ADDR"], "sum": distributed.all_sum([1.0], world)}
+# Asked again once the group exists (a resident job's later rounds): srun's ranks, exported for torch.
+again = distributed.detect()
+out = {"launcher": world.launcher, "master": os.environ["MASTER_ADDR"], "sum": distributed.all_sum([1.0], world),
+       "again": [again.launcher, again.rank == world.rank, again.size]}
 distributed.barrier(world)
 distributed.shutdown()  # a process group left to interpreter exit can abort it ("terminate called ...")
 print(json.dumps(out))
@@ -126,6 +129,7 @@ def test_srun_ranks_in_a_container_find_their_master_in_the_step_node_list():
         PATH=str(Path(sys.executable).parent),  # no scontrol on it, as in a container
     )
     assert [(a["launcher"], a["master"], a["sum"]) for a in answers] == [("slurm", "127.0.0.1", [2.0])] * 2
+    assert [a["again"] for a in answers] == [["slurm", True, 2]] * 2
 
 
 # NCCL is not in this CPU build of torch. What matters is that NCCL serves device tensors only:

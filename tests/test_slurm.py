@@ -25,7 +25,9 @@ def test_federation_runs_through_slurm_with_ddp_and_deepspeed_sites(slurm, tmp_p
     # 5-minute limit, so its first job has no room for round 1, however fast a round is, and ends well
     # before Slurm would stop it; the workflow submits the next.
     cfg["sites"]["laptop"].update(engine="deepspeed", zero_stage=1, resident=True, resident_margin_minutes=5)
-    cfg["sites"]["lumi"].update(ranks_per_node=2, engine="fsdp")
+    # The FSDP site of two ranks is resident too, with no margin: one job (srun starts both ranks)
+    # keeps its process group from round to round and scores each candidate on lumi's held-out data.
+    cfg["sites"]["lumi"].update(ranks_per_node=2, engine="fsdp", resident=True, resident_margin_minutes=0)
     write_config(tmp_path, cfg)
     run_workflow(tmp_path, "--profile", str(REPO / "profiles" / "ci-slurm"), "--set-resources", "resident:runtime=5")
     run = Path(cfg["output_dir"]) / "slurm"
@@ -40,7 +42,7 @@ def test_federation_runs_through_slurm_with_ddp_and_deepspeed_sites(slurm, tmp_p
         }
         for site, rec in receipts.items():
             assert rec["slurm_job_id"], f"{r}/{site} did not run as a Slurm job"
-            if site != "laptop":
+            if site == "a100":
                 jobs.append(rec["slurm_job_id"])
         # Two ranks started by srun inside the site's job, synchronised by DDP over gloo.
         assert (receipts["a100"]["ranks"], receipts["a100"]["launcher"], receipts["a100"]["engine"]) == (
@@ -69,6 +71,19 @@ def test_federation_runs_through_slurm_with_ddp_and_deepspeed_sites(slurm, tmp_p
     ]
     assert trained_in == resident_jobs and len(set(resident_jobs)) == 2
     jobs += resident_jobs
+    # lumi's one job trained both rounds with its two ranks and scored both candidates.
+    lumi = json.loads((run / "rounds" / "r0000" / "sites" / "lumi" / "resident.json").read_text())
+    assert (lumi["reason"], lumi["next_round"], lumi["rounds"]) == ("done", 2, [0, 1])
+    assert [(w["round"], w["work"]) for w in lumi["work"] if w["work"] == "score candidate"] == [
+        (0, "score candidate"),
+        (1, "score candidate"),
+    ]
+    lumi_trained_in = {
+        json.loads((run / "rounds" / r / "sites" / "lumi" / "receipt.json").read_text())["slurm_job_id"]
+        for r in ("r0000", "r0001")
+    }
+    assert lumi_trained_in == {lumi["slurm_job_id"]}
+    jobs.append(lumi["slurm_job_id"])
     assert len(set(jobs)) == len(jobs), "every other site-round and aggregation is its own job"
     assert {job_state(j) for j in jobs} == {"COMPLETED"}
     # The DeepSpeed config was written from our settings, at the site.

@@ -113,12 +113,18 @@ def first_host(nodelist: str, variable: str) -> str:
 
 def detect() -> World:
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
     # Inside an srun step (a batch script alone has no SLURM_STEP_ID of a task step).
-    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return World(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), "slurm")
-    return World()
+    srun = "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1
+    slurm = World(
+        int(env.get("SLURM_PROCID", 0)), int(env.get("SLURM_NTASKS", 1)), int(env.get("SLURM_LOCALID", 0)), "slurm"
+    )
+    if "RANK" in env and "WORLD_SIZE" in env:
+        # `init` exports srun's ranks as torch's variables (DeepSpeed reads them): they are still
+        # srun's, as a resident job's later rounds and the signed receipts must say.
+        if srun and (int(env["RANK"]), int(env["WORLD_SIZE"])) == (slurm.rank, slurm.size):
+            return slurm
+        return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
+    return slurm if srun else World()
 
 
 def backend(device: torch.device) -> str:
