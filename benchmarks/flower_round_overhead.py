@@ -5,11 +5,13 @@ Usage: python benchmarks/flower_round_overhead.py [--rounds 20] [--clients 3]
 Runs in its own venv with torch and flwr[simulation] (Ray), not .venv, and imports nothing from
 fedhpc. A federation of `--clients` clients, each training a 1-layer GPT (d_model 32, 2 heads,
 seq_len 32, vocab 512) for 15 AdamW steps of 16 random sequences a round, FedAvg over all clients
-every round, for `--rounds` rounds, with flwr.simulation.run_simulation on the Ray backend, one
-CPU per client. Same definitions as round_overhead.py: a round's wall time is the time from one
-round's aggregation to the next (taken on the server); its training time is the longest of the
-clients' training loops that round (perf_counter around the optimizer steps alone, returned in
-the train metrics); the overhead is the difference. Medians over the rounds after the first.
+every round, each new global model scored on held-out data by two clients and the server (1024
+tokens each, as round_overhead.py's federation scores each candidate) and gated on its loss, for
+`--rounds` rounds, with flwr.simulation.run_simulation on the Ray backend, one CPU per client.
+Same definitions as round_overhead.py: a round's wall time is the time from one round's
+aggregation to the next (taken on the server); its training time is the longest of the clients'
+training loops that round (perf_counter around the optimizer steps alone, returned in the train
+metrics); the overhead is the difference. Medians over the rounds after the first.
 Prints a JSON object on the last line.
 """
 
@@ -38,6 +40,10 @@ from torch import nn  # noqa: E402
 
 VOCAB, SEQ, D_MODEL, HEADS = 512, 32, 32, 2
 STEPS, BATCH, LR = 15, 16, 0.01
+# Held-out scoring as round_overhead.py's federation does it each round (evaluation.tokens_per_domain
+# 1024, batches of 16): two of the clients score the new global on their own held-out split, the
+# server on a shared one, and the round is gated on the loss.
+EVAL_TOKENS, EVAL_BATCH, EVAL_CLIENTS = 1024, 16, 2
 
 
 class TinyGPT(nn.Module):
@@ -64,6 +70,25 @@ class TinyGPT(nn.Module):
 
 
 client = ClientApp()
+
+
+def held_out_loss(model: TinyGPT, seed: int) -> float:
+    """The mean loss on one holder's held-out split: EVAL_TOKENS tokens, the same every round."""
+    data = torch.randint(0, VOCAB, (EVAL_TOKENS // SEQ, SEQ + 1), generator=torch.Generator().manual_seed(seed))
+    model.eval()
+    with torch.no_grad():
+        losses = [model(batch[:, :-1], batch[:, 1:]).item() for batch in data.split(EVAL_BATCH)]
+    return sum(losses) / len(losses)
+
+
+@client.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    torch.set_num_threads(1)
+    model = TinyGPT()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    loss = held_out_loss(model, seed=int(context.node_id) % 1000)
+    metrics = MetricRecord({"loss": loss, "num-examples": EVAL_TOKENS // SEQ})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 @client.train()
@@ -109,19 +134,34 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--clients", type=int, default=3)
     a = ap.parse_args()
-    # Client evaluation is off: round_overhead.py's round has no per-site evaluation step either.
     strategy = TimedFedAvg(
         fraction_train=1.0,
-        fraction_evaluate=0.0,
+        fraction_evaluate=EVAL_CLIENTS / a.clients,
         min_train_nodes=a.clients,
+        min_evaluate_nodes=EVAL_CLIENTS,
         min_available_nodes=a.clients,
     )
+    losses: list[float] = []
+
+    def server_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model = TinyGPT()
+        model.load_state_dict(arrays.to_torch_state_dict())
+        losses.append(held_out_loss(model, seed=999))
+        # The gate: a round whose loss regresses by over 25% would be rolled back.
+        regressed = len(losses) > 1 and losses[-1] > 1.25 * losses[-2]
+        return MetricRecord({"loss": losses[-1], "regressed": int(regressed)})
+
     server = ServerApp()
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
         torch.manual_seed(0)
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(TinyGPT().state_dict()), num_rounds=a.rounds)
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(TinyGPT().state_dict()),
+            num_rounds=a.rounds,
+            evaluate_fn=server_evaluate,
+        )
 
     run_simulation(
         server_app=server,

@@ -14,8 +14,10 @@ starts, imports, model loads, waiting and the coordinator's stages. Also prints 
 jobs took (Snakemake's benchmark files, where a rule keeps them). With `--flower-python` (a venv
 with torch and flwr[simulation]), runs benchmarks/flower_round_overhead.py there for the same
 rounds and sites, a simulation of the same work in one process, measured the same way. Medians
-over the rounds after the first (over repeats: the median of the runs' medians). Prints a JSON
-object on the last line.
+over the rounds after the first (over repeats: the median of the runs' medians). Last, Snakemake's
+own floor: what a job costs it with no work at all (a chain of jobs that each touch their output,
+on the same profile's executor, less the same run with one job), times the coordinator's jobs in a
+resident round. Prints a JSON object on the last line.
 """
 
 from __future__ import annotations
@@ -44,6 +46,40 @@ def promotions(run: Path) -> dict[int, float]:
         for e in events(run)
         if e["event"] in ("global.published", "round.rolled_back") and "from_round" in e
     }
+
+
+PHASES = (  # (name, the event a phase ends with); each starts where the one before ended
+    ("promotion to plan", "round.planned"),
+    ("plan to the first site training", "train.started"),
+    ("the sites' training", "update.published"),
+    ("the last update to gather", "round.gathered"),
+    ("verify", "update.verdict"),
+    ("aggregate", "round.aggregated"),
+    ("scoring, merge and promotion", "global.published"),
+)
+
+
+def phases(run: Path) -> dict[str, float]:
+    """Median seconds of each phase of a round (rounds 1 on), by the audit log: a phase ends at its
+    event's first instance in the round (the last, for the sites' training and verify)."""
+    per: dict[str, list[float]] = defaultdict(list)
+    evs = events(run)
+    starts = promotions(run)
+    for r in sorted(starts):
+        if r - 1 not in starts:
+            continue
+        t = starts[r - 1]  # round r's global model is out
+        for name, event in PHASES:
+            if event == "global.published":
+                at = starts[r]
+            else:
+                times = [e["time"] for e in evs if e["event"] == event and e.get("round") == r]
+                if not times:
+                    break
+                at = max(times) if event in ("update.published", "update.verdict") else min(times)
+            per[name].append(at - t)
+            t = at
+    return {name: statistics.median(v) for name, v in per.items()}
 
 
 def training_seconds(run: Path, r: int) -> float:
@@ -83,8 +119,50 @@ def federation(tmp: Path, rounds: int, resident: bool, cold: bool) -> dict:
         "training_seconds_median": statistics.median(trains),
         "overhead_seconds_median": statistics.median(w - t for w, t in zip(walls, trains)),
         "rule_seconds_median": rule_seconds(run),
+        "phase_seconds_median": phases(run),
         "sites": len(cfg["sites"]),
     }
+
+
+# The coordinator's jobs in a round of resident sites, one after another: plan, gather, verify,
+# aggregate, evaluate_shared, merge_eval, promote.
+COORDINATOR_JOBS = 7
+
+CHAIN = """
+rule all:
+    input: f"out/{N}.txt"
+rule first:
+    output: "out/0.txt"
+    shell: "touch {output}"
+rule step:
+    input: lambda w: f"out/{int(w.i) - 1}.txt"
+    output: "out/{i}.txt"
+    wildcard_constraints: i="[1-9][0-9]*"
+    shell: "touch {output}"
+"""
+
+
+def snakemake_floor(tmp: Path, jobs: int = 41, repeats: int = 3) -> float:
+    """Seconds Snakemake spends on a job that does nothing (median of `repeats` chains of `jobs`)."""
+    snakemake = Path(sys.executable).parent / "snakemake"
+
+    def chain(n: int) -> float:
+        d = tmp / f"chain-{n}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "Snakefile").write_text(f"N = {n - 1}\n" + CHAIN)
+        t0 = time.perf_counter()
+        subprocess.run(
+            [str(snakemake), "-c1", "-q", "--executor", "local", "-d", str(d), "-s", str(d / "Snakefile")],
+            check=True,
+            capture_output=True,
+            env=env(),
+        )
+        took = time.perf_counter() - t0
+        subprocess.run(["rm", "-rf", str(d)], check=True)
+        return took
+
+    per_job = [(chain(jobs) - chain(1)) / (jobs - 1) for _ in range(repeats)]
+    return statistics.median(per_job)
 
 
 def flower(python: str, rounds: int, clients: int) -> dict:
@@ -129,6 +207,8 @@ def main() -> None:
         if a.flower_python:
             runs["flower"].append(flower(a.flower_python, a.rounds, runs["resident"][-1]["sites"]))
     result = {name: median_of(r) for name, r in runs.items() if r}
+    with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
+        floor = snakemake_floor(Path(tmp))
     sites = runs["resident"][-1]["sites"]
     print(
         f"{a.rounds} rounds x {sites} sites, local profile, medians of rounds 1-{a.rounds - 1}, {a.repeats} run(s) each:"
@@ -150,10 +230,28 @@ def main() -> None:
     if "flower" in result:
         fl = result["flower"]
         print(f"  resident overhead / Flower's: {res['overhead_seconds_median'] / fl['overhead_seconds_median']:.1f}")
+    coordinator = COORDINATOR_JOBS * floor
+    print(
+        f"  Snakemake's floor: {floor:.3f} s a job that does nothing; x {COORDINATOR_JOBS} coordinator jobs a resident"
+        f" round = {coordinator:.2f} s"
+        + (
+            f" = {coordinator / result['flower']['overhead_seconds_median']:.1f}x Flower's overhead"
+            if "flower" in result
+            else ""
+        )
+    )
+    where = runs["resident"][-1]["phase_seconds_median"]
+    print(
+        "  a resident round, warm, by the audit log (median): " + ", ".join(f"{k} {v:.2f} s" for k, v in where.items())
+    )
     for name in modes:
         rules = runs[name][-1]["rule_seconds_median"]
         print(f"  job wall time by rule, {name} (median): " + ", ".join(f"{k} {v:.2f} s" for k, v in rules.items()))
-    print(json.dumps({"rounds": a.rounds, "sites": sites, "repeats": a.repeats, **result}))
+    print(
+        json.dumps(
+            {"rounds": a.rounds, "sites": sites, "repeats": a.repeats, **result, "snakemake_seconds_per_job": floor}
+        )
+    )
 
 
 if __name__ == "__main__":
