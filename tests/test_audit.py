@@ -143,6 +143,27 @@ def test_a_ledger_torn_in_its_first_line_is_repaired(tmp_path):
     assert verify_ledger(path).ok and verify_ledger(path).lines == 2
 
 
+def test_an_append_reads_the_end_of_the_ledger_not_all_of_it(ledger, tmp_path):
+    """Every stage appends; a run of hundreds of rounds must not read its whole ledger each time.
+    Here the ledger's lines follow a 64 GiB hole (sparse: no disk), more than this machine's memory:
+    an append that read the whole file could not even hold it."""
+    long_run = tmp_path / "long" / "audit.jsonl"
+    long_run.parent.mkdir()
+    hole = 64 << 30
+    with open(long_run, "wb") as fh:
+        fh.truncate(hole)
+        fh.seek(hole)
+        fh.write(ledger.read_bytes() + b'{"seq": 8, "torn')  # and a crash tore the last write
+    repaired = AuditLog(long_run).append("after.crash")
+    last = lines(ledger)[-1]
+    with open(long_run, "rb") as fh:
+        fh.seek(hole)
+        tail = [json.loads(x) for x in fh.read().splitlines()]
+    assert [e["event"] for e in tail[N:]] == ["ledger.repaired", "after.crash"]
+    assert tail[N]["prev"] == json.loads(last)["hash"] and tail[N]["seq"] == N
+    assert repaired == tail[-1] and repaired["seq"] == N + 1 and repaired["prev"] == tail[N]["hash"]
+
+
 def _append_many(path: str, who: int, n: int, barrier) -> None:
     barrier.wait()  # everyone starts together, so appends really interleave
     log = AuditLog(path)

@@ -39,17 +39,40 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# How much of the ledger's end an append reads at a time, looking for its last complete line.
+TAIL_CHUNK = 64 * 1024
+
+
+def _last_line(path: Path) -> tuple[bytes | None, int]:
+    """(the last complete line, None if there is none; the byte length of the complete part).
+    Reads the file from its end: every stage appends, and a run of hundreds of rounds would
+    otherwise read its whole, ever longer ledger on each append."""
+    with open(path, "rb") as fh:
+        pos = fh.seek(0, os.SEEK_END)
+        tail = b""
+        while pos > 0:
+            step = min(TAIL_CHUNK, pos)
+            pos -= step
+            fh.seek(pos)
+            tail = fh.read(step) + tail
+            end = tail.rfind(b"\n")
+            if end >= 0 and tail.rfind(b"\n", 0, end) >= 0:
+                break  # the last complete line and the newline before it are in hand
+    end = tail.rfind(b"\n")  # a line without its newline was torn by a crash
+    if end < 0:
+        return None, 0
+    return tail[tail.rfind(b"\n", 0, end) + 1 : end], pos + end + 1
+
+
 def ledger_tail(path: Path) -> tuple[int, str, int]:
     """Return (next seq, hash of last line, byte length of the complete part of the file)."""
     if not path.exists():
         return 0, GENESIS, 0
-    data = path.read_bytes()
-    complete = data.rfind(b"\n") + 1  # a line without its newline was torn by a crash
-    lines = data[:complete].splitlines()
-    if not lines:
+    line, complete = _last_line(path)
+    if line is None:
         return 0, GENESIS, complete
     try:
-        last = parse_json(lines[-1], str(path))
+        last = parse_json(line, str(path))
         seq, digest = last["seq"], last["hash"]
         assert isinstance(seq, int) and isinstance(digest, str)
     except (ValueError, KeyError, TypeError, AssertionError):
