@@ -373,3 +373,16 @@ def test_fedhpc_run_prints_progress_while_snakemake_runs(tmp_path, monkeypatch, 
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("fedhpc: round 0/2")]
     assert err[0].startswith("fedhpc: round 0/2 training") and "deadline in" in err[0]
     assert err[-1].startswith("fedhpc: round 0/2 done") and "1 round left" in err[-1]
+
+
+def test_a_sites_step_is_its_metrics_last_complete_record_however_long_the_round(tmp_path):
+    # A record may be longer than any fixed tail (this one 100 kB, a task's own metrics); a record
+    # being written has no newline yet.
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": i, "loss": 1.0 / (i + 1), "note": "x" * 300} for i in range(399)]
+    records.append({"step": 399, "loss": 0.01, "per_token": [0.5] * 20_000})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 400, "lo')
+    assert progress.last_record(path) == records[-1]
+    path.write_text('{"step": 0, "lo')
+    assert progress.last_record(path) is None
+    assert progress.last_record(tmp_path / "none.jsonl") is None

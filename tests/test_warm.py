@@ -17,16 +17,21 @@ FEDHPC = str(BIN / "fedhpc")
 VALID = Path(__file__).resolve().parents[1] / "config.yaml"
 
 
+def ready(logs: Path, pattern: str = "warm-*.log") -> Path:
+    """The warm process's log, once it says the process is ready."""
+    deadline = time.time() + 60
+    while not (found := [p for p in logs.glob(pattern) if "ready in" in p.read_text()]):
+        assert time.time() < deadline, "the warm process never got ready"
+        time.sleep(0.1)
+    return found[0]
+
+
 @pytest.fixture
 def server(tmp_path):
     """A warm process as `fedhpc run` starts one; yields (its jobs' environment, its log)."""
     logs = tmp_path / "logs"
     with warm.started(logs) as env:
-        deadline = time.time() + 60
-        while not any("ready in" in p.read_text() for p in logs.glob("warm-*.log")):
-            assert time.time() < deadline, "the warm process never got ready"
-            time.sleep(0.1)
-        yield {**os.environ, **env}, next(logs.glob("warm-*.log"))
+        yield {**os.environ, **env}, ready(logs)
 
 
 def served(log: Path) -> list[str]:
@@ -126,10 +131,7 @@ def test_a_signal_that_reaches_a_new_child_early_acts_as_it_would_on_the_jobs_pr
     name, token, log = f"fedhpc-warm-test-{os.getpid()}", "t0ken", tmp_path / "warm.log"
     server = subprocess.Popen([str(BIN / "python"), "-c", LATE_DISPOSITIONS, name, token, str(log)])
     try:
-        deadline = time.time() + 60
-        while not (log.exists() and "ready in" in log.read_text()):
-            assert time.time() < deadline and server.poll() is None, "the warm process never got ready"
-            time.sleep(0.1)
+        ready(log.parent, log.name)
         env = {**os.environ, warm.ENV: f"{name}:{token}:"}
         env.pop("SLURM_JOB_ID", None)
         ignore = case == "SIGUSR1 the job ignores"

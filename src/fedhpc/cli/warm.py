@@ -29,9 +29,9 @@ from pathlib import Path
 
 from fedhpc.cli.handoff import ENV, FORWARDED, catchable, identity, send
 
-# Read by already imported libraries at their import or load: a job whose value differs runs cold.
 # Signals held back from a new child until it has the job's dispositions (see _Server.fork).
 HELD = {*FORWARDED, signal.SIGINT}
+# Read by already imported libraries at their import or load: a job whose value differs runs cold.
 IMPORT_TIME_ENV = ("PYTHON", "LD_", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH")
 # ... except the thread counts Snakemake sets per job, which the child applies (see _fresh_state).
 APPLIED_ENV = (
@@ -182,10 +182,11 @@ def _skip_library_teardown() -> None:
     were a third of a small served command's time (about 27 ms). A cold process runs them."""
     import weakref
 
-    torch_library = sys.modules.get("torch.library")
-    teardown = getattr(torch_library, "_del_library", None)
+    teardown = getattr(sys.modules.get("torch.library"), "_del_library", None)
+    if teardown is None:
+        return
     for fin in list(getattr(weakref.finalize, "_registry", {})):  # private: absent, nothing is skipped
-        if teardown is not None and fin.peek() is not None and fin.peek()[1] is teardown:
+        if (alive := fin.peek()) is not None and alive[1] is teardown:
             fin.atexit = False
 
 

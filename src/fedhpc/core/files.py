@@ -171,6 +171,32 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         os.fsync(fh.fileno())
 
 
+# How much of a file's end `last_line` reads at a time.
+TAIL_CHUNK = 64 * 1024
+
+
+def last_line(path: str | os.PathLike) -> tuple[bytes | None, int]:
+    """(the last complete line of a lines file, None if it has none; the byte length of its
+    complete part). Reads from the end, a chunk at a time: the audit ledger and a round's
+    metrics are read this way on every append or look, and grow for as long as the run lasts.
+    A line without its newline (a write a crash tore) is not complete."""
+    with open(path, "rb") as fh:
+        pos = fh.seek(0, os.SEEK_END)
+        tail = b""
+        while pos > 0:
+            step = min(TAIL_CHUNK, pos)
+            pos -= step
+            fh.seek(pos)
+            tail = fh.read(step) + tail
+            end = tail.rfind(b"\n")
+            if end >= 0 and tail.rfind(b"\n", 0, end) >= 0:
+                break  # the last complete line and the newline before it are in hand
+    end = tail.rfind(b"\n")
+    if end < 0:
+        return None, 0
+    return tail[tail.rfind(b"\n", 0, end) + 1 : end], pos + end + 1
+
+
 def finite_or_none(x: float) -> float | None:
     """JSON has no NaN/Inf; a diverged number is recorded as null and treated as failed."""
     return x if isinstance(x, (int, float)) and x == x and abs(x) != float("inf") else None

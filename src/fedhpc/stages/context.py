@@ -20,16 +20,12 @@ class Ctx:
     trust: TrustStore
 
 
-# How often a job waiting in one run directory looks again (stages here and resident sites).
-LOCAL_POLL_SECONDS = 0.1
-
-
 def blackboard_poll(cfg: Config) -> float:
     """Seconds between a waiting stage's looks at the blackboard. In one run directory a look is a
     stat() per site, so ten a second cost nothing (a Lustre metadata server answers thousands) and
     cut the wait after the last arrival, which a short round pays at each of its waits; in a
     multi-site run each look fetches from the hub, so once a second."""
-    return LOCAL_POLL_SECONDS if cfg.exchange.kind == "local" else 1.0
+    return 0.1 if cfg.exchange.kind == "local" else 1.0
 
 
 def run_dir(cfg: Config) -> Path:

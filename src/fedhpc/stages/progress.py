@@ -12,10 +12,8 @@ import os
 import statistics
 from pathlib import Path
 
-from fedhpc.core.files import read_json
+from fedhpc.core.files import last_line, read_json
 from fedhpc.core.layout import RunLayout
-
-_TAIL = 8192  # a metrics record is a few hundred bytes
 
 
 def read_or_none(path: Path) -> dict | None:
@@ -26,24 +24,14 @@ def read_or_none(path: Path) -> dict | None:
 
 
 def last_record(path: Path) -> dict | None:
-    """The last complete line of a JSON-lines file (None: no file or no complete line yet).
-
-    Reads only the file's tail: a long round's metrics are not parsed again at every look."""
+    """The last complete line of a JSON-lines file (None: no file, no complete line yet, or not a
+    record). Reads only the file's end: a long round's metrics are not parsed again at every look."""
     try:
-        with open(path, "rb") as fh:
-            size = fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, size - _TAIL))
-            tail = fh.read()
-    except FileNotFoundError:
+        line, _ = last_line(path)
+        rec = json.loads(line) if line is not None else None
+    except (FileNotFoundError, ValueError):
         return None
-    for line in reversed(tail[: tail.rfind(b"\n") + 1].splitlines()):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # the first line of the tail may be cut
-        if isinstance(rec, dict):
-            return rec
-    return None
+    return rec if isinstance(rec, dict) else None
 
 
 class AuditTail:

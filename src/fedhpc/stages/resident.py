@@ -42,7 +42,7 @@ from fedhpc.core.errors import FedhpcError
 from fedhpc.core.files import read_json, sha256_file, write_json
 from fedhpc.core.layout import RunLayout
 from fedhpc.stages import train as train_stage
-from fedhpc.stages.context import LOCAL_POLL_SECONDS, Ctx
+from fedhpc.stages.context import Ctx, blackboard_poll
 from fedhpc.stages.exchange import exchange_action, stopped_before, try_pull
 from fedhpc.stages.failures import attempt_path, invocation, record_exit, record_start, status_path
 from fedhpc.training import distributed
@@ -204,8 +204,8 @@ class Job:
     def wait(self, ready, what: str, need: float | None):
         """Wait until `ready()` gives something: that, or None once `need` seconds of work no longer
         fit before the job's end with the margin (rank 0 only); `need` None waits regardless."""
-        # A hub is asked as often as a site's pull rule asks it; a local blackboard is a stat().
-        poll = self.ctx.cfg.exchange.poll_seconds if self.hub else LOCAL_POLL_SECONDS
+        # A hub is asked as often as a site's pull rule asks it; a local blackboard as the stages look.
+        poll = self.ctx.cfg.exchange.poll_seconds if self.hub else blackboard_poll(self.ctx.cfg)
         since = time.monotonic()
         while not (got := ready()):
             if need is not None and not self.clock.room_for(need):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhpc.core.errors import FedhpcError
-from fedhpc.core.files import canonical_json, parse_json
+from fedhpc.core.files import canonical_json, last_line, parse_json
 
 GENESIS = "0" * 64
 
@@ -39,36 +39,12 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-# How much of the ledger's end an append reads at a time, looking for its last complete line.
-TAIL_CHUNK = 64 * 1024
-
-
-def _last_line(path: Path) -> tuple[bytes | None, int]:
-    """(the last complete line, None if there is none; the byte length of the complete part).
-    Reads the file from its end: every stage appends, and a run of hundreds of rounds would
-    otherwise read its whole, ever longer ledger on each append."""
-    with open(path, "rb") as fh:
-        pos = fh.seek(0, os.SEEK_END)
-        tail = b""
-        while pos > 0:
-            step = min(TAIL_CHUNK, pos)
-            pos -= step
-            fh.seek(pos)
-            tail = fh.read(step) + tail
-            end = tail.rfind(b"\n")
-            if end >= 0 and tail.rfind(b"\n", 0, end) >= 0:
-                break  # the last complete line and the newline before it are in hand
-    end = tail.rfind(b"\n")  # a line without its newline was torn by a crash
-    if end < 0:
-        return None, 0
-    return tail[tail.rfind(b"\n", 0, end) + 1 : end], pos + end + 1
-
-
 def ledger_tail(path: Path) -> tuple[int, str, int]:
-    """Return (next seq, hash of last line, byte length of the complete part of the file)."""
+    """Return (next seq, hash of last line, byte length of the complete part of the file); reads
+    only the file's end, so an append costs the same on round 1000 as on round 1."""
     if not path.exists():
         return 0, GENESIS, 0
-    line, complete = _last_line(path)
+    line, complete = last_line(path)
     if line is None:
         return 0, GENESIS, complete
     try:
