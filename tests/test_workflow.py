@@ -239,6 +239,45 @@ def test_a_second_job_of_a_site_round_drops_its_update_when_the_first_published(
     assert [e["event"] for e in new] == ["train.started", "update.duplicate_dropped"]
 
 
+def test_an_update_published_by_a_job_killed_before_its_ledger_line_is_recorded_by_the_next(finished, tmp_path):
+    """SIGKILL between a job's receipt and its ledger line leaves the update published but unrecorded;
+    the rerun reuses it and puts it in the ledger, once."""
+    import shutil
+
+    from fedhpc.stages.context import context
+    from fedhpc.stages.train import train_site
+    from fedhpc.trust.audit import verify_ledger
+
+    _, cfg, run = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (tmp_path / "c.json").write_text(json.dumps({**cfg, "output_dir": str(tmp_path), "run": "run"}))
+    ctx = context(str(tmp_path / "c.json"))
+    # The ledger as the killed job left it: up to (not including) a100's round-1 publication.
+    rows = (copy / "audit.jsonl").read_text().splitlines()
+    cut = next(
+        i
+        for i, x in enumerate(rows)
+        if (e := json.loads(x))["event"] == "update.published" and (e["round"], e["site"]) == (1, "a100")
+    )
+    (copy / "audit.jsonl").write_text("".join(x + "\n" for x in rows[:cut]))
+    receipt = json.loads((copy / "rounds" / "r0001" / "sites" / "a100" / "receipt.json").read_text())
+    # The closed round's arrivals would stop the rerun earlier: the job ran before the round closed.
+    (copy / "rounds" / "r0001" / "arrivals.json").unlink()
+    for _ in range(2):  # the rerun, and another after it
+        status = train_site(ctx.cfg, ctx.layout, ctx.trust, 1, "a100", threads=1)
+        assert status["state"] == "published" and status["reused"]
+    new = [json.loads(x) for x in (copy / "audit.jsonl").read_text().splitlines()[cut:]]
+    published = [e for e in new if e["event"] == "update.published"]
+    assert (
+        len(published) == 1
+        and published[0]["recorded_late"]
+        and (published[0]["round"], published[0]["site"]) == (1, "a100")
+    )
+    assert published[0]["update_sha256"] == receipt["update_sha256"] and published[0]["tokens"] == receipt["tokens"]
+    assert verify_ledger(copy / "audit.jsonl").ok
+
+
 def test_the_publish_lock_makes_a_second_holder_wait(tmp_path):
     import subprocess
     import sys

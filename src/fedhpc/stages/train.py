@@ -80,6 +80,29 @@ def local_spawn_argv(argv: list[str], ranks: int) -> list[str]:
     ]
 
 
+def recorded_publish(layout: RunLayout, r: int, site: str, receipt: dict) -> None:
+    """Put a published update found in place (its receipt intact) in the ledger, unless it is there:
+    a job killed between writing its receipt and its ledger line left the update published but
+    unrecorded, and the job that finds it is the one that can say so. Only on this rare path is
+    the whole ledger read."""
+    audit = AuditLog(layout.audit)
+    if any(e["event"] == "update.published" and (e.get("round"), e.get("site")) == (r, site) for e in audit.events()):
+        return
+    audit.append(
+        "update.published",
+        round=r,
+        site=site,
+        update_sha256=receipt["update_sha256"],
+        tokens=receipt.get("tokens"),
+        steps=receipt.get("steps"),
+        ranks=receipt.get("ranks"),
+        engine=receipt.get("engine"),
+        loss_before=receipt.get("loss_before"),
+        loss_after=receipt.get("loss_after"),
+        recorded_late=True,
+    )
+
+
 def _precheck(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: str) -> dict | None:
     """A final status when there is nothing to train, else None. Taken by rank 0 alone."""
     if layout.arrivals(r).exists():
@@ -90,6 +113,7 @@ def _precheck(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: s
     trust.private_key(site)  # fail now, not after training, when this site cannot sign its receipt
     base = load_global_meta(layout, trust, r)
     if (done := existing_receipt(layout, trust, r, site, base["sha256"])) is not None:
+        recorded_publish(layout, r, site, done)
         return {"state": "published", "reused": True, "update_sha256": done["update_sha256"]}
     return None
 
@@ -250,6 +274,7 @@ def publish_update(
         # dropped, so update, receipt, control variates and error-feedback residual come from one
         # job (the optimizer state, saved while training, is from whichever of the two ended last).
         if (done := existing_receipt(layout, trust, r, site, base["sha256"])) is not None:
+            recorded_publish(layout, r, site, done)
             audit.append("update.duplicate_dropped", round=r, site=site, kept_sha256=done["update_sha256"])
             return {"state": "published", "reused": True, "update_sha256": done["update_sha256"]}
         result = trained.result
