@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,16 +32,47 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_HOST = socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _clear_dead_writers_parts(path: Path) -> None:
+    """Delete the temporaries of `path` that writers on this host left when they were killed.
+
+    A part names its writer's host and pid, so only a dead writer's part goes: a writer of the
+    same file still at work keeps its own. Another host's parts stay, as its pids cannot be asked.
+    """
+    head = f".{path.name}."
+    for part in path.parent.glob(f"{glob.escape(head)}*.part"):
+        fields = part.name[len(head) : -len(".part")].rsplit(".", 2)
+        if len(fields) != 3:
+            continue  # not named by its writer (written before parts were)
+        host, pid, _ = fields
+        if host == _HOST and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            part.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success fsync it and rename it into place.
 
     Readers therefore see either the old file or the complete new one, never a torn one,
-    even if the process is killed with SIGKILL halfway through.
+    even if the process is killed with SIGKILL halfway through; the next write of `path` on
+    the same host deletes what such a killed writer left.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    _clear_dead_writers_parts(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".part", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
