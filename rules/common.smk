@@ -11,6 +11,7 @@ from fedhpc.config.schema import ConfigError
 from fedhpc.core.layout import round_name
 from fedhpc.ops.launch_prefix import aggregate_prefix, resident_cores, train_prefix
 from fedhpc.ops.run import prepare_head
+from fedhpc.ops.slurm_polling import cap_status_interval
 from fedhpc.stages.failures import export_attempts, exported_attempts, new_invocation
 from fedhpc.tasks import load_task
 from fedhpc.tasks.validation import validate
@@ -51,6 +52,8 @@ CONFIG_JSON = f"{RUN}/config.json"
 HEAD = workflow.exec_mode == ExecMode.DEFAULT
 if HEAD and not workflow.output_settings.dryrun:
     prepare_head(CONFIG_JSON, config)
+    # A finished job is seen within the profile's interval, not after the plugin's back-off.
+    cap_status_interval()
 
 
 # With --sdm apptainer, every rule runs in this image; train opts out (see rules/train.smk).

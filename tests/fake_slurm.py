@@ -92,6 +92,11 @@ class FakeSlurm:
             )
         return out
 
+    def status_queries(self) -> list[float]:
+        """When the plugin asked for its jobs' states (sacct or squeue)."""
+        log = self.root / "status.log"
+        return [float(x) for x in log.read_text().split()] if log.exists() else []
+
     def srun_calls(self) -> list[dict]:
         log = self.root / "srun.jsonl"
         return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
@@ -192,6 +197,8 @@ def srun(root: Path, argv: list[str]) -> int:
 
 
 def status(root: Path) -> int:
+    with open(root / "status.log", "a") as fh:
+        fh.write(f"{time.time()}\n")
     for path in sorted((root / "jobs").glob("*.json"), key=lambda p: int(p.stem)):
         print(f"{path.stem}|{_state(root, path.stem)}")
     return 0

@@ -53,8 +53,8 @@ def two_site_config(
 
 
 def federation(tmp: Path, profile: str, gpu_site: str, ranks: int, **config):
-    """two_site_config run to the end under `profile`: the fake cluster, the config and
-    Snakemake's output."""
+    """two_site_config run to the end under `profile` as users run it (`fedhpc run`): the fake
+    cluster, the config and the run's output."""
     cfg = two_site_config(tmp, profile, gpu_site, ranks, **config)
     fake = FakeSlurm(tmp / "fake-slurm").install()
     env = fake.env()
@@ -63,9 +63,8 @@ def federation(tmp: Path, profile: str, gpu_site: str, ranks: int, **config):
     # profile's resource entries alone.
     poll = ["--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "1"]
     out = subprocess.run(
-        [str(BIN / "snakemake"), "--snakefile", str(REPO / "workflow" / "Snakefile")]
-        + ["--profile", str(PROFILES / profile), "--directory", str(tmp), *poll]
-        + ["--configfile", str(tmp / "config.yaml")],
+        [str(BIN / "fedhpc"), "run", "--profile", str(PROFILES / profile), "--directory", str(tmp)]
+        + ["--configfile", str(tmp / "config.yaml"), "--", *poll],
         capture_output=True,
         text=True,
         env=env,
@@ -169,6 +168,21 @@ def test_lumi_sends_cpu_work_to_lumi_c_and_scoring_to_one_gcd(lumi):
         assert (job.option("-p"), job.option("--gres"), job.option("--cpus-per-task")) == ("small-g", "gpu:1", "7")
         assert (job.option("--mem"), job.option("-t")) == ("60000", "60"), job.argv
         check_single_task(fake, job)
+
+
+def test_the_head_asks_for_its_running_jobs_every_interval_not_after_the_plugins_back_off(lumi):
+    # The run passes --seconds-between-status-checks 1. The plugin alone adds 10 s after every
+    # check in which no job ended (11, 21, 31 s...): the head saw a finished job that much later.
+    fake, _, _ = lumi
+    queries = fake.status_queries()
+    gaps = [
+        (b - a, job.rule)
+        for a, b in zip(queries, queries[1:])
+        for job in fake.jobs()
+        if job.submitted < a and job.ended is not None and job.ended > b
+    ]
+    assert gaps, "no job ran across two status checks: nothing was measured"
+    assert max(gaps)[0] < 5, max(gaps)
 
 
 def test_lumi_dev_keeps_every_job_within_dev_g_limits(lumi_dev):
