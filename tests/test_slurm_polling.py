@@ -60,6 +60,15 @@ def test_a_plugin_without_the_wait_it_caps_is_named_and_a_missing_plugin_is_no_e
     assert cap_status_interval("no_such_snakemake_executor_plugin") is False
 
 
+def test_the_plugins_back_off_stays_when_the_head_asks_for_it(monkeypatch):
+    name = _plugin(monkeypatch)
+    monkeypatch.setenv("FEDHPC_SLURM_BACKOFF", "plugin")
+    assert cap_status_interval(name) is False
+    ex = sys.modules[name].Executor(30)
+    ex.next_seconds_between_status_checks = 180
+    assert ex.next_seconds_between_status_checks == 180
+
+
 def test_the_installed_slurm_plugin_is_capped():
     # Guards the pinned plugin: an upgrade that renames the wait fails here, not silently on LUMI.
     assert cap_status_interval() is True

@@ -6,12 +6,17 @@ chain of jobs (train, aggregate, scoring) each of which starts only when the hea
 one before end: with the back-off the head saw a finished job up to 3 minutes late on LUMI,
 several times a round (and 15-20 s late on the test clusters, whose jobs take seconds). The
 profiles' intervals (30 s on LUMI, `sacct` once per interval for all jobs) are what a
-cluster's slurmctld is asked to bear; the head now keeps to them.
+cluster's slurmctld is asked to bear; the head now keeps to them. `FEDHPC_SLURM_BACKOFF=plugin`
+in the head's environment keeps the plugin's back-off (for a centre that wants fewer queries
+from idle heads, and for benchmarks/slurm_status_lag.py's baseline).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+
+BACKOFF_ENV = "FEDHPC_SLURM_BACKOFF"
 
 
 class PluginChanged(RuntimeError):
@@ -32,7 +37,10 @@ def _capped(prop: property) -> property:
 def cap_status_interval(module: str = "snakemake_executor_plugin_slurm") -> bool:
     """Cap the Slurm executor's wait between status checks at `seconds-between-status-checks`
     (its first wait, `slurm-init-seconds-before-status-checks`, stays when shorter). Returns
-    whether the plugin is installed; raises PluginChanged if it no longer waits the way this caps."""
+    whether the wait is capped: not when the plugin is not installed or BACKOFF_ENV says
+    "plugin". Raises PluginChanged if the plugin no longer waits the way this caps."""
+    if os.environ.get(BACKOFF_ENV) == "plugin":
+        return False
     try:
         executor = importlib.import_module(module).Executor
     except ImportError:
