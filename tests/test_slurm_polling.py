@@ -71,4 +71,12 @@ def test_the_plugins_back_off_stays_when_the_head_asks_for_it(monkeypatch):
 
 def test_the_installed_slurm_plugin_is_capped():
     # Guards the pinned plugin: an upgrade that renames the wait fails here, not silently on LUMI.
+    from snakemake_executor_plugin_slurm import Executor
+
     assert cap_status_interval() is True
+    settings = types.SimpleNamespace(seconds_between_status_checks=30)
+    backed_off = types.SimpleNamespace(
+        workflow=types.SimpleNamespace(remote_execution_settings=settings), _next_seconds_between_status_checks=180
+    )
+    # The plugin's own getter reads what its back-off stored; the cap answers the profile's 30 s.
+    assert Executor.next_seconds_between_status_checks.fget(backed_off) == 30

@@ -4,7 +4,8 @@ Snakemake's Slurm executor plugin (2.x) adds 10 s to its wait after every status
 job ended, up to 180 s, whatever `seconds-between-status-checks` says. A federation's round is a
 chain of jobs (train, aggregate, scoring) each of which starts only when the head has seen the
 one before end: with the back-off the head saw a finished job up to 3 minutes late on LUMI,
-several times a round (and 15-20 s late on the test clusters, whose jobs take seconds). The
+several times a round (and up to 20 s late on the test clusters, whose jobs take seconds:
+benchmarks/slurm_status_lag.py). The
 profiles' intervals (30 s on LUMI, `sacct` once per interval for all jobs) are what a
 cluster's slurmctld is asked to bear; the head now keeps to them. `FEDHPC_SLURM_BACKOFF=plugin`
 in the head's environment keeps the plugin's back-off (for a centre that wants fewer queries
@@ -23,15 +24,16 @@ class PluginChanged(RuntimeError):
     """The Slurm executor plugin no longer has the attribute the cap replaces."""
 
 
-def _capped(prop: property) -> property:
-    def get(self):
-        wanted = prop.fget(self)
-        ceiling = self.workflow.remote_execution_settings.seconds_between_status_checks
-        return wanted if wanted is None or ceiling is None else min(wanted, ceiling)
+class _Capped(property):
+    """The plugin's wait before its next status check, at most the profile's interval."""
 
-    return property(
-        get, prop.fset, doc="The plugin's wait before its next status check, at most the profile's interval."
-    )
+    def __init__(self, plugins: property):
+        def get(executor):
+            return min(
+                plugins.fget(executor), executor.workflow.remote_execution_settings.seconds_between_status_checks
+            )
+
+        super().__init__(get, plugins.fset)
 
 
 def cap_status_interval(module: str = "snakemake_executor_plugin_slurm") -> bool:
@@ -51,8 +53,6 @@ def cap_status_interval(module: str = "snakemake_executor_plugin_slurm") -> bool
             f"{module}.Executor has no settable next_seconds_between_status_checks: the cap on its "
             "status-check back-off (fedhpc.ops.slurm_polling) needs updating for this plugin version"
         )
-    if not getattr(prop.fget, "_fedhpc_capped", False):
-        capped = _capped(prop)
-        capped.fget._fedhpc_capped = True  # type: ignore[attr-defined]
-        executor.next_seconds_between_status_checks = capped
+    if not isinstance(prop, _Capped):
+        executor.next_seconds_between_status_checks = _Capped(prop)
     return True

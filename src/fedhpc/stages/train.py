@@ -80,6 +80,14 @@ def local_spawn_argv(argv: list[str], ranks: int) -> list[str]:
     ]
 
 
+# What the ledger's `update.published` says, all of it from the signed receipt.
+PUBLISHED_FIELDS = ("update_sha256", "tokens", "steps", "ranks", "engine", "loss_before", "loss_after")
+
+
+def audit_published(audit: AuditLog, r: int, site: str, receipt: dict, **extra: Any) -> None:
+    audit.append("update.published", round=r, site=site, **{k: receipt.get(k) for k in PUBLISHED_FIELDS}, **extra)
+
+
 def recorded_publish(layout: RunLayout, r: int, site: str, receipt: dict) -> None:
     """Put a published update found in place (its receipt intact) in the ledger, unless it is there:
     a job killed between writing its receipt and its ledger line left the update published but
@@ -88,19 +96,7 @@ def recorded_publish(layout: RunLayout, r: int, site: str, receipt: dict) -> Non
     audit = AuditLog(layout.audit)
     if any(e["event"] == "update.published" and (e.get("round"), e.get("site")) == (r, site) for e in audit.events()):
         return
-    audit.append(
-        "update.published",
-        round=r,
-        site=site,
-        update_sha256=receipt["update_sha256"],
-        tokens=receipt.get("tokens"),
-        steps=receipt.get("steps"),
-        ranks=receipt.get("ranks"),
-        engine=receipt.get("engine"),
-        loss_before=receipt.get("loss_before"),
-        loss_after=receipt.get("loss_after"),
-        recorded_late=True,
-    )
+    audit_published(audit, r, site, receipt, recorded_late=True)
 
 
 def _precheck(cfg: Config, layout: RunLayout, trust: TrustStore, r: int, site: str) -> dict | None:
@@ -308,18 +304,7 @@ def publish_update(
         write_json(layout.receipt(r, site), receipt)  # last: its presence means "update published"
         site_state.prune(layout, site, keep_from=r)
         site_state.prune_tensors(layout, site, keep_from=r)
-        audit.append(
-            "update.published",
-            round=r,
-            site=site,
-            update_sha256=receipt["update_sha256"],
-            tokens=result.tokens,
-            steps=result.steps,
-            ranks=trained.world.size,
-            engine=result.receipt.get("engine"),
-            loss_before=receipt["loss_before"],
-            loss_after=receipt["loss_after"],
-        )
+        audit_published(audit, r, site, receipt)
         return {
             "state": "published",
             "reused": False,
